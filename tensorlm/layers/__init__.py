@@ -1,0 +1,1 @@
+"""Factorized nn.Modules."""
