@@ -4,8 +4,10 @@ A factorized layer class implements
 
 * ``from_dense(layer, ...)``: build it from an ``nn.Linear`` or GPT-2 ``Conv1D`` (or ``nn.Embedding``);
 * ``tensorlm_config() -> dict``: JSON-able constructor arguments (shapes, ranks, flags, never tensors);
-* ``from_tensorlm_config(cfg)``: an uninitialised module of the same shapes, whose state dict the
-  saved file then fills;
+* ``from_tensorlm_config(cfg, shared)``: an uninitialised module of the same shapes, whose state dict
+  the saved file then fills; ``shared`` is one dict per model that the loader passes to every layer it
+  rebuilds, mapping the paths of modules rebuilt earlier to those modules, and holding objects that
+  several layers share (a Tucker bank) under keys the layers choose;
 * ``to_dense()``: the equivalent dense module.
 
 and is registered with :func:`register_layer` so that :mod:`tensorlm.io` can rebuild it by name.
