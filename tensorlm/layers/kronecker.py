@@ -1,0 +1,296 @@
+"""Kronecker-factored linear maps and embeddings (KnGPT2, TQCompressor).
+
+``KroneckerLinear``: ``W[p][:, q] ~ sum_k A_k (x) B_k`` (Edalati et al. 2022, eq. 3; Abronin et al.
+2024, sec. 3 for the permutations ``p``, ``q``). ``KroneckerEmbedding``: ``E[:, q] ~ A (x) b`` with
+``A: (V, d/f)``, ``b: (1, f)``, nested when ``A`` is itself factored (TQ compresses ``wte`` twice).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tensorlm.decompose.kronecker import KroneckerShape, check_factor_shapes, kronecker_sum, nearest_kronecker
+from tensorlm.errors import TensorLMError
+from tensorlm.layers.base import check_finite, dense_linear, dense_weight, register_layer
+
+
+def check_permutation(perm: torch.Tensor, length: int, name: str) -> torch.Tensor:
+    """Return ``perm`` as int64 after checking it is a bijection of ``range(length)``.
+
+    Raises:
+        TensorLMError: wrong shape, wrong length, or repeated/out-of-range entries.
+    """
+    perm = torch.as_tensor(perm)
+    if perm.dim() != 1 or perm.numel() != length:
+        raise TensorLMError(f"{name}: permutation has shape {tuple(perm.shape)}, expected ({length},)")
+    if perm.dtype.is_floating_point or not torch.equal(perm.sort().values.cpu(), torch.arange(length)):
+        raise TensorLMError(f"{name}: permutation of length {length} is not a bijection of 0..{length - 1}")
+    return perm.to(torch.int64)
+
+
+def _unpermute(y: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """Inverse of gathering with ``perm`` on the last axis: ``out[..., perm] = y``."""
+    if perm is None:
+        return y
+    return torch.zeros_like(y).index_copy(-1, perm, y)
+
+
+@register_layer
+class KroneckerLinear(nn.Module):
+    """Linear map whose weight is a (row/column-permuted) sum of Kronecker products.
+
+    ``W (m x n) = P^T (sum_k A_k (x) B_k) Q^T``: with integer permutations ``row_perm = p`` (m,) and
+    ``col_perm = q`` (n,), ``W[p][:, q] = sum_k A_k (x) B_k``. Forward never forms ``W``:
+    ``x_q = x[..., q]`` reshaped to ``X (..., n1, n2)``, ``Y = sum_k A_k X B_k^T (..., m1, m2)``,
+    flattened and scattered back to ``y[..., p] = Y``. The contraction order (``B`` first or ``A``
+    first) is chosen at construction by flop count.
+
+    Args:
+        a_shape: ``(m1, n1)``; b_shape: ``(m2, n2)``; rank: number of terms.
+        bias: keep a bias of shape ``(m,)``.
+        row_perm, col_perm: optional int64 permutations (validated as bijections).
+
+    Parameters: ``a (rank, m1, n1)``, ``b (rank, m2, n2)``, ``bias (m,)``; buffers ``row_perm (m,)``,
+    ``col_perm (n,)`` (int64, never trained).
+    """
+
+    def __init__(self, a_shape, b_shape, rank: int = 1, bias: bool = True, row_perm=None, col_perm=None,
+                 dtype=None, device=None):
+        super().__init__()
+        self.shape = KroneckerShape(tuple(a_shape), tuple(b_shape), int(rank))
+        (m1, n1), (m2, n2), r = self.shape.a_shape, self.shape.b_shape, self.shape.rank
+        self.out_features, self.in_features = self.shape.dense_shape
+        kw = {"dtype": dtype, "device": device}
+        self.a = nn.Parameter(torch.empty(r, m1, n1, **kw))
+        self.b = nn.Parameter(torch.empty(r, m2, n2, **kw))
+        self.bias = nn.Parameter(torch.zeros(self.out_features, **kw)) if bias else None
+        for attr, perm, length in (("row_perm", row_perm, self.out_features), ("col_perm", col_perm, self.in_features)):
+            value = None if perm is None else check_permutation(perm, length, f"KroneckerLinear.{attr}")
+            self.register_buffer(attr, value)
+        # flops per token: B first = r*n1*n2*m2 + r*m1*n1*m2; A first = r*m1*n1*n2 + r*m1*n2*m2
+        self.b_first = n1 * n2 * m2 + m1 * n1 * m2 <= m1 * n1 * n2 + m1 * n2 * m2
+
+    @classmethod
+    def from_dense(cls, layer: nn.Module, a_shape, b_shape, rank: int = 1, row_perm=None, col_perm=None,
+                   name: str = "") -> KroneckerLinear:
+        """Nearest Kronecker sum of ``layer``'s (permuted) weight, by Van Loan-Pitsianis.
+
+        Args:
+            layer: ``nn.Linear`` or GPT-2 ``Conv1D``; its weight is read as ``(out, in)``.
+            a_shape, b_shape, rank: the factorisation; ``(m1*m2, n1*n2)`` must equal ``(out, in)``.
+            row_perm, col_perm: permutations found by :mod:`tensorlm.decompose.permutation` (optional).
+
+        Raises:
+            TensorLMError: shapes that do not divide the weight (the valid splits are listed), a bad
+                permutation, NaN/Inf in the weight.
+        """
+        w, bias = dense_weight(layer, name)
+        check_factor_shapes(tuple(w.shape), a_shape, b_shape, name or "KroneckerLinear")
+        module = cls(a_shape, b_shape, rank, bias is not None, row_perm, col_perm, dtype=w.dtype, device=w.device)
+        if module.row_perm is not None:
+            w = w[module.row_perm]
+        if module.col_perm is not None:
+            w = w[:, module.col_perm]
+        factors = nearest_kronecker(w, a_shape, b_shape, rank, name or "KroneckerLinear")
+        with torch.no_grad():
+            module.a.copy_(factors.a)
+            module.b.copy_(factors.b)
+            if bias is not None:
+                module.bias.copy_(bias)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (m1, n1), (m2, n2), r = self.shape.a_shape, self.shape.b_shape, self.shape.rank
+        lead = x.shape[:-1]
+        if self.col_perm is not None:
+            x = x.index_select(-1, self.col_perm)
+        x = x.reshape(-1, 1, n1, n2)  # (N, 1, n1, n2)
+        if self.b_first:
+            z = x @ self.b.transpose(1, 2)  # (N, r, n1, m2)
+            z = z.reshape(-1, r * n1, m2)  # (N, r*n1, m2)
+            y = self.a.permute(1, 0, 2).reshape(m1, r * n1) @ z  # (N, m1, m2)
+        else:
+            z = self.a @ x  # (N, r, m1, n2)
+            z = z.transpose(1, 2).reshape(-1, m1, r * n2)  # (N, m1, r*n2)
+            y = z @ self.b.permute(0, 2, 1).reshape(r * n2, m2)  # (N, m1, m2)
+        y = _unpermute(y.reshape(*lead, m1 * m2), self.row_perm)
+        return y if self.bias is None else y + self.bias
+
+    def kronecker_weight(self) -> torch.Tensor:
+        """``sum_k A_k (x) B_k``: the permuted dense weight ``W[p][:, q]``, ``(out, in)``."""
+        return kronecker_sum(self.a, self.b)
+
+    def to_dense(self) -> nn.Linear:
+        """The equivalent ``nn.Linear`` (permutations undone)."""
+        w = _unpermute(self.kronecker_weight(), self.col_perm)  # undo columns: W[:, q] = K
+        w = _unpermute(w.T, self.row_perm).T  # undo rows: W[p] = .
+        return dense_linear(w.detach(), None if self.bias is None else self.bias.detach())
+
+    def tensorlm_config(self) -> dict:
+        return {"a_shape": list(self.shape.a_shape), "b_shape": list(self.shape.b_shape), "rank": self.shape.rank,
+                "bias": self.bias is not None, "row_perm": self.row_perm is not None,
+                "col_perm": self.col_perm is not None}
+
+    @classmethod
+    def from_tensorlm_config(cls, cfg: dict, shared: dict) -> KroneckerLinear:
+        (m1, _), (m2, _) = cfg["a_shape"], cfg["b_shape"]
+        n = cfg["a_shape"][1] * cfg["b_shape"][1]
+        return cls(cfg["a_shape"], cfg["b_shape"], cfg["rank"], cfg["bias"],
+                   torch.arange(m1 * m2) if cfg["row_perm"] else None, torch.arange(n) if cfg["col_perm"] else None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for attr, length in (("row_perm", self.out_features), ("col_perm", self.in_features)):
+            if prefix + attr in state_dict:
+                check_permutation(state_dict[prefix + attr], length, f"{prefix}{attr}")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        s = self.shape
+        return (f"in={self.in_features}, out={self.out_features}, A={s.a_shape}, B={s.b_shape}, rank={s.rank}, "
+                f"bias={self.bias is not None}, permuted rows={self.row_perm is not None}, "
+                f"cols={self.col_perm is not None}")
+
+
+def project(table: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Logits ``h @ E^T`` of an embedding table without forming ``E`` where it is factored.
+
+    Args:
+        table: ``nn.Embedding`` ``(V, d)`` or any module with a ``project(h)`` method (a factored table).
+        h: ``(..., d)``.
+
+    Returns:
+        ``(..., V)``.
+    """
+    if isinstance(table, nn.Embedding):
+        return F.linear(h, table.weight)
+    if hasattr(table, "project"):
+        return table.project(h)
+    raise TensorLMError(f"cannot compute logits from a {type(table).__name__} table")
+
+
+@register_layer
+class KroneckerEmbedding(nn.Module):
+    """Token embedding ``E (V x d)`` with ``E[:, q] = A (x) b``: row t is ``A[t] (x) b``, column-permuted.
+
+    ``A (V, d/f)`` is held by ``table``: an ``nn.Embedding``, or another factored embedding (TQ's
+    nested stages compress ``wte`` 2x, then the remaining table 2x again: replace ``<name>.table``).
+    ``b: (1, f)``. Lookup: ``a = table(ids) (..., d/f)``, ``row = (a[..., :, None] * b[0]) (..., d/f, f)``
+    flattened to ``(..., d)`` and scattered by ``col_perm``. Parameters: those of ``table`` plus ``f``.
+
+    Source: Edalati et al. 2022 (KnGPT2), sec. 3.1; Abronin et al. 2024 (TQCompressor), sec. 3.3.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, factor: int, col_perm=None,
+                 padding_idx: int | None = None, dtype=None, device=None):
+        super().__init__()
+        if factor < 1 or embedding_dim % factor:
+            raise TensorLMError(f"KroneckerEmbedding: factor {factor} does not divide embedding_dim {embedding_dim}")
+        self.num_embeddings, self.embedding_dim, self.factor = num_embeddings, embedding_dim, factor
+        self.padding_idx = padding_idx
+        kw = {"dtype": dtype, "device": device}
+        self.table = nn.Embedding(num_embeddings, embedding_dim // factor, padding_idx=padding_idx, **kw)
+        self.b = nn.Parameter(torch.empty(1, factor, **kw))
+        value = None if col_perm is None else check_permutation(col_perm, embedding_dim, "KroneckerEmbedding.col_perm")
+        self.register_buffer("col_perm", value)
+
+    @classmethod
+    def from_dense(cls, embedding: nn.Module, factor: int = 2, col_perm=None, name: str = "") -> KroneckerEmbedding:
+        """Nearest ``A (x) b`` to ``embedding``'s (column-permuted) table by Van Loan-Pitsianis.
+
+        Args:
+            embedding: ``nn.Embedding (V, d)`` or a factored table with ``to_dense()``.
+            factor: ``f``, the width of ``b``; must divide ``d``.
+            col_perm: optional permutation of the ``d`` columns.
+
+        Raises:
+            TensorLMError: ``factor`` does not divide ``d``; NaN/Inf; a bad permutation.
+        """
+        dense = embedding if isinstance(embedding, nn.Embedding) else embedding.to_dense()
+        w = dense.weight.detach()  # (V, d)
+        check_finite(w, name or "embedding")
+        v, d = w.shape
+        module = cls(v, d, factor, col_perm, dense.padding_idx, dtype=w.dtype, device=w.device)
+        if module.col_perm is not None:
+            w = w[:, module.col_perm]
+        factors = nearest_kronecker(w, (v, d // factor), (1, factor), 1, name or "embedding")
+        with torch.no_grad():
+            module.table.weight.copy_(factors.a[0])
+            module.b.copy_(factors.b[0])
+        return module
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        a = self.table(ids)  # (..., d/f)
+        rows = (a.unsqueeze(-1) * self.b[0]).flatten(-2)  # (..., d/f, f) -> (..., d)
+        return _unpermute(rows, self.col_perm)
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits ``h @ E^T (..., V)`` from the factors: ``sum_c h[c] E[t, c] = (h[q] -> (d/f, f)) b^T . A[t]``."""
+        if self.col_perm is not None:
+            h = h.index_select(-1, self.col_perm)  # (..., d) in Kronecker order
+        g = h.unflatten(-1, (self.embedding_dim // self.factor, self.factor)) @ self.b[0]  # (..., d/f)
+        return project(self.table, g)
+
+    def to_dense(self) -> nn.Embedding:
+        """The equivalent ``nn.Embedding (V, d)``."""
+        ids = torch.arange(self.num_embeddings, device=self.b.device)
+        with torch.no_grad():
+            weight = self(ids)
+        emb = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
+                           dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            emb.weight.copy_(weight)
+        return emb
+
+    def tensorlm_config(self) -> dict:
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "factor": self.factor,
+                "padding_idx": self.padding_idx, "col_perm": self.col_perm is not None}
+
+    @classmethod
+    def from_tensorlm_config(cls, cfg: dict, shared: dict) -> KroneckerEmbedding:
+        perm = torch.arange(cfg["embedding_dim"]) if cfg["col_perm"] else None
+        return cls(cfg["num_embeddings"], cfg["embedding_dim"], cfg["factor"], perm, cfg["padding_idx"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "col_perm" in state_dict:
+            check_permutation(state_dict[prefix + "col_perm"], self.embedding_dim, f"{prefix}col_perm")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, factor={self.factor}, "
+                f"permuted={self.col_perm is not None}")
+
+
+@register_layer
+class TiedHead(nn.Module):
+    """LM head tied to a factored embedding: ``logits = h @ E^T`` computed by ``embedding.project``.
+
+    Holds no parameters of its own; the embedding is referenced, not registered, so its parameters
+    are counted and saved once (under the embedding's name). Input ``(..., d)``, output ``(..., V)``.
+    """
+
+    def __init__(self, embedding: nn.Module, embedding_name: str):
+        super().__init__()
+        object.__setattr__(self, "embedding", embedding)  # a reference, not a submodule
+        self.embedding_name = embedding_name
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return project(self.embedding, h)
+
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear (d -> V)`` holding a copy of the dense table (untied)."""
+        table = self.embedding.to_dense().weight.detach()
+        return dense_linear(table, None)
+
+    def tensorlm_config(self) -> dict:
+        return {"embedding": self.embedding_name}
+
+    @classmethod
+    def from_tensorlm_config(cls, cfg: dict, shared: dict) -> TiedHead:
+        if cfg["embedding"] not in shared:
+            raise TensorLMError(f"tied head refers to {cfg['embedding']!r}, which the saved folder does not rebuild")
+        return cls(shared[cfg["embedding"]], cfg["embedding"])
+
+    def extra_repr(self) -> str:
+        return f"tied to {self.embedding_name}"
