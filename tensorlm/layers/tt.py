@@ -1,0 +1,339 @@
+"""Tensor-train layers: TTEmbedding (one MPS per token row, TensorGPT), its tied LM head, and TTLinear (TT-matrix).
+
+TensorGPT (Xu, Xu, Mandic 2023, "Efficient Compression of the Embedding Layer in LLMs based on the
+Tensor-Train Decomposition") writes each row of the embedding table, reshaped to ``(I_1, ..., I_N)``, as
+a matrix product state by TT-SVD, with no training. TTLinear is the TT-matrix layer of Novikov et al.
+2015 ("Tensorizing Neural Networks") built by TT-SVD of the dense weight (Oseledets 2011, Sec. 4.1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tensorlm.decompose.tt import (
+    Ranks,
+    padded_shape,
+    suggest_shape,
+    tensorizations,
+    tt_matrix_svd,
+    tt_matrix_to_full,
+    tt_rows_to_full,
+    tt_svd_rows,
+)
+from tensorlm.errors import TensorLMError
+from tensorlm.layers.base import check_finite, dense_linear, dense_weight, register_layer
+
+
+def _ranks_of(cores: Sequence[torch.Tensor]) -> list[int]:
+    return [int(c.shape[-1]) for c in cores[:-1]]
+
+
+@register_layer
+class TTEmbedding(nn.Module):
+    """An embedding table whose every row is a matrix product state (TensorGPT).
+
+    Row ``t`` of the ``(V, d)`` table, reshaped to ``shape = (I_1, ..., I_N)``, is
+    ``G_1[t][:, i_1, :] @ ... @ G_N[t][:, i_N, :]``. Core ``k`` is stored as one parameter
+    ``cores[k]: (V, r_{k-1}, I_k, r_k)``, ``r_0 = r_N = 1``; with a tolerance the rows have their own
+    ranks and the stored ``r_k`` is their maximum, smaller rows padded with zeros.
+
+    Parameter count (what is stored): ``V * sum_k r_{k-1} I_k r_k`` with the stored (maximum) ranks,
+    zero padding included; compression ratio ``d / sum_k r_{k-1} I_k r_k``.
+
+    Forward: ``ids (...)`` int64 -> ``(..., d)``; gathers only the rows in ``ids`` and contracts their cores.
+    ``padding_idx`` behaves as in ``nn.Embedding``: its row receives no gradient.
+
+    Raises (forward): ``IndexError`` for an id outside ``[0, V)``, as ``nn.Embedding`` does.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        shape: Sequence[int],
+        ranks: Sequence[int],
+        padding_idx: int | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        shape, ranks = [int(s) for s in shape], [int(r) for r in ranks]
+        if math.prod(shape) != embedding_dim or len(ranks) != len(shape) - 1:
+            raise TensorLMError(
+                f"TTEmbedding: shape {tuple(shape)} (product {math.prod(shape)}) and ranks {ranks} do not fit "
+                f"embedding_dim={embedding_dim}; need product == d and len(ranks) == len(shape) - 1"
+            )
+        if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
+            raise TensorLMError(f"TTEmbedding: padding_idx {padding_idx} outside [0, {num_embeddings})")
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.shape, self.ranks = shape, ranks
+        self.padding_idx = None if padding_idx is None else padding_idx % num_embeddings
+        full = [1, *ranks, 1]
+        self.cores = nn.ParameterList(
+            nn.Parameter(torch.zeros(num_embeddings, full[k], shape[k], full[k + 1], dtype=dtype))
+            for k in range(len(shape))
+        )
+
+    @classmethod
+    def from_cores(cls, cores: Sequence[torch.Tensor], padding_idx: int | None = None) -> TTEmbedding:
+        """Wrap batched MPS cores ``(V, r_{k-1}, I_k, r_k)`` (e.g. from :func:`tt_svd_rows`)."""
+        shape = [int(c.shape[2]) for c in cores]
+        layer = cls(cores[0].shape[0], math.prod(shape), shape, _ranks_of(cores), padding_idx, cores[0].dtype)
+        with torch.no_grad():
+            for param, core in zip(layer.cores, cores, strict=True):
+                param.copy_(core)
+        return layer
+
+    @classmethod
+    def from_dense(
+        cls,
+        layer: nn.Embedding,
+        shape: Sequence[int] | None = None,
+        ranks: Ranks = None,
+        eps: float | None = None,
+        n_modes: int = 3,
+    ) -> TTEmbedding:
+        """TT-SVD of every row of ``layer.weight: (V, d)`` at once (TensorGPT; Oseledets 2011, Alg. 1).
+
+        Args:
+            layer: an ``nn.Embedding`` (``max_norm`` unsupported).
+            shape: tensorisation of ``d`` (default :func:`suggest_shape` with ``n_modes`` factors).
+            ranks, eps: fixed ranks and/or per-row relative tolerance, as in :func:`tt_svd_rows`.
+
+        Raises:
+            TensorLMError: not an ``nn.Embedding``, ``max_norm`` set, bad shape/ranks/eps, NaN/Inf weights.
+        """
+        if not isinstance(layer, nn.Embedding) or layer.max_norm is not None:
+            raise TensorLMError(
+                f"TTEmbedding.from_dense: expected nn.Embedding without max_norm, got {type(layer).__name__}"
+            )
+        check_finite(layer.weight, "embedding")
+        shape = suggest_shape(layer.embedding_dim, n_modes) if shape is None else shape
+        cores, _ = tt_svd_rows(layer.weight.detach(), shape, ranks=ranks, eps=eps)
+        return cls.from_cores(cores, layer.padding_idx)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+            raise IndexError(
+                f"index out of range in self: TTEmbedding ids span [{int(ids.min())}, {int(ids.max())}], "
+                f"valid [0, {self.num_embeddings})"
+            )
+        flat = ids.reshape(-1)  # (n,)
+        rows = [F.embedding(flat, core.reshape(self.num_embeddings, -1)).reshape(-1, *core.shape[1:])
+                for core in self.cores]  # each (n, r_{k-1}, I_k, r_k)
+        if self.padding_idx is not None:
+            pad = (flat == self.padding_idx)[:, None, None, None]  # (n, 1, 1, 1)
+            rows = [torch.where(pad, g.detach(), g) for g in rows]
+        return tt_rows_to_full(rows).reshape(*ids.shape, self.embedding_dim)  # (..., d)
+
+    def weight_rows(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The dense rows ``[start, stop)`` of the table, ``(stop - start, d)``."""
+        return tt_rows_to_full([core[start:stop] for core in self.cores])
+
+    def to_dense(self) -> nn.Embedding:
+        """The equivalent ``nn.Embedding`` (forms the whole ``(V, d)`` table)."""
+        dense = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
+                             device=self.cores[0].device, dtype=self.cores[0].dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.weight_rows())
+        return dense
+
+    def extra_repr(self) -> str:
+        stored = sum(c.numel() for c in self.cores)
+        return (f"{self.num_embeddings}, {self.embedding_dim}, shape={tuple(self.shape)}, ranks={self.ranks}, "
+                f"padding_idx={self.padding_idx}, ratio={self.num_embeddings * self.embedding_dim / stored:.2f}x")
+
+    def tensorlm_config(self) -> dict:
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
+                "shape": list(self.shape), "ranks": list(self.ranks), "padding_idx": self.padding_idx}
+
+    @classmethod
+    def from_tensorlm_config(cls, cfg: dict, shared: dict) -> TTEmbedding:
+        return cls(cfg["num_embeddings"], cfg["embedding_dim"], cfg["shape"], cfg["ranks"], cfg["padding_idx"])
+
+
+@register_layer
+class TTTiedHead(nn.Module):
+    """LM head tied to a :class:`TTEmbedding`: ``logits = h @ E.T`` with ``E`` the embedding's table.
+
+    Computing logits straight from the cores costs ``~ n V d r`` multiply-adds for ``n`` hidden states
+    (each must be contracted with every row's MPS), while rebuilding the table costs ``V d r`` once plus
+    ``n V d`` for the product; the latter is never more expensive for ``n >= 2``, so the head rebuilds the
+    table block by block (``block_rows`` rows at a time) and never holds more than one block of it.
+    With autograd each block is kept for the backward pass.
+
+    Args:
+        embedding: the tied :class:`TTEmbedding` (a submodule; its cores appear once in a saved file).
+        tied_to: the embedding's module path in the model (``"transformer.wte"``), used to re-tie on load.
+        block_rows: vocabulary rows rebuilt at a time.
+
+    Forward: ``h (..., d)`` -> logits ``(..., V)``.
+    """
+
+    def __init__(self, embedding: TTEmbedding, tied_to: str, block_rows: int = 8192) -> None:
+        super().__init__()
+        if not isinstance(embedding, TTEmbedding) or block_rows < 1:
+            raise TensorLMError(
+                f"TTTiedHead: needs a TTEmbedding and block_rows >= 1, got {type(embedding).__name__}, {block_rows}"
+            )
+        self.embedding, self.tied_to, self.block_rows = embedding, tied_to, block_rows
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        vocab = self.embedding.num_embeddings
+        logits = hidden.new_empty(*hidden.shape[:-1], vocab)  # (..., V)
+        for start in range(0, vocab, self.block_rows):
+            stop = min(start + self.block_rows, vocab)
+            logits[..., start:stop] = hidden @ self.embedding.weight_rows(start, stop).T  # (..., block)
+        return logits
+
+    def to_dense(self) -> nn.Linear:
+        """``nn.Linear(d, V, bias=False)`` holding a copy of the table (re-tie it to the dense embedding if wanted)."""
+        return dense_linear(self.embedding.weight_rows().detach(), None)
+
+    def extra_repr(self) -> str:
+        return f"tied_to={self.tied_to!r}, block_rows={self.block_rows}"
+
+    def tensorlm_config(self) -> dict:
+        return {"tied_to": self.tied_to, "block_rows": self.block_rows}
+
+    @classmethod
+    def from_tensorlm_config(cls, cfg: dict, shared: dict) -> TTTiedHead:
+        embedding = shared.get(cfg["tied_to"])
+        if not isinstance(embedding, TTEmbedding):
+            raise TensorLMError(
+                f"TTTiedHead: tied_to {cfg['tied_to']!r} is not a TTEmbedding rebuilt before the head "
+                f"(found {type(embedding).__name__})"
+            )
+        return cls(embedding, cfg["tied_to"], cfg["block_rows"])
+
+
+@register_layer
+class TTLinear(nn.Module):
+    """A linear map whose weight ``W: (out, in)`` is a TT-matrix (Novikov et al. 2015).
+
+    ``W`` (zero-padded to ``(prod out_shape, prod in_shape)`` when a size factors badly, see
+    :func:`padded_shape`) is ``W[(i_1..i_N), (j_1..j_N)] = prod_k G_k[:, i_k, j_k, :]`` with cores
+    ``cores[k]: (r_{k-1}, m_k, n_k, r_k)``. Forward contracts ``x`` with the cores one at a time, never
+    forming ``W``; padded inputs are zeros and padded outputs are dropped. Behaves as the ``nn.Linear`` or
+    GPT-2 ``Conv1D`` it replaces: ``y = x W^T + b``.
+
+    Parameter count: ``sum_k r_{k-1} m_k n_k r_k`` (+ ``out_features`` for the bias).
+
+    Forward: ``x (..., in_features)`` -> ``(..., out_features)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        ranks: Sequence[int],
+        bias: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        in_shape, out_shape, ranks = [int(s) for s in in_shape], [int(s) for s in out_shape], [int(r) for r in ranks]
+        if (len(in_shape) != len(out_shape) or len(ranks) != len(in_shape) - 1
+                or math.prod(in_shape) < in_features or math.prod(out_shape) < out_features):
+            raise TensorLMError(
+                f"TTLinear: in_shape {tuple(in_shape)}, out_shape {tuple(out_shape)}, ranks {ranks} do not fit "
+                f"({out_features}, {in_features}); need equal lengths N, N-1 ranks, products >= the features"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.in_shape, self.out_shape, self.ranks = in_shape, out_shape, ranks
+        full = [1, *ranks, 1]
+        self.cores = nn.ParameterList(
+            nn.Parameter(torch.zeros(full[k], out_shape[k], in_shape[k], full[k + 1], dtype=dtype))
+            for k in range(len(in_shape))
+        )
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_dense(
+        cls,
+        layer: nn.Module,
+        in_shape: Sequence[int] | None = None,
+        out_shape: Sequence[int] | None = None,
+        ranks: Ranks = None,
+        eps: float | None = None,
+        n_modes: int = 3,
+    ) -> TTLinear:
+        """TT-SVD of the dense weight of an ``nn.Linear`` or GPT-2 ``Conv1D`` (Oseledets 2011, Sec. 4.1).
+
+        Args:
+            layer: ``nn.Linear`` or ``Conv1D`` (read through :func:`dense_weight`).
+            in_shape, out_shape: tensorisations of the features (default: most balanced with ``n_modes``
+                factors, padded when the size factors badly).
+            ranks, eps: as in :func:`tt_svd_rows` (``eps`` bounds ``||W - W_TT||_F / ||W||_F``).
+
+        Raises:
+            TensorLMError: wrong layer type, shapes that do not fit, bad ranks or eps, NaN/Inf weights.
+        """
+        weight, bias = dense_weight(layer)
+        out_features, in_features = weight.shape
+        in_shape = _default_shape(in_features, n_modes) if in_shape is None else in_shape
+        out_shape = _default_shape(out_features, n_modes) if out_shape is None else out_shape
+        padded = weight.new_zeros(math.prod(out_shape), math.prod(in_shape))
+        if padded.shape[0] < out_features or padded.shape[1] < in_features:
+            raise TensorLMError(
+                f"TTLinear.from_dense: out_shape {tuple(out_shape)} x in_shape {tuple(in_shape)} too small for "
+                f"weight {tuple(weight.shape)}"
+            )
+        padded[:out_features, :in_features] = weight
+        cores = tt_matrix_svd(padded.double(), out_shape, in_shape, ranks=ranks, eps=eps)
+        tt = cls(in_features, out_features, in_shape, out_shape, _ranks_of(cores), bias is not None, weight.dtype)
+        with torch.no_grad():
+            for param, core in zip(tt.cores, cores, strict=True):
+                param.copy_(core)
+            if bias is not None:
+                tt.bias.copy_(bias)
+        return tt
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        n_in = math.prod(self.in_shape)
+        flat = x.reshape(-1, self.in_features)  # (B, in)
+        if n_in > self.in_features:
+            flat = F.pad(flat, (0, n_in - self.in_features))  # (B, prod n_k)
+        batch = flat.shape[0]
+        state = flat.reshape(batch, 1, 1, self.in_shape[0], -1)  # (B, M_prev, r_prev, n_k, N_rest)
+        for k, core in enumerate(self.cores):
+            state = torch.einsum("bprjs,rijq->bpiqs", state, core)  # (B, M_prev, m_k, r_k, N_rest)
+            state = state.reshape(batch, -1, core.shape[-1], state.shape[-1])  # (B, M_prev m_k, r_k, N_rest)
+            nxt = self.in_shape[k + 1] if k + 1 < len(self.in_shape) else 1
+            state = state.reshape(batch, state.shape[1], core.shape[-1], nxt, -1)
+        out = state.reshape(batch, -1)[:, : self.out_features]  # (B, out)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*lead, self.out_features)
+
+    def to_dense(self) -> nn.Linear:
+        """The equivalent ``nn.Linear`` (forms ``W``)."""
+        weight = tt_matrix_to_full(list(self.cores))[: self.out_features, : self.in_features]
+        return dense_linear(weight.detach(), None if self.bias is None else self.bias.detach())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, in_shape={tuple(self.in_shape)}, "
+                f"out_shape={tuple(self.out_shape)}, ranks={self.ranks}, bias={self.bias is not None}")
+
+    def tensorlm_config(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features, "in_shape": list(self.in_shape),
+                "out_shape": list(self.out_shape), "ranks": list(self.ranks), "bias": self.bias is not None}
+
+    @classmethod
+    def from_tensorlm_config(cls, cfg: dict, shared: dict) -> TTLinear:
+        return cls(cfg["in_features"], cfg["out_features"], cfg["in_shape"], cfg["out_shape"], cfg["ranks"],
+                   cfg["bias"])
+
+
+def _default_shape(n: int, n_modes: int) -> tuple[int, ...]:
+    """Most balanced tensorisation of ``n``, padded when it factors badly (a prime, 50257)."""
+    options = tensorizations(n, n_modes)
+    if options and max(options[0]) <= 4 * round(n ** (1 / n_modes)):
+        return options[0]
+    return padded_shape(n, n_modes)[0]
