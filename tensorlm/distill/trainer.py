@@ -1,0 +1,538 @@
+"""The distillation loop: a compressed student learns to reproduce its uncompressed teacher.
+
+A plain PyTorch loop on Hugging Face ``accelerate``: one process on the CPU, one GPU with bf16 autocast,
+or several processes with DDP under ``accelerate launch`` (the same code; gradients are averaged by DDP).
+AdamW with linear warm-up then cosine decay, gradient accumulation and clipping; validation on held-out
+data only (never a test split) selects the best step, whose weights the student holds at the end.
+
+Reproducibility and resumption. The data of optimizer step ``s`` is a pure function of ``(seed, s)``
+(:mod:`tensorlm.distill.data`), and the torch RNG (dropout) is reseeded before every step from
+``(seed, s, process rank)``; so the random state of a run is fully determined by its step, and a
+checkpoint (student, optimizer and scheduler states, step, samples consumed, best step, elapsed time)
+is enough to continue bit-for-bit. Checkpoints are written atomically: ``checkpoint-<step>.pt`` is
+written under a temporary name and renamed, then ``checkpoint.json`` (its name, sha256 and the run's
+fingerprint) is replaced atomically, then older files are removed; a crash at any moment leaves the last
+complete checkpoint in place. The fingerprint hashes the training-relevant config and the student's
+structure, so a folder of another run is refused, as is a checkpoint whose bytes do not match its sha256.
+
+Out folder: ``checkpoint.json``, ``checkpoint-<step>.pt``, ``best-<step>.safetensors`` (the best
+weights so far, with the step and metric in its metadata) and ``metrics.jsonl`` (one JSON object per
+logged step or validation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
+from torch import nn
+from tqdm.auto import tqdm
+
+from tensorlm.distill.config import DistillConfig
+from tensorlm.distill.data import LMBlocks, SentencePool, default_cache_dir
+from tensorlm.distill.losses import (
+    check_layer_map,
+    distillation_loss,
+    identity_layer_map,
+    mean_pool,
+    next_token_ce,
+    required_outputs,
+)
+from tensorlm.errors import TensorLMError
+
+CHECKPOINT_FORMAT = 1
+RUN_ONLY_KEYS = ("time_budget_s", "save_every", "log_every", "data_dir", "text_dir")
+"""Config keys that do not change what is trained; a run may be resumed with other values."""
+
+
+@dataclass
+class DistillResult:
+    """What :func:`distill` did.
+
+    Attributes:
+        history: every ``metrics.jsonl`` record (training lines and validations), in step order.
+        best_step: the step whose weights the student now holds (0: the undistilled student).
+        best_metric: its validation value; metric: that value's name; higher_is_better: its direction.
+        steps: optimizer steps completed; stopped: ``"completed"`` or ``"time_budget"``.
+        out_dir: the run folder.
+        teacher_metrics: the teacher's own default validation metrics (causal LMs: ``val_nll``, ``val_ppl``).
+    """
+
+    history: list[dict[str, Any]]
+    best_step: int
+    best_metric: float
+    metric: str
+    higher_is_better: bool
+    steps: int
+    stopped: str
+    out_dir: Path
+    teacher_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def distill(student: nn.Module, teacher: nn.Module, tokenizer, config: DistillConfig | dict, out_dir,
+            *, kind: str, resume: bool = False, eval_fn: Callable[[nn.Module], float] | None = None,
+            progress: bool = True) -> DistillResult:
+    """Train ``student`` to match ``teacher`` and leave it holding its best validated weights.
+
+    Args:
+        student: the model to train (a compressed copy of ``teacher``), Hugging Face call convention.
+        teacher: the reference model; run in eval mode under ``no_grad``, never updated.
+        tokenizer: the tokenizer both models share.
+        config: a :class:`DistillConfig` or its dict form (a recipe stage's ``distill:`` block).
+        out_dir: run folder for checkpoints, best weights and ``metrics.jsonl``; must be new or empty
+            unless ``resume``.
+        kind: ``"causal-lm"`` (packed blocks of ``lm_text``; validation: next-token NLL of held-out
+            blocks, lower is better) or ``"encoder"`` (sentences; validation: mean cosine between student
+            and teacher sentence embeddings of held-out sentences, higher is better).
+        resume: continue from the folder's last checkpoint (a fresh start when it has none).
+        eval_fn: ``student -> score``, higher is better (e.g. STS-B **dev** Spearman); when given it selects
+            the best step instead of the default validation, which is still logged.
+        progress: show a progress bar (main process only).
+
+    Returns:
+        :class:`DistillResult`.
+
+    Raises:
+        TensorLMError: bad config or kind; teacher and student vocabularies (or the tokenizer) differ; a
+            layer map naming blocks that do not exist; ``out_dir`` holds another run, or a corrupted
+            checkpoint, or is not empty without ``resume``.
+    """
+    cfg = config if isinstance(config, DistillConfig) else DistillConfig.from_dict(config)
+    weights = cfg.loss_weights(kind)
+    _check_vocab(student, teacher, tokenizer)
+    flags = required_outputs(weights)
+    layer_map = cfg.layer_map or identity_layer_map(_num_layers(student))
+    if flags["output_hidden_states"] or flags["output_attentions"]:
+        check_layer_map(layer_map, _num_layers(student), _num_layers(teacher))
+    if flags["output_attentions"] and cfg.dropout:
+        raise TensorLMError("distill: attention_kl needs dropout=False (transformers returns attention "
+                            "probabilities after dropout)")
+
+    accelerator = Accelerator(mixed_precision=_precision(cfg.mixed_precision),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    world = accelerator.num_processes
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise TensorLMError(f"distill: batch_size {cfg.batch_size} must divide by processes x grad_accum "
+                            f"= {world} x {cfg.grad_accum}")
+    out = Path(out_dir)
+    fingerprint = _fingerprint(cfg, kind, student)
+    state = _open_run(out, fingerprint, resume)
+    accelerator.wait_for_everyone()  # every process has looked at the folder before anyone writes
+    with accelerator.main_process_first():
+        data = _training_data(cfg, kind, tokenizer)
+
+    device = accelerator.device
+    teacher.to(device).eval()
+    student.to(device)
+    optimizer = _adamw(student, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg.warmup, cfg.steps))
+    if state is not None:
+        student.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    model, optimizer = accelerator.prepare(student, optimizer)
+    run = _Run(accelerator, model, teacher, tokenizer, cfg, kind, weights, flags, layer_map, data, out,
+               fingerprint, eval_fn, optimizer, scheduler)
+    restore = _eager_attention((student, teacher)) if flags["output_attentions"] else contextlib.nullcontext()
+    with restore:
+        return run.train(state, progress)
+
+
+class _Run:
+    """One run's moving parts; :meth:`train` is the loop."""
+
+    def __init__(self, accelerator, model, teacher, tokenizer, cfg, kind, weights, flags, layer_map, data,
+                 out, fingerprint, eval_fn, optimizer, scheduler):
+        self.acc, self.model, self.teacher, self.tokenizer = accelerator, model, teacher, tokenizer
+        self.cfg, self.kind, self.weights, self.flags, self.layer_map = cfg, kind, weights, flags, layer_map
+        self.data, self.out, self.fingerprint, self.eval_fn = data, out, fingerprint, eval_fn
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.student = accelerator.unwrap_model(model)
+        self.micro = cfg.batch_size // (accelerator.num_processes * cfg.grad_accum)
+        self.metric = "val_score" if eval_fn else ("val_nll" if kind == "causal-lm" else "val_cosine")
+        self.higher_is_better = self.metric != "val_nll"
+        self._teacher_val: list[torch.Tensor] | None = None
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def train(self, state: dict | None, progress: bool) -> DistillResult:
+        cfg, acc = self.cfg, self.acc
+        log_path = self.out / "metrics.jsonl"
+        if state is None:
+            step, elapsed, best_step, best_metric = 0, 0.0, -1, math.nan
+            self.history: list[dict[str, Any]] = []
+            if acc.is_main_process:
+                self.out.mkdir(parents=True, exist_ok=True)
+                log_path.write_text("")
+            acc.wait_for_everyone()
+            teacher_metrics = self._teacher_metrics()
+            record = self._validate(0)
+            self._log(dict(record, **{f"teacher_{k}": v for k, v in teacher_metrics.items()}))
+            best_step, best_metric = 0, record[self.metric]
+            self._save_best(0, best_metric)
+        else:
+            step, elapsed = state["step"], state["elapsed_s"]
+            best_step, best_metric = state["best_step"], state["best_metric"]
+            self.history = [r for r in _read_jsonl(log_path) if r["step"] <= step]
+            teacher_metrics = {k[len("teacher_"):]: v for r in self.history for k, v in r.items()
+                               if k.startswith("teacher_")}
+            if acc.is_main_process:
+                _atomic_write(log_path, "".join(json.dumps(r) + "\n" for r in self.history).encode())
+                _remove_stale(self.out, keep={_checkpoint_name(step), _best_name(best_step)})
+            acc.wait_for_everyone()
+
+        stopped = "completed"
+        self._train_mode()
+        bar = tqdm(total=cfg.steps, initial=step, desc="distill", disable=not (progress and acc.is_main_process))
+        window_tokens, window_start = 0, time.perf_counter()
+        while step < cfg.steps:
+            start = time.perf_counter()
+            loss, parts, tokens, grad_norm = self._step(step)
+            step += 1
+            window_tokens += tokens
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                self._log({"step": step, "loss": loss, **{f"loss/{k}": v for k, v in parts.items()},
+                           "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                           "tokens_per_s": rate, "elapsed_s": elapsed})
+                bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{rate:.0f}")
+                window_tokens, window_start = 0, time.perf_counter()
+            bar.update(1)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                record = self._validate(step)
+                self._log(record)
+                if self._better(record[self.metric], best_metric):
+                    best_step, best_metric = step, record[self.metric]
+                    self._save_best(step, best_metric)
+                self._train_mode()
+            elapsed += time.perf_counter() - start
+            out_of_time = self._out_of_time(elapsed)
+            if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
+                self._save_checkpoint(step, elapsed, best_step, best_metric)
+            if out_of_time and step < cfg.steps:
+                stopped = "time_budget"
+                break
+        bar.close()
+        self._load_best(best_step)
+        return DistillResult(history=self.history, best_step=best_step, best_metric=best_metric,
+                             metric=self.metric, higher_is_better=self.higher_is_better, steps=step,
+                             stopped=stopped, out_dir=self.out, teacher_metrics=teacher_metrics)
+
+    def _step(self, step: int) -> tuple[float, dict[str, float], int, float | None]:
+        """One optimizer step; returns (mean loss over processes, this process's parts, tokens, grad norm)."""
+        cfg, acc = self.cfg, self.acc
+        torch.manual_seed(_step_seed(cfg.seed, step, acc.process_index))
+        batch = self.data.train_batch(step, cfg.batch_size, cfg.seed)  # the global batch
+        per_process = cfg.batch_size // acc.num_processes
+        local = batch[acc.process_index * per_process:(acc.process_index + 1) * per_process]
+        total, parts_sum, tokens = 0.0, {}, 0
+        for a in range(cfg.grad_accum):
+            inputs = self._inputs(local[a * self.micro:(a + 1) * self.micro])
+            sync = contextlib.nullcontext() if a == cfg.grad_accum - 1 else acc.no_sync(self.model)
+            with sync:
+                with torch.no_grad(), acc.autocast():
+                    t_out = self.teacher(**inputs, **self.flags)
+                s_out = self.model(**inputs, **self.flags)
+                loss, parts = distillation_loss(s_out, t_out, self.weights, input_ids=inputs["input_ids"],
+                                                attention_mask=inputs.get("attention_mask"),
+                                                temperature=cfg.temperature, layer_map=self.layer_map)
+                acc.backward(loss / cfg.grad_accum)
+            total += float(loss.detach()) / cfg.grad_accum
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v / cfg.grad_accum
+            mask = inputs.get("attention_mask")
+            tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+        grad_norm = None
+        if cfg.max_grad_norm > 0:
+            grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        mean_loss = float(acc.reduce(torch.tensor(total, device=acc.device), reduction="mean"))
+        return mean_loss, parts_sum, tokens * acc.num_processes, grad_norm
+
+    def _inputs(self, samples) -> dict[str, torch.Tensor]:
+        """Model inputs of a micro-batch: packed blocks as they are, sentences tokenized with padding."""
+        if self.kind == "causal-lm":
+            return {"input_ids": samples.to(self.acc.device)}  # (b, T)
+        enc = self.tokenizer(list(samples), padding=True, truncation=True, max_length=self.cfg.max_length,
+                             return_tensors="pt")
+        return {k: v.to(self.acc.device) for k, v in enc.items()}
+
+    def _train_mode(self) -> None:
+        self.model.train(self.cfg.dropout)
+
+    def _better(self, value: float, best: float) -> bool:
+        return value > best if self.higher_is_better else value < best
+
+    def _out_of_time(self, elapsed: float) -> bool:
+        """The same decision on every process (the main process's clock rules)."""
+        budget = self.cfg.time_budget_s
+        flag = [budget is not None and elapsed >= budget]
+        broadcast_object_list(flag)
+        return bool(flag[0])
+
+    # -- validation -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _validate(self, step: int) -> dict[str, Any]:
+        """Validation metrics of the student at ``step`` (computed on the main process, shared to all)."""
+        record: list[Any] = [None]
+        if self.acc.is_main_process:
+            self.student.eval()
+            record[0] = {"step": step, **self._default_metrics(self.student)}
+            if self.eval_fn is not None:
+                record[0]["val_score"] = float(self.eval_fn(self.student))
+                self.student.eval()
+        broadcast_object_list(record)
+        return record[0]
+
+    def _default_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Causal: next-token NLL of the held-out blocks (nats/token) and its perplexity. Encoder: mean
+        cosine between the model's and the teacher's mean-pooled embeddings of the held-out sentences."""
+        if self.kind == "causal-lm":
+            nll, count = 0.0, 0
+            for ids in self.data.val_batches(self.micro):
+                ids = ids.to(self.acc.device)  # (b, T)
+                with self.acc.autocast():
+                    logits = model(input_ids=ids).logits
+                n = ids.shape[0] * (ids.shape[1] - 1)
+                nll += float(next_token_ce(logits, ids)) * n
+                count += n
+            return {"val_nll": nll / count, "val_ppl": math.exp(nll / count)}
+        if self._teacher_val is None:
+            self._teacher_val = [self._pooled(self.teacher, batch) for batch in self.data.val_batches(self.micro)]
+        cosines = [F.cosine_similarity(self._pooled(model, batch), ref, dim=-1)
+                   for batch, ref in zip(self.data.val_batches(self.micro), self._teacher_val, strict=True)]
+        return {"val_cosine": float(torch.cat(cosines).mean())}
+
+    def _pooled(self, model: nn.Module, sentences: list[str]) -> torch.Tensor:
+        inputs = self._inputs(sentences)
+        with self.acc.autocast():
+            out = model(**inputs)
+        return mean_pool(out.last_hidden_state, inputs["attention_mask"])  # (b, d)
+
+    def _teacher_metrics(self) -> dict[str, float]:
+        """The teacher's own validation NLL (causal LMs): the floor the student is measured against."""
+        if self.kind != "causal-lm":
+            return {}
+        record: list[Any] = [None]
+        if self.acc.is_main_process:
+            with torch.no_grad():
+                record[0] = self._default_metrics(self.teacher)
+        broadcast_object_list(record)
+        return record[0]
+
+    # -- files ----------------------------------------------------------------------------------------
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.acc.is_main_process:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _save_best(self, step: int, metric: float) -> None:
+        if self.acc.is_main_process:
+            path = self.out / _best_name(step)
+            tmp = path.with_name(path.name + ".tmp")
+            safetensors.torch.save_model(self.student, str(tmp),
+                                         metadata={"step": str(step), "metric": repr(metric)})
+            os.replace(tmp, path)
+        self.acc.wait_for_everyone()
+
+    def _load_best(self, best_step: int) -> None:
+        path = self.out / _best_name(best_step)
+        safetensors.torch.load_model(self.student, str(path), strict=True, device=str(self.acc.device))
+        self.student.eval()
+
+    def _save_checkpoint(self, step: int, elapsed: float, best_step: int, best_metric: float) -> None:
+        if self.acc.is_main_process:
+            name = _checkpoint_name(step)
+            state = {"format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "step": step,
+                     "samples_seen": step * self.cfg.batch_size, "elapsed_s": elapsed,
+                     "best_step": best_step, "best_metric": best_metric,
+                     "rng": {"seed": self.cfg.seed, "scheme": "torch.manual_seed(f(seed, step, rank)) per step"},
+                     "student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict()}
+            tmp = self.out / (name + ".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, self.out / name)
+            index = {"format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "step": step,
+                     "file": name, "sha256": _sha256(self.out / name), "best_step": best_step}
+            _atomic_write(self.out / "checkpoint.json", json.dumps(index, indent=1).encode())
+            _remove_stale(self.out, keep={name, _best_name(best_step)})
+        self.acc.wait_for_everyone()
+
+
+# -- setup helpers ------------------------------------------------------------------------------------
+
+
+def _open_run(out: Path, fingerprint: str, resume: bool) -> dict | None:
+    """The checkpoint state to resume from, or ``None`` for a fresh start (after checking the folder)."""
+    index_path = out / "checkpoint.json"
+    if not index_path.exists():
+        if out.exists() and any(out.iterdir()) and not resume:
+            raise TensorLMError(f"distill: out_dir {str(out)!r} is not empty and holds no checkpoint; "
+                                "choose a new folder (or pass resume=True to start over in it)")
+        return None
+    if not resume:
+        raise TensorLMError(f"distill: out_dir {str(out)!r} holds a run's checkpoint; pass resume=True to "
+                            "continue it or choose a new folder")
+    try:
+        index = json.loads(index_path.read_text())
+        name, digest = index["file"], index["sha256"]
+        stored_fingerprint = index["fingerprint"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise TensorLMError(f"distill: checkpoint index {str(index_path)!r} is corrupted ({exc})") from None
+    if stored_fingerprint != fingerprint:
+        raise TensorLMError(f"distill: out_dir {str(out)!r} holds a checkpoint of another run (fingerprint "
+                            f"{stored_fingerprint[:12]} != {fingerprint[:12]}: the config or the student's "
+                            "structure differ); choose a new folder")
+    path = out / name
+    if not path.is_file() or _sha256(path) != digest:
+        raise TensorLMError(f"distill: checkpoint {str(path)!r} is corrupted or missing (sha256 does not "
+                            "match checkpoint.json); delete the folder or pick another")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a file that matches its digest but will not load
+        raise TensorLMError(f"distill: checkpoint {str(path)!r} cannot be read ({type(exc).__name__})") from exc
+    if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != fingerprint:
+        raise TensorLMError(f"distill: checkpoint {str(path)!r} has format {state.get('format')}, expected "
+                            f"{CHECKPOINT_FORMAT} of this run")
+    return state
+
+
+def _training_data(cfg: DistillConfig, kind: str, tokenizer) -> LMBlocks | SentencePool:
+    from tensorlm.data import resolve_data_dir
+
+    data_dir = resolve_data_dir(cfg.data_dir) if (cfg.data_dir or cfg.text_dir is None) else None
+    text_dir = Path(cfg.text_dir) if cfg.text_dir else data_dir / "lm_text"
+    if kind == "causal-lm":
+        return LMBlocks(tokenizer, text_dir, cfg.seq_len, val_blocks=cfg.val_size or 64,
+                        cache_dir=default_cache_dir())
+    return SentencePool(text_dir, data_dir, val_size=cfg.val_size or 1000)
+
+
+def _check_vocab(student: nn.Module, teacher: nn.Module, tokenizer) -> None:
+    """Raise unless student and teacher embed the same vocabulary and the tokenizer fits in it."""
+    v_s, v_t = _vocab_size(student), _vocab_size(teacher)
+    if v_s != v_t:
+        raise TensorLMError(f"distill: student vocabulary {v_s} != teacher vocabulary {v_t}; distillation "
+                            "needs one tokenizer for both")
+    if len(tokenizer) > v_t:
+        raise TensorLMError(f"distill: the tokenizer has {len(tokenizer)} tokens but the models embed {v_t}")
+
+
+def _vocab_size(model: nn.Module) -> int:
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    size = getattr(embedding, "num_embeddings", None)
+    return int(size if size is not None else model.config.vocab_size)
+
+
+def _num_layers(model: nn.Module) -> int:
+    return int(model.config.num_hidden_layers)
+
+
+def _precision(setting: str) -> str:
+    if setting == "auto":
+        cuda = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return "bf16" if cuda else "no"
+    return setting
+
+
+def _adamw(student: nn.Module, cfg: DistillConfig) -> torch.optim.AdamW:
+    """AdamW (Loshchilov and Hutter 2019); weight decay on matrices only, not on biases and norms."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+
+
+def _warmup_cosine(warmup: int, steps: int) -> Callable[[int], float]:
+    """LR factor of update ``i`` (0-based): ``(i+1)/warmup`` while warming up, then cosine from 1 to 0."""
+
+    def factor(i: int) -> float:
+        if i < warmup:
+            return (i + 1) / warmup
+        progress = (i - warmup) / max(1, steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@contextlib.contextmanager
+def _eager_attention(models):
+    """Switch models to eager attention (the only kind that returns attention probabilities), then back."""
+    before = [m.config._attn_implementation for m in models]
+    try:
+        for m in models:
+            m.set_attn_implementation("eager")
+        yield
+    finally:
+        for m, impl in zip(models, before, strict=True):
+            m.set_attn_implementation(impl)
+
+
+def _fingerprint(cfg: DistillConfig, kind: str, student: nn.Module) -> str:
+    """sha256 of what makes a run: training-relevant config, kind, the student's modules and tensors."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in RUN_ONLY_KEYS}
+    structure = [(k, list(v.shape), str(v.dtype)) for k, v in student.state_dict().items()]
+    modules = [type(m).__name__ for m in student.modules()]
+    blob = json.dumps({"config": settings, "kind": kind, "tensors": structure, "modules": modules}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{rank}".encode()).digest()[:8], "big") >> 1
+
+
+def _checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:07d}.pt"
+
+
+def _best_name(step: int) -> str:
+    return f"best-{step:07d}.safetensors"
+
+
+def _remove_stale(out: Path, keep: set[str]) -> None:
+    """Delete checkpoint/best files (and temporaries) other than ``keep``."""
+    for path in out.iterdir():
+        if path.name.startswith(("checkpoint-", "best-")) and path.name not in keep:
+            path.unlink()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
