@@ -121,6 +121,29 @@ def kronecker_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return w.reshape(m1 * m2, n1 * n2)
 
 
+def thin_svd(r: torch.Tensor, gram_max: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``r = U diag(s) V^T`` of a float64 ``(p, k)`` matrix; returns ``(U (p, k'), s (k',), V^T (k', k))``.
+
+    When the short side ``k' = min(p, k)`` is at most ``gram_max`` and the matrix is at least 8x
+    longer than wide, the SVD comes from the eigendecomposition of the ``k' x k'`` Gram matrix
+    (``O(p k'^2)``, far cheaper than LAPACK on a 19M x 2 rearranged embedding); singular values below
+    ``1e-12 * s_max`` get zero vectors on the long side. Otherwise ``torch.linalg.svd``.
+    """
+    p, k = r.shape
+    if min(p, k) > gram_max or max(p, k) < 8 * min(p, k):
+        return torch.linalg.svd(r, full_matrices=False)
+    if p < k:
+        v, s, uh = thin_svd(r.T, gram_max)
+        return uh.T, s, v.T
+    evals, evecs = torch.linalg.eigh(r.T @ r)  # ascending, (k,), (k, k)
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    s = evals.sqrt()
+    keep = s > 1e-12 * s[0].clamp_min(torch.finfo(s.dtype).tiny)
+    u = torch.zeros(p, k, dtype=r.dtype, device=r.device)
+    u[:, keep] = (r @ evecs[:, keep]) / s[keep]  # (p, k)
+    return u, s, evecs.T
+
+
 def nearest_kronecker(
     w: torch.Tensor, a_shape: tuple[int, int], b_shape: tuple[int, int], rank: int = 1, name: str = "weight"
 ) -> KroneckerFactors:
@@ -147,7 +170,7 @@ def nearest_kronecker(
             f"{name}: Kronecker rank {rank} for {a_shape} x {b_shape} must be in 1..{shape.max_rank}"
         )
     r_w = rearrange(w.detach().to(torch.float64), a_shape, b_shape)  # (m1*n1, m2*n2)
-    u, s, vh = torch.linalg.svd(r_w, full_matrices=False)
+    u, s, vh = thin_svd(r_w)
     root = s[:rank].sqrt()
     a = (u[:, :rank] * root).T.reshape(rank, *a_shape)  # (r, m1, n1)
     b = (vh[:rank] * root[:, None]).reshape(rank, *b_shape)  # (r, m2, n2)

@@ -1,0 +1,162 @@
+"""Saving and loading compressed models without decomposing again.
+
+A folder holds ``model.safetensors`` (every tensor once, shared tensors deduplicated by
+``safetensors.torch.save_model``), ``tensorlm.json`` (format version, base architecture, kind, the
+replaced modules with their layer class and constructor config, the recipe, the parameter table
+and the SHA-256 of the weights file), the base ``config.json`` and the tokenizer files. Loading
+builds the base architecture from ``config.json``, rebuilds the replaced modules from
+``tensorlm.json`` and fills everything from the weights file with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from tensorlm.errors import TensorLMError
+from tensorlm.layers.base import LAYERS
+from tensorlm.models import LoadedModel
+from tensorlm.params import count_parameters
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+MANIFEST = "tensorlm.json"
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | os.PathLike, *, overwrite: bool = False):
+    """Yield a temporary folder beside ``folder`` and rename it to ``folder`` on success.
+
+    On an exception the temporary folder is removed and ``folder`` is untouched.
+
+    Raises:
+        TensorLMError: ``folder`` exists and ``overwrite`` is False.
+    """
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise TensorLMError(f"output folder {folder} already exists; choose another or pass --overwrite")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        yield tmp
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def replaced_modules(model: nn.Module) -> list[dict]:
+    """``[{name, class, config}]`` of the factorized layers in ``model``, in module order."""
+    return [{"name": name, "class": type(m).__name__, "config": m.tensorlm_config()}
+            for name, m in model.named_modules() if type(m).__name__ in LAYERS]
+
+
+def write_compressed(model: nn.Module, folder: Path, *, tokenizer=None, kind: str | None = None,
+                     recipe=None, notes: list[str] | None = None) -> None:
+    """Write a model into an existing (empty) ``folder``; use :func:`save_compressed` for the atomic version."""
+    folder = Path(folder)
+    save_model(model, str(folder / WEIGHTS), metadata={"format": "pt"})
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "architecture": type(model).__name__,
+        "kind": kind,
+        "modules": replaced_modules(model),
+        "recipe": None if recipe is None else recipe.to_dict(),
+        "params": count_parameters(model),
+        "notes": notes or [],
+        "sha256": _sha256(folder / WEIGHTS),
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def save_compressed(model: nn.Module, folder: str | os.PathLike, *, tokenizer=None, kind: str | None = None,
+                    recipe=None, notes: list[str] | None = None, overwrite: bool = False) -> Path:
+    """Save a (compressed) Hugging Face model so that :func:`load_compressed` restores it bit for bit.
+
+    Written to a temporary folder and renamed at the end; never overwrites unless asked.
+
+    Raises:
+        TensorLMError: ``folder`` exists and ``overwrite`` is False.
+    """
+    with atomic_folder(folder, overwrite=overwrite) as tmp:
+        write_compressed(model, tmp, tokenizer=tokenizer, kind=kind, recipe=recipe, notes=notes)
+    return Path(folder)
+
+
+def load_compressed(folder: str | os.PathLike) -> LoadedModel:
+    """Load a folder written by :func:`save_compressed`; no decomposition is run.
+
+    Raises:
+        TensorLMError: a missing file, a weights file whose SHA-256 differs from the manifest
+            (corrupted), tensors that do not fit the rebuilt modules (mismatched), or an unknown
+            layer class or format version.
+    """
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = Path(folder)
+    for required in (MANIFEST, WEIGHTS, "config.json"):
+        if not (folder / required).is_file():
+            raise TensorLMError(f"{folder} is not a tensorlm folder: {required} is missing")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise TensorLMError(f"{folder}: format version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
+    if _sha256(folder / WEIGHTS) != manifest["sha256"]:
+        raise TensorLMError(f"{folder / WEIGHTS} is corrupted: its SHA-256 differs from the one in {MANIFEST}")
+    arch = getattr(transformers, manifest["architecture"], None)
+    if arch is None:
+        raise TensorLMError(f"{folder}: unknown architecture {manifest['architecture']!r}")
+    config = AutoConfig.from_pretrained(folder)
+    model = arch(config)
+    shared: dict = {}
+    for entry in manifest["modules"]:
+        cls = LAYERS.get(entry["class"])
+        if cls is None:
+            raise TensorLMError(f"{folder}: module {entry['name']!r} has unknown layer class {entry['class']!r}")
+        try:
+            current = model.get_submodule(entry["name"])
+        except AttributeError:
+            current = None
+        if type(current).__name__ == entry["class"]:
+            continue  # already rebuilt inside its parent (e.g. a shared bank)
+        module = cls.from_tensorlm_config(entry["config"], shared)
+        model.set_submodule(entry["name"], module)
+        shared[entry["name"]] = module
+    try:
+        missing, unexpected = load_model(model, str(folder / WEIGHTS), strict=False)
+    except (SafetensorError, RuntimeError, TensorLMError) as err:
+        raise TensorLMError(f"{folder}: weights do not fit the model described by {MANIFEST}: "
+                            f"{str(err).splitlines()[0]}") from err
+    if missing or unexpected:
+        raise TensorLMError(f"{folder}: weights do not match {MANIFEST}: missing {sorted(missing)[:5]}, "
+                            f"unexpected {sorted(unexpected)[:5]}")
+    tokenizer = None
+    with contextlib.suppress(OSError, ValueError):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    kind = manifest.get("kind") or "encoder"
+    return LoadedModel(model.eval(), tokenizer, kind, str(folder), list(manifest.get("notes", [])))
+

