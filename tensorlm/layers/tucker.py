@@ -1,0 +1,255 @@
+"""The Tucker matrix bank as modules: one shared :class:`TuckerBank`, one :class:`BankLinear` per weight.
+
+Ren, Wang et al., "Exploring Extreme Parameter Compression for Pre-trained Language Models", ICLR 2022.
+Weight ``W (out, in)`` is cut into ``D x D`` blocks (row-major over block row ``r``, block column ``c``),
+block ``(r, c)`` is ``W_rc ~ U G_rc V^T`` with ``G_rc = sum_j P[rc, j] C_j``; ``U, V: (D, d)`` and
+``C: (l, d, d)`` live in the bank, shared by every :class:`BankLinear`; each layer keeps its rows of
+``P: (n_blocks, l)`` and its bias. The layer computes ``y_r = U sum_c G_rc (V^T x_c) + b_r`` and never
+forms ``W``.
+
+Sharing: every :class:`BankLinear` holds the same :class:`TuckerBank` object as a child module, so
+``model.parameters()`` yields ``U``, ``V``, ``C`` once and ``safetensors.torch.save_model`` stores one
+copy. On reload, :meth:`BankLinear.from_tensorlm_config` finds or creates that one bank in the loader's
+``shared`` dict under ``"tucker_bank:<id>"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from tensorlm.decompose.tucker import (
+    BankFactors,
+    check_ranks,
+    identity_bank,
+    merge_blocks,
+    split_blocks,
+    tucker_bank,
+)
+from tensorlm.errors import TensorLMError
+from tensorlm.layers.base import dense_linear, dense_weight, register_layer
+
+BANK_CONFIG_KEYS = ("id", "block_size", "rank_blocks", "rank")
+
+
+class TuckerBank(nn.Module):
+    """The shared factors ``U, V: (D, d)`` and ``C: (l, d, d)`` of one matrix bank.
+
+    A freshly constructed bank holds NaN (so a bank that no saved file filled cannot pass for a trained
+    one); :meth:`from_factors` or ``load_state_dict`` fills it.
+
+    Args:
+        bank_id: the name under which layers find this bank (``shared["tucker_bank:<id>"]``).
+        block_size: ``D``.
+        rank_blocks: ``l``, the number of core slices.
+        rank: ``d``.
+    """
+
+    def __init__(self, bank_id: str, block_size: int, rank_blocks: int, rank: int):
+        super().__init__()
+        if not 1 <= rank <= block_size or rank_blocks < 1:
+            raise TensorLMError(
+                f"TuckerBank {bank_id!r}: ranks (l={rank_blocks}, d={rank}) with D={block_size}; "
+                "need l >= 1 and 1 <= d <= D"
+            )
+        self.bank_id = bank_id
+        self.block_size, self.rank_blocks, self.rank = block_size, rank_blocks, rank
+        nan = float("nan")
+        self.U = nn.Parameter(torch.full((block_size, rank), nan))  # (D, d)
+        self.V = nn.Parameter(torch.full((block_size, rank), nan))  # (D, d)
+        self.C = nn.Parameter(torch.full((rank_blocks, rank, rank), nan))  # (l, d, d)
+
+    @classmethod
+    def from_factors(cls, factors: BankFactors, bank_id: str) -> TuckerBank:
+        """A bank holding copies of ``factors.U``, ``factors.V``, ``factors.C`` (dtype/device kept)."""
+        rank_blocks, rank, _ = factors.C.shape
+        bank = cls(bank_id, factors.U.shape[0], rank_blocks, rank).to(factors.C)
+        with torch.no_grad():
+            bank.U.copy_(factors.U)
+            bank.V.copy_(factors.V)
+            bank.C.copy_(factors.C)
+        return bank
+
+    def bank_config(self) -> dict:
+        """``{"id", "block_size", "rank_blocks", "rank"}``: what a loader needs to rebuild the bank."""
+        return {"id": self.bank_id, "block_size": self.block_size, "rank_blocks": self.rank_blocks,
+                "rank": self.rank}
+
+    def cores(self, P: torch.Tensor) -> torch.Tensor:
+        """``G_i = sum_j P[i, j] C_j`` for the rows of ``P: (n, l)``; returns ``(n, d, d)``."""
+        return torch.einsum("nl,lij->nij", P, self.C)
+
+    def blocks(self, P: torch.Tensor) -> torch.Tensor:
+        """The dense blocks ``W_i = U G_i V^T: (n, D, D)`` (for :meth:`BankLinear.to_dense` and checks)."""
+        return self.U @ self.cores(P) @ self.V.T
+
+    def extra_repr(self) -> str:
+        return f"id={self.bank_id!r}, D={self.block_size}, l={self.rank_blocks}, d={self.rank}"
+
+
+@register_layer
+class BankLinear(nn.Module):
+    """A linear map ``(..., in) -> (..., out)`` whose weight is a slice of a shared :class:`TuckerBank`.
+
+    Args:
+        in_features, out_features: multiples of the bank's block size ``D``.
+        bank: the shared bank (held as a child module, the same object in every layer that shares it).
+        bias: keep a bias ``(out,)``.
+
+    Parameters: ``P: (n_blocks, l)`` with ``n_blocks = (out / D) * (in / D)`` (row-major over
+    (block row, block column)), ``bias: (out,)``. Uninitialised values are NaN.
+
+    Raises:
+        TensorLMError: a dimension that is not a multiple of ``D``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bank: TuckerBank, bias: bool = True):
+        super().__init__()
+        size = bank.block_size
+        if in_features % size or out_features % size:
+            raise TensorLMError(
+                f"BankLinear: shape (out={out_features}, in={in_features}) is not a multiple of the bank's "
+                f"block_size D={size} in both dimensions"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.bank = bank
+        like = {"dtype": bank.C.dtype, "device": bank.C.device}
+        n_blocks = (out_features // size) * (in_features // size)
+        self.P = nn.Parameter(torch.full((n_blocks, bank.rank_blocks), float("nan"), **like))  # (n, l)
+        self.bias = nn.Parameter(torch.full((out_features,), float("nan"), **like)) if bias else None
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """``(out / D, in / D)``: block rows and block columns."""
+        size = self.bank.block_size
+        return self.out_features // size, self.in_features // size
+
+    @classmethod
+    def from_dense(cls, layer: nn.Module, *, ranks: tuple[int, int], block_size: int | None = None,
+                   n_iter_max: int = 10, seed: int = 0) -> BankLinear:
+        """A bank of its own for one ``nn.Linear``/``Conv1D``; see :func:`bank_from_dense`."""
+        return bank_from_dense({"layer": layer}, ranks=ranks, block_size=block_size,
+                               n_iter_max=n_iter_max, seed=seed)["layer"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: (..., in) -> (..., out)``; cost per token ``d D (rows + cols) + rows cols d^2`` MACs."""
+        rows, cols = self.grid
+        size, rank = self.bank.block_size, self.bank.rank
+        lead = x.shape[:-1]
+        z = x.reshape(*lead, cols, size) @ self.bank.V  # (..., cols, d)
+        cores = self.bank.cores(self.P).reshape(rows, cols, rank, rank)  # (rows, cols, d, d): G_rc
+        # mix[c*d + j, r*d + i] = G_rc[i, j], so that h_r = sum_c G_rc z_c is one matmul
+        mix = cores.permute(1, 3, 0, 2).reshape(cols * rank, rows * rank)  # (cols*d, rows*d)
+        h = z.reshape(*lead, cols * rank) @ mix  # (..., rows*d)
+        y = h.reshape(*lead, rows, rank) @ self.bank.U.T  # (..., rows, D)
+        y = y.reshape(*lead, self.out_features)  # (..., out)
+        return y if self.bias is None else y + self.bias
+
+    def weight_matrix(self) -> torch.Tensor:
+        """The weight ``W: (out, in)`` this layer applies (formed, for checks and export)."""
+        return merge_blocks(self.bank.blocks(self.P), self.out_features, self.in_features)
+
+    def to_dense(self) -> nn.Linear:
+        """The equivalent ``nn.Linear`` (copies)."""
+        with torch.no_grad():
+            bias = None if self.bias is None else self.bias.detach()
+            return dense_linear(self.weight_matrix().detach(), bias)
+
+    def extra_repr(self) -> str:
+        rows, cols = self.grid
+        return (f"in_features={self.in_features}, out_features={self.out_features}, blocks={rows}x{cols}, "
+                f"bank={self.bank.bank_id!r}, bias={self.bias is not None}")
+
+    def tensorlm_config(self) -> dict:
+        """``{"in_features", "out_features", "bias", "bank": {"id", "block_size", "rank_blocks", "rank"}}``."""
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, "bank": self.bank.bank_config()}
+
+    @classmethod
+    def from_tensorlm_config(cls, cfg: dict, shared: dict) -> BankLinear:
+        """An uninitialised (NaN) layer whose bank is ``shared["tucker_bank:<id>"]``, created there if absent.
+
+        Raises:
+            TensorLMError: ``cfg`` lacks a key, or names a bank whose shapes differ from the bank already
+                rebuilt under that id.
+        """
+        missing = [key for key in ("in_features", "out_features", "bias", "bank") if key not in cfg]
+        missing += [f"bank.{key}" for key in BANK_CONFIG_KEYS if key not in cfg.get("bank", {})]
+        if missing:
+            raise TensorLMError(f"BankLinear config lacks {missing}; it needs in_features, out_features, bias "
+                                f"and bank {{{', '.join(BANK_CONFIG_KEYS)}}}")
+        bank_cfg = cfg["bank"]
+        key = f"tucker_bank:{bank_cfg['id']}"
+        if key not in shared:
+            shared[key] = TuckerBank(bank_cfg["id"], bank_cfg["block_size"], bank_cfg["rank_blocks"],
+                                     bank_cfg["rank"])
+        bank = shared[key]
+        if bank.bank_config() != bank_cfg:
+            raise TensorLMError(f"BankLinear config names bank {bank_cfg}, but the bank rebuilt under {key!r} "
+                                f"is {bank.bank_config()}")
+        return cls(cfg["in_features"], cfg["out_features"], bank, bias=cfg["bias"])
+
+
+def default_bank_id(names: list[str]) -> str:
+    """A stable id for the bank of these module paths: the first 12 hex digits of their SHA-1."""
+    return hashlib.sha1("\n".join(names).encode()).hexdigest()[:12]
+
+
+def bank_from_dense(layers: dict[str, nn.Module], *, ranks: tuple[int, int], block_size: int | None = None,
+                    n_iter_max: int = 10, seed: int = 0, bank_id: str | None = None) -> dict[str, BankLinear]:
+    """Replace many linear maps by slices of one Tucker bank (Ren, Wang et al. 2022).
+
+    Cuts every weight into ``D x D`` blocks, stacks them to ``(M, D, D)`` and fits ranks ``(l, d, d)``:
+    by HOOI (:func:`tensorlm.decompose.tucker.tucker_bank`) or, at full ranks ``(M, D)``, by the exact
+    identity bank (``U = V = I``, ``C = blocks``, ``P = I``).
+
+    Args:
+        layers: module path -> ``nn.Linear`` or GPT-2 ``Conv1D``; the order fixes the order of the blocks.
+        ranks: ``(l, d)``, ``1 <= l <= min(M, d^2)``, ``1 <= d <= D``.
+        block_size: ``D``; default the smallest dimension among the weights (the hidden size).
+        n_iter_max, seed: passed to HOOI.
+        bank_id: the bank's name in saved configs; default :func:`default_bank_id` of the paths.
+
+    Returns:
+        module path -> :class:`BankLinear`, all holding the same :class:`TuckerBank`, in the weights'
+        dtype and device; a ``Conv1D`` is replaced by a map that computes exactly what it computed.
+
+    Raises:
+        TensorLMError: a module that is neither linear kind, a weight not a multiple of ``D``, ranks out of
+            range, or weights of different dtype/device.
+    """
+    dense = {name: dense_weight(layer, name) for name, layer in layers.items()}
+    weights = {name: weight for name, (weight, _) in dense.items()}
+    if len({(w.dtype, w.device) for w in weights.values()}) > 1:
+        raise TensorLMError("tucker bank: the weights differ in dtype or device; convert the model first")
+    blocks, layout = split_blocks(weights, block_size)  # (M, D, D)
+    rank_blocks, rank = ranks
+    check_ranks(layout.n_blocks, layout.block_size, rank_blocks, rank)
+    if (rank_blocks, rank) == (layout.n_blocks, layout.block_size):
+        factors = identity_bank(blocks)
+    else:
+        factors = tucker_bank(blocks, ranks, n_iter_max=n_iter_max, seed=seed)
+    bank = TuckerBank.from_factors(factors, bank_id or default_bank_id(list(layers)))
+    replacements = {}
+    for name, (_, bias) in dense.items():
+        out_features, in_features = layout.shapes[name]
+        layer = BankLinear(in_features, out_features, bank, bias=bias is not None)
+        with torch.no_grad():
+            layer.P.copy_(factors.P[layout.blocks_of(name)])
+            if bias is not None:
+                layer.bias.copy_(bias)
+        replacements[name] = layer
+    return replacements
+
+
+def bank_parameters(layers: dict[str, BankLinear]) -> dict[str, int]:
+    """Count what a set of bank layers holds: ``bank`` (``U``, ``V``, ``C`` of each distinct bank once),
+    ``rows`` (all ``P``), ``bias``, and ``weights = bank + rows`` (the figure compared with the dense
+    weights; equals :func:`tensorlm.decompose.tucker.bank_parameter_count` for one bank)."""
+    banks = {id(layer.bank): layer.bank for layer in layers.values()}
+    bank = sum(p.numel() for b in banks.values() for p in b.parameters())
+    rows = sum(layer.P.numel() for layer in layers.values())
+    bias = sum(layer.bias.numel() for layer in layers.values() if layer.bias is not None)
+    return {"bank": bank, "rows": rows, "bias": bias, "weights": bank + rows}
