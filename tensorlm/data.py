@@ -1,0 +1,215 @@
+"""Benchmark data: STS-B, SICK-R, WikiText-2 (raw test) and LAMBADA, from a local folder or from the hub.
+
+The local folder is laid out like ``/work/shared/data`` (see its README)::
+
+    stsb/sts-{train,dev,test}.csv          tab-separated, fields 4, 5, 6 = score (0-5), sentence1, sentence2
+    sick/SICK_{train,trial,test_annotated}.txt   header: pair_ID sentence_A sentence_B relatedness_score ...
+    wikitext-2/wiki.test.raw               raw WikiText-2 test, read as it is in the file
+    lambada/lambada_test.jsonl             OpenAI's LAMBADA test, one {"text": ...} per line
+
+It is found from the explicit ``data_dir`` argument, else from the environment variable ``TENSORLM_DATA``.
+With neither, the loaders fetch the same sets from the Hugging Face hub through the optional
+``datasets`` package (``pip install tensorlm[hub]``), imported only then.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+from tensorlm.errors import TensorLMError
+
+DATA_ENV = "TENSORLM_DATA"
+
+STS_FILES = {
+    "stsb": {"train": "stsb/sts-train.csv", "dev": "stsb/sts-dev.csv", "test": "stsb/sts-test.csv"},
+    "sick": {
+        "train": "sick/SICK_train.txt",
+        "dev": "sick/SICK_trial.txt",
+        "test": "sick/SICK_test_annotated.txt",
+    },
+}
+WIKITEXT2_TEST = "wikitext-2/wiki.test.raw"
+LAMBADA_TEST = "lambada/lambada_test.jsonl"
+SICK_HEADER = ("pair_ID", "sentence_A", "sentence_B", "relatedness_score")
+
+# Hub routes: (dataset id, config, split name per tensorlm split).
+HUB_STSB = ("mteb/stsbenchmark-sts", None, {"train": "train", "dev": "validation", "test": "test"})
+HUB_SICK = ("RobZamp/sick", None, {"train": "train", "dev": "validation", "test": "test"})
+HUB_WIKITEXT2 = ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
+HUB_LAMBADA = ("EleutherAI/lambada_openai", "default", "test")
+
+
+def resolve_data_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """The benchmark data folder: ``explicit`` if given, else ``$TENSORLM_DATA``.
+
+    Raises:
+        TensorLMError: neither is set, or the folder does not exist.
+    """
+    if explicit is None:
+        explicit = os.environ.get(DATA_ENV) or None
+    if explicit is None:
+        raise TensorLMError(
+            f"no benchmark data folder: pass data_dir (CLI --data-dir) or set {DATA_ENV} to a folder "
+            "laid out like shared/data (stsb/, sick/, wikitext-2/, lambada/)"
+        )
+    folder = Path(explicit).expanduser()
+    if not folder.is_dir():
+        raise TensorLMError(
+            f"benchmark data folder {str(folder)!r} does not exist; pass data_dir (CLI --data-dir) "
+            f"or set {DATA_ENV} to an existing folder"
+        )
+    return folder
+
+
+def load_sts(
+    name: str, split: str, data_dir: str | os.PathLike | None = None
+) -> list[tuple[str, str, float]]:
+    """Sentence pairs with gold similarity scores.
+
+    Args:
+        name: ``"stsb"`` (STS Benchmark, Cer et al. 2017; 5,749 / 1,500 / 1,379 pairs) or ``"sick"``
+            (SICK relatedness, SemEval-2014 Task 1; train / trial / test = 4,500 / 500 / 4,927 pairs).
+        split: ``"train"``, ``"dev"`` (SICK's "trial") or ``"test"``.
+        data_dir: the data folder; ``None`` reads ``$TENSORLM_DATA``, and without it the hub.
+
+    Returns:
+        ``[(sentence1, sentence2, score)]`` in file order; scores on the sets' own scales
+        (STS-B 0-5, SICK 1-5).
+
+    Raises:
+        TensorLMError: unknown name or split, a missing file, a malformed row.
+    """
+    if name not in STS_FILES:
+        raise TensorLMError(f"STS dataset {name!r} is unknown; choose one of {sorted(STS_FILES)}")
+    if split not in STS_FILES[name]:
+        raise TensorLMError(f"STS split {split!r} is unknown; choose one of {list(STS_FILES[name])}")
+    folder = _local_folder(data_dir)
+    if folder is None:
+        return _hub_sts(name, split)
+    path = _data_file(folder, STS_FILES[name][split])
+    return _read_stsb(path) if name == "stsb" else _read_sick(path)
+
+
+def load_wikitext2_test(data_dir: str | os.PathLike | None = None) -> str:
+    """The raw WikiText-2 test set (Merity et al. 2016) as one string, exactly as in ``wiki.test.raw``.
+
+    1,290,590 bytes; 286,221 GPT-2 tokens. From the hub, the rows are joined back into the file: every
+    blank row was a line holding one space.
+
+    Raises:
+        TensorLMError: the file is missing.
+    """
+    folder = _local_folder(data_dir)
+    if folder is None:
+        repo, config, split = HUB_WIKITEXT2
+        rows = _hub_load(repo, config, split)["text"]
+        return "".join(row if row else " \n" for row in rows)
+    with open(_data_file(folder, WIKITEXT2_TEST), encoding="utf-8", newline="") as f:
+        return f.read()
+
+
+def load_lambada(data_dir: str | os.PathLike | None = None) -> list[str]:
+    """OpenAI's detokenized LAMBADA test (Paperno et al. 2016): 5,153 passages; the target is the last word.
+
+    Raises:
+        TensorLMError: the file is missing or a line is not ``{"text": ...}``.
+    """
+    folder = _local_folder(data_dir)
+    if folder is None:
+        repo, config, split = HUB_LAMBADA
+        return list(_hub_load(repo, config, split)["text"])
+    path = _data_file(folder, LAMBADA_TEST)
+    passages = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                passages.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise TensorLMError(f"{path}:{number} is not a JSON object with a 'text' field") from exc
+    return passages
+
+
+def _local_folder(data_dir: str | os.PathLike | None) -> Path | None:
+    """The data folder; ``None`` (use the hub) when neither ``data_dir`` nor ``$TENSORLM_DATA`` is set."""
+    if data_dir is None and not os.environ.get(DATA_ENV):
+        return None
+    return resolve_data_dir(data_dir)
+
+
+def _data_file(folder: Path, relative: str) -> Path:
+    path = folder / relative
+    if not path.is_file():
+        raise TensorLMError(
+            f"benchmark file {str(path)!r} is missing; the data folder (data_dir / --data-dir / {DATA_ENV}) "
+            f"must hold {relative}"
+        )
+    return path
+
+
+def _read_stsb(path: Path) -> list[tuple[str, str, float]]:
+    """STS-B rows: split on tab only (quotes are text), fields 4, 5, 6; some rows have extra fields."""
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            fields = line.rstrip("\r\n").split("\t")
+            if len(fields) < 7:
+                raise TensorLMError(f"{path}:{number} has {len(fields)} tab-separated fields; expected >= 7")
+            pairs.append((fields[5], fields[6], _score(fields[4], path, number)))
+    return pairs
+
+
+def _read_sick(path: Path) -> list[tuple[str, str, float]]:
+    """SICK rows, columns found by the header names ``sentence_A``, ``sentence_B``, ``relatedness_score``."""
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().rstrip("\r\n").split("\t")
+        if not set(SICK_HEADER) <= set(header):
+            raise TensorLMError(f"{path} header {header} lacks the SICK columns {list(SICK_HEADER)}")
+        a, b, s = (header.index(column) for column in SICK_HEADER[1:])
+        pairs = []
+        for number, line in enumerate(f, 2):
+            fields = line.rstrip("\r\n").split("\t")
+            if len(fields) < len(header):
+                raise TensorLMError(f"{path}:{number} has {len(fields)} fields; the header has {len(header)}")
+            pairs.append((fields[a], fields[b], _score(fields[s], path, number)))
+    return pairs
+
+
+def _score(text: str, path: Path, number: int) -> float:
+    try:
+        return float(text)
+    except ValueError as exc:
+        raise TensorLMError(f"{path}:{number} score {text!r} is not a number") from exc
+
+
+def _hub_sts(name: str, split: str) -> list[tuple[str, str, float]]:
+    if name == "stsb":
+        repo, config, splits = HUB_STSB
+        rows = _hub_load(repo, config, splits[split])
+        return list(zip(rows["sentence1"], rows["sentence2"], map(float, rows["score"]), strict=True))
+    repo, config, splits = HUB_SICK
+    warnings.warn(
+        f"SICK from the hub ({repo}) has 4,439 / 495 / 4,906 pairs, not the SemEval-2014 release's "
+        "4,500 / 500 / 4,927; figures differ slightly from those on the release files",
+        stacklevel=3,
+    )
+    rows = _hub_load(repo, config, splits[split])
+    scores = map(float, rows["relatedness_score"])
+    return list(zip(rows["sentence_A"], rows["sentence_B"], scores, strict=True))
+
+
+def _hub_load(repo: str, config: str | None, split: str):
+    """One split of a hub dataset through the optional ``datasets`` package (columns by name)."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise TensorLMError(
+            f"no benchmark data folder given (data_dir / --data-dir / {DATA_ENV}) and the optional package "
+            f"'datasets' is not installed to fetch {repo} from the hub; pip install 'tensorlm[hub]' "
+            "or give a folder"
+        ) from exc
+    return datasets.load_dataset(repo, config, split=split)

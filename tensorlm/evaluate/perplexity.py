@@ -1,0 +1,170 @@
+"""Token-level perplexity of a causal LM on a long text, by sliding or non-overlapping windows.
+
+``perplexity = exp(sum of NLL over scored tokens / number of scored tokens)`` (natural log).
+
+* ``sliding`` (the Hugging Face perplexity guide, "Perplexity of fixed-length models"): windows of ``context``
+  tokens start every ``stride`` tokens; the first window scores all its tokens but the first, each later
+  window scores only the tokens that no earlier window scored (its last ``stride``), so every token but the
+  first is scored exactly once with at least ``context - stride`` tokens of history.
+* ``chunked``: non-overlapping windows of ``context`` tokens, each scoring all its tokens but its first.
+
+Tokens are the tokenizer's ids of the whole text (joined as given); ``context`` is clipped to the model's
+number of positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from tensorlm.errors import TensorLMError
+from tensorlm.evaluate import inference, model_device
+
+PROTOCOLS = ("sliding", "chunked")
+
+
+def perplexity(
+    model: nn.Module,
+    tokenizer,
+    text: str,
+    *,
+    protocol: str = "sliding",
+    context: int = 1024,
+    stride: int = 512,
+    max_tokens: int | None = None,
+    batch_size: int = 4,
+    name: str = "text",
+    progress: bool = True,
+) -> dict:
+    """Token-level perplexity of ``model`` on ``text``.
+
+    Args:
+        model: a causal LM returning ``.logits (B, T, V)`` for ``input_ids (B, T)``.
+        tokenizer: its tokenizer; the text is tokenized once, as a whole.
+        text: the text (e.g. :func:`tensorlm.data.load_wikitext2_test`).
+        protocol: ``"sliding"`` or ``"chunked"`` (module docstring).
+        context: window length in tokens, clipped to the model's positions (``n_positions`` /
+            ``max_position_embeddings``).
+        stride: sliding step in tokens, ``1 <= stride <= context`` (ignored by ``chunked``).
+        max_tokens: score only the first ``max_tokens`` tokens of the text.
+        batch_size: windows per forward pass (full windows only; memory ~ ``batch_size * context * V * 4`` B).
+        name: how the protocol string names the text, e.g. ``"wikitext-2-raw test"``.
+        progress: show a progress bar (only on a terminal).
+
+    Returns:
+        ``perplexity``, ``nll`` (mean NLL in nats per scored token), ``tokens`` (scored tokens),
+        ``text_tokens`` (tokens in the text after ``max_tokens``), ``windows``, ``context``, ``stride``
+        and ``protocol``, e.g. ``"wikitext-2-raw test, sliding, context 1024, stride 512, token-level,
+        286,221 tokens (286,220 scored)"``.
+
+    Raises:
+        TensorLMError: unknown protocol, bad context / stride / max_tokens, fewer than 2 tokens.
+    """
+    if protocol not in PROTOCOLS:
+        raise TensorLMError(f"perplexity protocol {protocol!r} is unknown; choose one of {list(PROTOCOLS)}")
+    limit = context_limit(model)
+    clipped = limit is not None and context > limit
+    context = min(context, limit) if limit is not None else context
+    if context < 2:
+        raise TensorLMError(f"perplexity context {context} must be >= 2 tokens")
+    if protocol == "chunked":
+        stride = context
+    if not 1 <= stride <= context:
+        raise TensorLMError(f"perplexity stride {stride} must lie in [1, context={context}]")
+    if batch_size < 1:
+        raise TensorLMError(f"perplexity batch_size {batch_size} must be >= 1")
+    if max_tokens is not None and max_tokens < 2:
+        raise TensorLMError(f"perplexity max_tokens {max_tokens} must be >= 2 (or None for the whole text)")
+    ids = torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)  # (N,)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if ids.numel() < 2:
+        raise TensorLMError(f"perplexity needs a text of >= 2 tokens; {name!r} has {ids.numel()}")
+    windows = sliding_windows(ids.numel(), context, stride)
+    nll, scored = _score_windows(model, ids, windows, batch_size, progress)
+    mean_nll = nll / scored
+    if protocol == "sliding":
+        how = f"sliding, context {context}, stride {stride}"
+    else:
+        how = f"chunked, non-overlapping windows of {context}"
+    if clipped:
+        how += f" (clipped to the model's {limit:,} positions)"
+    return {
+        "perplexity": math.exp(mean_nll),
+        "nll": mean_nll,
+        "tokens": scored,
+        "text_tokens": ids.numel(),
+        "windows": len(windows),
+        "context": context,
+        "stride": stride,
+        "protocol": f"{name}, {how}, token-level, {ids.numel():,} tokens ({scored:,} scored)",
+    }
+
+
+def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """The windows ``(begin, end, n_scored)`` over ``n_tokens`` tokens.
+
+    A window feeds tokens ``[begin, end)`` and scores its last ``n_scored`` tokens (each predicted from the
+    tokens before it in the window). The first window scores all but its first token; each later one scores
+    the ``end - previous end`` new tokens, at most ``end - begin - 1``. ``stride == context`` gives
+    non-overlapping chunks, each scoring all but its first token. Windows that score nothing are dropped.
+    """
+    windows = []
+    previous_end = 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + context, n_tokens)
+        n_scored = min(end - previous_end, end - begin - 1)
+        if n_scored > 0:
+            windows.append((begin, end, n_scored))
+        previous_end = end
+        if end == n_tokens:
+            break
+    return windows
+
+
+def context_limit(model: nn.Module) -> int | None:
+    """The model's number of positions (``config.n_positions`` or ``max_position_embeddings``), if known."""
+    config = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def causal_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """``model(input_ids)`` logits ``(B, T, V)`` (``.logits`` of a Hugging Face output, or its first item)."""
+    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+    out = model(input_ids=input_ids, **kwargs)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def _score_windows(
+    model: nn.Module, ids: torch.Tensor, windows: list[tuple[int, int, int]], batch_size: int, progress: bool
+) -> tuple[float, int]:
+    """Sum of NLL (nats) and count over the scored tokens of ``windows``; same-length windows share a batch."""
+    device = model_device(model)
+    nll, scored = 0.0, 0
+    batches: list[list[tuple[int, int, int]]] = []
+    for begin, end, n_scored in windows:
+        last = batches[-1] if batches else None
+        if last and len(last) < batch_size and last[0][1] - last[0][0] == end - begin:
+            last.append((begin, end, n_scored))
+        else:
+            batches.append([(begin, end, n_scored)])
+    with inference(model), tqdm(total=len(windows), desc="perplexity", disable=None if progress else True) as bar:
+        for batch in batches:
+            input_ids = torch.stack([ids[b:e] for b, e, _ in batch]).to(device)  # (B, T)
+            logits = causal_logits(model, input_ids)  # (B, T, V)
+            length = input_ids.shape[1]
+            for row, (_, end, n_scored) in enumerate(batch):
+                predicting = logits[row, length - 1 - n_scored : length - 1].float()  # (n_scored, V)
+                targets = ids[end - n_scored : end].to(device)  # (n_scored,)
+                nll += F.cross_entropy(predicting, targets, reduction="sum").item()
+                scored += n_scored
+            bar.update(len(batch))
+    return nll, scored
