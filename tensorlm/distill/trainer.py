@@ -121,8 +121,9 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, config: DistillCo
         raise TensorLMError("distill: attention_kl needs dropout=False (transformers returns attention "
                             "probabilities after dropout)")
 
-    accelerator = Accelerator(mixed_precision=_precision(cfg.mixed_precision),
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    # An encoder's pooler takes no part in any loss: DDP must then look for parameters without gradients.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=kind == "encoder")
+    accelerator = Accelerator(mixed_precision=_precision(cfg.mixed_precision), kwargs_handlers=[ddp])
     world = accelerator.num_processes
     if cfg.batch_size % (world * cfg.grad_accum):
         raise TensorLMError(f"distill: batch_size {cfg.batch_size} must divide by processes x grad_accum "
@@ -355,7 +356,7 @@ class _Run:
 
     def _load_best(self, best_step: int) -> None:
         path = self.out / _best_name(best_step)
-        safetensors.torch.load_model(self.student, str(path), strict=True, device=str(self.acc.device))
+        safetensors.torch.load_model(self.student, str(path), strict=True)  # copied onto the student's device
         self.student.eval()
 
     def _save_checkpoint(self, step: int, elapsed: float, best_step: int, best_metric: float) -> None:

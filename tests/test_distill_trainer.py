@@ -1,0 +1,358 @@
+"""The distillation trainer and its data: selection, DDP equivalence, bit-for-bit resume, refusals."""
+
+import copy
+import json
+import os
+import random
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from tensorlm.distill import DistillConfig, distill
+from tensorlm.distill.data import LMBlocks, SentencePool, batch_indices, documents, split_sentences
+from tensorlm.errors import TensorLMError
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("TENSORLM_DATA", ROOT.parent / "shared" / "data"))
+WORDS = [f"w{i}" for i in range(40)]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A 46-token word-level tokenizer over WORDS (fits the 64-token tiny models)."""
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, "[CLS]": 3, "[SEP]": 4, ".": 5}
+    vocab.update({w: 6 + i for i, w in enumerate(WORDS)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                   eos_token="[EOS]")
+
+
+def write_text(folder: Path, shards: int = 2, docs: int = 12) -> Path:
+    """Shards of documents (blank-line separated) of sentences of WORDS; sentences start with W-words."""
+    rng = random.Random(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        text = []
+        for _ in range(docs):
+            sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 10))) + " ." for _ in range(4)]
+            text.append(" ".join("W" + x[1:] for x in sentences))
+        (folder / f"shard{s}.txt").write_text("\n\n".join(text) + "\n")
+    return folder
+
+
+def gpt2_pair(vocab: int = 64, dropout: float = 0.0):
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab, n_positions=64, bos_token_id=2,
+                     eos_token_id=2, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    teacher = GPT2LMHeadModel(cfg).eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return student, teacher
+
+
+def causal_config(text_dir: Path, **overrides) -> DistillConfig:
+    settings = dict(loss="logits", steps=12, lr=3e-3, batch_size=4, seq_len=16, warmup=2, eval_every=4,
+                    save_every=4, log_every=2, text_dir=str(text_dir), val_size=4, seed=3)
+    settings.update(overrides)
+    return DistillConfig(**settings)
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_training(a: dict, b: dict, start: dict) -> None:
+    """``a`` and ``b`` agree to float noise (Adam divides by sqrt(v), so near-zero gradients turn summation
+    order noise into ~1e-6 steps), and training moved the weights far more than that tolerance."""
+    moved = max(float((a[k] - start[k]).abs().max()) for k in a)
+    assert moved > 1e-3
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, rtol=0, atol=3e-5)
+
+
+@pytest.fixture(autouse=True)
+def token_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TENSORLM_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(1)
+
+
+# -- data ---------------------------------------------------------------------------------------------
+
+
+def test_lm_blocks_pack_documents_with_eos_and_hold_out_disjoint_validation(tmp_path):
+    tok = tiny_tokenizer()
+    text = write_text(tmp_path / "text")
+    blocks = LMBlocks(tok, text, seq_len=8, val_blocks=3, cache_dir=tmp_path / "cache")
+    first = (text / "shard0.txt").read_text()
+    expected = []
+    for doc in documents(first):
+        expected += tok(doc, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert blocks.shards[0].tolist() == expected
+    assert len(blocks.val_index) == 3 and not set(blocks.val_index) & set(blocks.train_index)
+    assert {shard for shard, _ in blocks.val_index} == {0, 1}  # spread over the shards
+    again = LMBlocks(tok, text, seq_len=8, val_blocks=3, cache_dir=tmp_path / "cache")  # from the cache
+    assert isinstance(again.shards[0], np.memmap) and again.shards[0].tolist() == expected
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 2
+
+
+def test_batches_visit_every_sample_once_per_epoch_and_depend_only_on_seed_and_step():
+    n, b = 10, 4
+    stream = [i for step in range(5) for i in batch_indices(step, b, n, seed=1)]  # 2 epochs
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    assert batch_indices(3, b, n, seed=1) == stream[12:16]
+    assert batch_indices(0, b, n, seed=2) != batch_indices(0, b, n, seed=1)
+
+
+def test_split_sentences():
+    doc = "The cat sat down . It was \"Happy\" today! what now? A b c d e f."
+    assert split_sentences(doc, min_words=2) == ["The cat sat down .", "It was \"Happy\" today! what now?",
+                                                 "A b c d e f."]
+    assert split_sentences("Too short.", min_words=4) == []
+
+
+def test_sentence_pool_trains_on_sts_train_never_on_dev_or_test(tmp_path):
+    assert DATA.is_dir(), f"shared data folder {DATA} is missing (set TENSORLM_DATA)"
+    text = write_text(tmp_path / "text")
+    pool = SentencePool(text, DATA, val_size=5)
+    train = set(pool.train)
+    from tensorlm.data import load_sts
+
+    for name, split in (("stsb", "dev"), ("stsb", "test"), ("sick", "dev"), ("sick", "test")):
+        held = {s for a, b, _ in load_sts(name, split, DATA) for s in (a, b)}
+        assert not train & held, (name, split)
+    sts_train = {s for a, b, _ in load_sts("stsb", "train", DATA) for s in (a, b)}
+    assert len(train & sts_train) > 0.8 * len(sts_train)  # the rest also occur in dev/test
+    assert not set(pool.val) & train and len(pool.val) == 5
+
+
+# -- training -----------------------------------------------------------------------------------------
+
+
+def test_distill_lowers_validation_loss_and_keeps_the_best_weights(tmp_path):
+    tok = tiny_tokenizer()
+    text = write_text(tmp_path / "text")
+    student, teacher = gpt2_pair()
+    teacher_before = params(teacher)
+    result = distill(student, teacher, tok, causal_config(text), tmp_path / "run", kind="causal-lm",
+                     progress=False)
+    assert result.stopped == "completed" and result.steps == 12
+    vals = {r["step"]: r["val_nll"] for r in result.history if "val_nll" in r}
+    assert sorted(vals) == [0, 4, 8, 12]
+    assert result.best_metric == min(vals.values()) < vals[0]
+    assert result.best_step == min(vals, key=vals.get)
+    assert result.teacher_metrics["val_nll"] < vals[0]
+    # the student holds the best step's weights: its validation NLL is the recorded best
+    blocks = LMBlocks(tok, text, 16, val_blocks=4)
+    with torch.no_grad():
+        from tensorlm.distill.losses import next_token_ce
+
+        nll = torch.stack([next_token_ce(student(input_ids=b).logits, b) for b in blocks.val_batches(1)]).mean()
+    assert float(nll) == pytest.approx(result.best_metric, rel=1e-5)
+    assert all(torch.equal(v, teacher_before[k]) for k, v in params(teacher).items())
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines == result.history and any("tokens_per_s" in r for r in lines)
+    files = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert files == [f"best-{result.best_step:07d}.safetensors", "checkpoint-0000012.pt", "checkpoint.json",
+                     "metrics.jsonl"]
+
+
+def test_grad_accumulation_gives_the_same_steps_as_one_big_batch(tmp_path):
+    tok = tiny_tokenizer()
+    text = write_text(tmp_path / "text")
+    final = []
+    start = params(gpt2_pair()[0])
+    for accum in (1, 2):
+        student, teacher = gpt2_pair()
+        cfg = causal_config(text, steps=4, grad_accum=accum, eval_every=100, save_every=100)
+        distill(student, teacher, tok, cfg, tmp_path / f"run{accum}", kind="causal-lm", progress=False)
+        final.append(torch.load(tmp_path / f"run{accum}" / "checkpoint-0000004.pt", weights_only=True)["student"])
+    assert_same_training(final[0], final[1], start)
+
+
+def assert_equal_nested(a, b) -> None:
+    """Exact equality of nested dicts/lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_equal_nested(a[k], b[k])
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_equal_nested(x, y)
+    else:
+        assert a == b
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_killed_run_resumes_bit_for_bit(tmp_path):
+    """A crash between checkpoints (here: in the step-8 validation) loses nothing: resuming from the
+    step-4 checkpoint reproduces the uninterrupted run exactly, dropout and accumulation included."""
+    tok = tiny_tokenizer()
+    text = write_text(tmp_path / "text")
+    cfg = causal_config(text, grad_accum=2, dropout=True)
+
+    def run(out, crash_at=None):
+        student, teacher = gpt2_pair(dropout=0.1)
+        calls = []
+
+        def score(model):  # deterministic in the weights: closeness to the teacher
+            calls.append(1)
+            if crash_at is not None and len(calls) == crash_at:
+                raise Crash("simulated kill")
+            return -float(sum(((p - q) ** 2).sum() for p, q in zip(model.parameters(), teacher.parameters(),
+                                                                   strict=True)))
+
+        result = distill(student, teacher, tok, cfg, out, kind="causal-lm", resume=True, eval_fn=score,
+                         progress=False)
+        return student, result
+
+    reference, ref_result = run(tmp_path / "straight")
+    with pytest.raises(Crash):
+        run(tmp_path / "killed", crash_at=3)  # validations at steps 0, 4, 8: dies at step 8
+    assert json.loads((tmp_path / "killed" / "checkpoint.json").read_text())["step"] == 4
+    (tmp_path / "killed" / "checkpoint-0000008.pt.tmp").write_bytes(b"half-written")  # a torn write
+    resumed, result = run(tmp_path / "killed")
+    assert result.best_step == ref_result.best_step
+    for k, v in params(reference).items():
+        assert torch.equal(params(resumed)[k], v), k
+    last = [torch.load(tmp_path / run / "checkpoint-0000012.pt", weights_only=True) for run in ("straight", "killed")]
+    assert_equal_nested(last[0]["student"], last[1]["student"])
+    assert_equal_nested(last[0]["optimizer"], last[1]["optimizer"])
+    timeless = [[{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in res.history]
+                for res in (result, ref_result)]
+    assert timeless[0] == timeless[1]
+
+
+def test_time_budget_stops_with_a_checkpoint_that_resumes(tmp_path):
+    tok = tiny_tokenizer()
+    text = write_text(tmp_path / "text")
+    student, teacher = gpt2_pair()
+    result = distill(student, teacher, tok, causal_config(text, time_budget_s=1e-9), tmp_path / "run",
+                     kind="causal-lm", progress=False)
+    assert result.stopped == "time_budget" and result.steps == 1
+    student, teacher = gpt2_pair()
+    result = distill(student, teacher, tok, causal_config(text), tmp_path / "run", kind="causal-lm",
+                     resume=True, progress=False)
+    assert result.stopped == "completed" and result.steps == 12
+
+
+def test_a_folder_of_another_run_or_a_used_folder_is_refused(tmp_path):
+    tok = tiny_tokenizer()
+    text = write_text(tmp_path / "text")
+    student, teacher = gpt2_pair()
+    cfg = causal_config(text, steps=2, eval_every=2, save_every=2)
+    distill(student, teacher, tok, cfg, tmp_path / "run", kind="causal-lm", progress=False)
+    with pytest.raises(TensorLMError, match="resume=True"):
+        distill(student, teacher, tok, cfg, tmp_path / "run", kind="causal-lm", progress=False)
+    with pytest.raises(TensorLMError, match="another run"):
+        distill(student, teacher, tok, causal_config(text, steps=2, lr=1e-3), tmp_path / "run",
+                kind="causal-lm", resume=True, progress=False)
+    other_student = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=64))
+    with pytest.raises(TensorLMError, match="another run"):
+        distill(other_student, teacher, tok, cfg, tmp_path / "run", kind="causal-lm", resume=True,
+                progress=False)
+    (tmp_path / "stranger").mkdir()
+    (tmp_path / "stranger" / "notes.txt").write_text("someone else's")
+    with pytest.raises(TensorLMError, match="not empty"):
+        distill(student, teacher, tok, cfg, tmp_path / "stranger", kind="causal-lm", progress=False)
+
+
+def test_a_corrupted_checkpoint_is_refused(tmp_path):
+    tok = tiny_tokenizer()
+    text = write_text(tmp_path / "text")
+    student, teacher = gpt2_pair()
+    cfg = causal_config(text, steps=2, eval_every=2, save_every=2)
+    run = tmp_path / "run"
+    distill(student, teacher, tok, cfg, run, kind="causal-lm", progress=False)
+    path = run / "checkpoint-0000002.pt"
+    payload = bytearray(path.read_bytes())
+    payload[len(payload) // 2] ^= 0xFF
+    path.write_bytes(bytes(payload))
+    with pytest.raises(TensorLMError, match="corrupted"):
+        distill(student, teacher, tok, cfg, run, kind="causal-lm", resume=True, progress=False)
+    (run / "checkpoint.json").write_text("{not json")
+    with pytest.raises(TensorLMError, match="corrupted"):
+        distill(student, teacher, tok, cfg, run, kind="causal-lm", resume=True, progress=False)
+
+
+def test_different_vocabularies_and_missing_layers_are_refused(tmp_path):
+    tok = tiny_tokenizer()
+    text = write_text(tmp_path / "text")
+    student, _ = gpt2_pair(vocab=72)
+    _, teacher = gpt2_pair(vocab=64)
+    with pytest.raises(TensorLMError, match="vocabulary"):
+        distill(student, teacher, tok, causal_config(text), tmp_path / "a", kind="causal-lm", progress=False)
+    student, teacher = gpt2_pair()
+    with pytest.raises(TensorLMError, match="out of range"):
+        distill(student, teacher, tok, causal_config(text, loss="ilkd", layer_map={0: 0, 1: 7}), tmp_path / "b",
+                kind="causal-lm", progress=False)
+
+
+def test_encoder_distillation_with_attention_kl_restores_the_attention_kind(tmp_path):
+    tok = tiny_tokenizer()
+    text = write_text(tmp_path / "text", docs=20)
+    torch.manual_seed(0)
+    teacher = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=64, max_position_embeddings=64)).eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    before = teacher.config._attn_implementation
+    cfg = DistillConfig(loss="embedding", weights={"attention_kl": 1.0}, steps=10, lr=3e-3, batch_size=8,
+                        warmup=1, eval_every=5, save_every=5, text_dir=str(text), val_size=16, max_length=16)
+    result = distill(student, teacher, tok, cfg, tmp_path / "run", kind="encoder", progress=False)
+    vals = [r["val_cosine"] for r in result.history if "val_cosine" in r]
+    assert result.metric == "val_cosine" and result.best_metric == max(vals) > vals[0]
+    assert teacher.config._attn_implementation == student.config._attn_implementation == before
+    assert any(r.get("loss/attention_kl", 0) > 0 for r in result.history)
+
+
+# -- two processes (DDP over gloo) ----------------------------------------------------------------------
+
+
+def _ddp_worker(rank: int, world: int, port: int, folder: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), TENSORLM_CACHE=f"{folder}/cache",
+                      ACCELERATE_USE_CPU="yes", OMP_NUM_THREADS="1")  # what `accelerate launch --cpu` sets
+    torch.set_num_threads(1)
+    student, teacher = gpt2_pair()
+    text = Path(folder) / "text"
+    distill(student, teacher, tiny_tokenizer(), causal_config(text, steps=4, eval_every=2, save_every=4),
+            Path(folder) / "ddp", kind="causal-lm", progress=False)
+    from accelerate import PartialState
+
+    assert PartialState().num_processes == world and PartialState().distributed_type == "MULTI_CPU"
+    if rank == 0:
+        torch.save(params(student), Path(folder) / "ddp_final.pt")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
+    write_text(tmp_path / "text")
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    ddp = torch.load(tmp_path / "ddp_final.pt", weights_only=True)
+    student, teacher = gpt2_pair()
+    start = params(student)
+    result = distill(student, teacher, tiny_tokenizer(), causal_config(tmp_path / "text", steps=4, eval_every=2,
+                     save_every=4), tmp_path / "single", kind="causal-lm", progress=False)
+    assert result.best_step > 0  # the compared weights are trained ones
+    assert_same_training(params(student), ddp, start)
