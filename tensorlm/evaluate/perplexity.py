@@ -8,8 +8,9 @@
   first is scored exactly once with at least ``context - stride`` tokens of history.
 * ``chunked``: non-overlapping windows of ``context`` tokens, each scoring all its tokens but its first.
 
-Tokens are the tokenizer's ids of the whole text (joined as given); ``context`` is clipped to the model's
-number of positions.
+Tokens are the tokenizer's ids of the whole text (joined as given). A ``context`` longer than the model's
+number of positions is clipped to it and ``stride`` scaled by the same factor (1024/512 on a 256-position
+model becomes 256/128), and the protocol string says so.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ def perplexity(
         tokenizer: its tokenizer; the text is tokenized once, as a whole.
         text: the text (e.g. :func:`tensorlm.data.load_wikitext2_test`).
         protocol: ``"sliding"`` or ``"chunked"`` (module docstring).
-        context: window length in tokens, clipped to the model's positions (``n_positions`` /
-            ``max_position_embeddings``).
+        context: window length in tokens; clipped to the model's positions (``n_positions`` /
+            ``max_position_embeddings``), when it scales ``stride`` by the same factor.
         stride: sliding step in tokens, ``1 <= stride <= context`` (ignored by ``chunked``).
         max_tokens: score only the first ``max_tokens`` tokens of the text.
         batch_size: windows per forward pass (full windows only; memory ~ ``batch_size * context * V * 4`` B).
@@ -66,15 +67,17 @@ def perplexity(
     """
     if protocol not in PROTOCOLS:
         raise TensorLMError(f"perplexity protocol {protocol!r} is unknown; choose one of {list(PROTOCOLS)}")
-    limit = context_limit(model)
-    clipped = limit is not None and context > limit
-    context = min(context, limit) if limit is not None else context
-    if context < 2:
-        raise TensorLMError(f"perplexity context {context} must be >= 2 tokens")
     if protocol == "chunked":
         stride = context
     if not 1 <= stride <= context:
         raise TensorLMError(f"perplexity stride {stride} must lie in [1, context={context}]")
+    limit = context_limit(model)
+    clipped = limit is not None and context > limit
+    if clipped:
+        stride = max(1, stride * limit // context)
+        context = limit
+    if context < 2:
+        raise TensorLMError(f"perplexity context {context} must be >= 2 tokens")
     if batch_size < 1:
         raise TensorLMError(f"perplexity batch_size {batch_size} must be >= 1")
     if max_tokens is not None and max_tokens < 2:
