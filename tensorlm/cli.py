@@ -1,0 +1,131 @@
+"""Command line: ``tensorlm run | compress | evaluate | inspect | recipes``.
+
+A thin layer over the API. Bad input prints one line, ``tensorlm: error: ...``, and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tensorlm.errors import TensorLMError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="benchmark data folder laid out like shared/data (default: $TENSORLM_DATA)")
+
+
+def cmd_run(args) -> None:
+    from tensorlm.pipeline import run
+    from tensorlm.report import metrics_table, params_table
+
+    results = run(args.model, args.recipe, args.out, data_dir=args.data_dir, eval_mode=args.eval,
+                  overwrite=args.overwrite)
+    metrics = results["metrics"]
+    print(metrics_table(metrics["before"], {**metrics["after"]}) if metrics["before"] else "(not evaluated)")
+    for key, value in metrics["agreement"].items():
+        print(f"{key}: {value:.4f}")
+    print()
+    print(params_table(results["params"]["before"], results["params"]["after"]))
+    print(f"\ncompression took {results['seconds']['compress']:.1f} s; "
+          f"whole model {results['compression']['model_ratio']:.3f}x smaller")
+    print(f"wrote {results['out']} (model.safetensors, tensorlm.json, results.json, report.md)")
+
+
+def cmd_compress(args) -> None:
+    from tensorlm import compress, load_model, save_compressed
+    from tensorlm.recipe import Recipe
+
+    recipe = Recipe.load(args.recipe)
+    loaded = load_model(args.model or recipe.model, data_dir=args.data_dir)
+    small = compress(loaded.model, recipe)
+    save_compressed(small, args.out, tokenizer=loaded.tokenizer, kind=loaded.kind, recipe=recipe,
+                    notes=loaded.notes, overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+
+
+def cmd_evaluate(args) -> None:
+    from tensorlm.evaluate import evaluate_model
+    from tensorlm.models import load_model
+
+    loaded = load_model(args.model, data_dir=args.data_dir)
+    metrics, protocols = evaluate_model(loaded.model, loaded.tokenizer, loaded.kind, data_dir=args.data_dir,
+                                        quick=args.quick)
+    print(json.dumps({"model": args.model, "metrics": metrics, "protocols": protocols}, indent=2))
+
+
+def cmd_inspect(args) -> None:
+    from tensorlm.io import replaced_modules
+    from tensorlm.models import load_model
+    from tensorlm.params import count_parameters
+
+    loaded = load_model(args.model, data_dir=args.data_dir)
+    table = count_parameters(loaded.model)
+    width = max(len(k) for k in table["groups"]) + 8
+    for key in ("total", "total_without_head", "stored"):
+        print(f"{key:<{width}}{table[key]:>15,}")
+    for group, count in table["groups"].items():
+        if count:
+            print(f"{'  ' + group:<{width}}{count:>15,}")
+    print(f"{'LM head':<{width}}{table['tied_head'] or 'none':>15}")
+    for entry in replaced_modules(loaded.model):
+        print(f"{entry['name']}: {entry['class']} {entry['config']}")
+    for note in loaded.notes:
+        print(f"note: {note}")
+
+
+def cmd_recipes(args) -> None:
+    from tensorlm.recipe import Recipe, builtin_recipes
+
+    for name in builtin_recipes():
+        recipe = Recipe.load(name)
+        print(f"{name:<24} {' '.join(recipe.description.split())}")
+
+
+def parser() -> argparse.ArgumentParser:
+    from tensorlm.pipeline import DEFAULT_RECIPE
+
+    top = argparse.ArgumentParser(prog="tensorlm", description=__doc__.splitlines()[0])
+    sub = top.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="evaluate, compress, evaluate again, save and report")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, help="built-in recipe name or YAML path")
+    p.add_argument("--model", help="model folder, offline name or hub id (default: the recipe's model)")
+    p.add_argument("--out", help="new output folder (default: runs/<recipe>-<model>-<time>)")
+    p.add_argument("--eval", choices=("full", "quick", "none"), default="full", help="benchmark sets to run")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_common(p)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("compress", help="compress and save, without evaluation")
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--model")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    _add_common(p)
+    p.set_defaults(func=cmd_compress)
+    p = sub.add_parser("evaluate", help="the standard benchmarks of a model or compressed folder")
+    p.add_argument("--model", required=True)
+    p.add_argument("--quick", action="store_true", help="documented subsets of the causal-LM sets")
+    _add_common(p)
+    p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("inspect", help="parameter table of a model or compressed folder")
+    p.add_argument("model")
+    _add_common(p)
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("recipes", help="list the built-in recipes")
+    p.set_defaults(func=cmd_recipes)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except TensorLMError as err:
+        print(f"tensorlm: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

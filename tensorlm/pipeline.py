@@ -1,0 +1,133 @@
+"""The main job: load, evaluate, compress (stage by stage), evaluate again, save, report."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tensorlm.errors import TensorLMError
+from tensorlm.io import atomic_folder, write_compressed
+from tensorlm.models import LoadedModel, load_model
+from tensorlm.params import compression_summary, count_parameters
+from tensorlm.recipe import Recipe
+from tensorlm.report import render
+from tensorlm.surgery import compress
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+DEFAULT_RECIPE = "minilm-kronecker-ffn"
+AGREEMENT_SENTENCES = 500
+AGREEMENT_TOKENS = 8192
+
+
+def machine() -> str:
+    """A one-line description of where the numbers were measured."""
+    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
+            f"with {torch.get_num_threads()} threads, Python {platform.python_version()}")
+
+
+def log(message: str) -> None:
+    print(f"[tensorlm] {message}", file=sys.stderr, flush=True)
+
+
+def evaluate(loaded: LoadedModel, model, data_dir, mode: str) -> tuple[dict, dict]:
+    """Standard metrics of ``model`` (``mode``: full, quick or none)."""
+    if mode == "none":
+        return {}, {}
+    from tensorlm.evaluate import evaluate_model
+
+    return evaluate_model(model, loaded.tokenizer, loaded.kind, data_dir=data_dir, quick=mode == "quick")
+
+
+def agreement(loaded: LoadedModel, student, data_dir, mode: str) -> tuple[dict, dict]:
+    """Student-teacher agreement: mean embedding cosine (encoders) or per-token KL (causal LMs)."""
+    if mode == "none":
+        return {}, {}
+    from tensorlm.data import load_sts, load_wikitext2_test
+    from tensorlm.evaluate.agreement import causal_kl, embedding_agreement
+
+    if loaded.kind == "encoder":
+        pairs = load_sts("stsb", "dev", data_dir)
+        sentences = list(dict.fromkeys(s for a, b, _ in pairs for s in (a, b)))[:AGREEMENT_SENTENCES]
+        value = embedding_agreement(student, loaded.model, loaded.tokenizer, sentences)
+        return ({"teacher_cosine": value},
+                {"teacher_cosine": f"mean cosine of student and teacher mean-pooled embeddings, first "
+                                   f"{len(sentences)} unique STS-B dev sentences"})
+    value = causal_kl(student, loaded.model, loaded.tokenizer, load_wikitext2_test(data_dir),
+                      max_tokens=AGREEMENT_TOKENS)
+    return ({"teacher_kl": value},
+            {"teacher_kl": f"KL(teacher || student) per token in nats, first {AGREEMENT_TOKENS:,} tokens of "
+                           "wikitext-2-raw test, context 1024 chunks"})
+
+
+def run(model: str | None = None, recipe: str | Recipe = DEFAULT_RECIPE, out: str | os.PathLike | None = None, *,
+        data_dir: str | os.PathLike | None = None, eval_mode: str = "full", overwrite: bool = False) -> dict:
+    """Compress ``model`` by ``recipe``, measure both models in one harness, and write a run folder.
+
+    The folder ``out`` (default ``runs/<recipe>-<model>-<time>``) receives the compressed model
+    (:func:`tensorlm.io.write_compressed`), ``results.json`` and ``report.md``; it is written to a
+    temporary folder and renamed at the end.
+
+    Returns:
+        The results dictionary (also in ``results.json``): ``model``, ``recipe``, ``params.before``,
+        ``params.after``, ``compression``, ``metrics.before``, ``metrics.after``, ``protocols``, ...
+
+    Raises:
+        TensorLMError: an unknown model or recipe, an existing output folder, bad recipe targets.
+    """
+    if eval_mode not in ("full", "quick", "none"):
+        raise TensorLMError(f"eval mode {eval_mode!r} is not one of full, quick, none")
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+    model = model or recipe.model or DEFAULT_MODEL
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(out) if out else Path("runs") / f"{recipe.name}-{Path(model).name}-{stamp}"
+    if out.exists() and not overwrite:
+        raise TensorLMError(f"output folder {out} already exists; choose another or pass --overwrite")
+    seconds = {}
+    log(f"loading {model}")
+    loaded = load_model(model, data_dir=data_dir)
+    log(f"evaluating the uncompressed model ({eval_mode})")
+    t0 = time.perf_counter()
+    before, protocols = evaluate(loaded, loaded.model, data_dir, eval_mode)
+    seconds["evaluate_before"] = time.perf_counter() - t0
+    log(f"compressing with recipe {recipe.name}")
+    stages = []
+    t0 = time.perf_counter()
+    small = compress(loaded.model, recipe,
+                     after_stage=lambda m, stage, names: stages.append(
+                         {"name": stage.name, "method": stage.method, "replaced": names}))
+    seconds["compress"] = time.perf_counter() - t0
+    replaced = [n for s in stages for n in s["replaced"]]
+    log(f"compressed {len(replaced)} modules in {seconds['compress']:.1f} s; evaluating the compressed model")
+    t0 = time.perf_counter()
+    after, _ = evaluate(loaded, small, data_dir, eval_mode)
+    agree, agree_protocols = agreement(loaded, small, data_dir, eval_mode)
+    seconds["evaluate_after"] = time.perf_counter() - t0
+    top_level = [n for n in replaced if not any(n.startswith(p + ".") for p in replaced)]
+    params_before = count_parameters(loaded.model, top_level)
+    params_after = count_parameters(small, top_level)
+    results = {
+        "model": model,
+        "kind": loaded.kind,
+        "recipe": recipe.to_dict(),
+        "params": {"before": params_before, "after": params_after},
+        "compression": compression_summary(params_before, params_after),
+        "metrics": {"before": before, "after": after, "agreement": agree},
+        "protocols": {**protocols, **agree_protocols},
+        "replaced": replaced,
+        "stages": stages,
+        "seconds": seconds,
+        "notes": loaded.notes,
+        "machine": machine(),
+    }
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        write_compressed(small, tmp, tokenizer=loaded.tokenizer, kind=loaded.kind, recipe=recipe, notes=loaded.notes)
+        (tmp / "results.json").write_text(json.dumps(results, indent=2))
+        (tmp / "report.md").write_text(render(results))
+    results["out"] = str(out)
+    return results

@@ -1,0 +1,75 @@
+"""The Markdown report of a run, built from its ``results.json`` dictionary."""
+
+from __future__ import annotations
+
+from tensorlm.params import GROUPS
+
+HIGHER_IS_BETTER = ("spearman", "acc", "agreement")
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 100 else f"{value:,.2f}"
+    return str(value)
+
+
+def metrics_table(before: dict, after: dict) -> str:
+    """Markdown table: metric, uncompressed, compressed, change."""
+    rows = ["| metric | uncompressed | compressed | change |", "|---|---:|---:|---:|"]
+    for key in before:
+        b, a = before[key], after.get(key)
+        change = "-" if a is None or b is None else f"{a - b:+.4f}" if abs(b) < 100 else f"{a - b:+,.2f}"
+        rows.append(f"| {key} | {_fmt(b)} | {_fmt(a)} | {change} |")
+    return "\n".join(rows)
+
+
+def params_table(before: dict, after: dict) -> str:
+    """Markdown table of the parameter accounting of both models."""
+    rows = ["| parameters | uncompressed | compressed |", "|---|---:|---:|"]
+    for key in ("total", "total_without_head", "stored", "targeted"):
+        if key in before:
+            rows.append(f"| {key} | {_fmt(before[key])} | {_fmt(after.get(key))} |")
+    for group in GROUPS:
+        if before["groups"][group] or after["groups"][group]:
+            rows.append(f"| group: {group} | {_fmt(before['groups'][group])} | {_fmt(after['groups'][group])} |")
+    rows.append(f"| LM head | {before['tied_head'] or 'none'} | {after['tied_head'] or 'none'} |")
+    return "\n".join(rows)
+
+
+def render(results: dict) -> str:
+    """The full ``report.md`` of a run."""
+    params, ratios = results["params"], results["compression"]
+    lines = [
+        f"# {results['recipe']['name']} on {results['model']}",
+        "",
+        results["recipe"].get("description", "").strip(),
+        "",
+        "## Quality",
+        "",
+        metrics_table(results["metrics"]["before"], results["metrics"]["after"]),
+        "",
+        "## Parameters",
+        "",
+        params_table(params["before"], params["after"]),
+        "",
+        f"Compression: whole model {ratios['model_ratio']:.3f}x"
+        + (f", targeted modules {ratios['targeted_ratio']:.3f}x" if "targeted_ratio" in ratios else "")
+        + f" ({len(results['replaced'])} modules replaced). Compression took {results['seconds']['compress']:.1f} s.",
+        "",
+        "## Protocols",
+        "",
+        *[f"- `{k}`: {v}" for k, v in results["protocols"].items()],
+    ]
+    if results.get("stages"):
+        lines += ["", "## Stages", "", "| stage | method | modules | metric after |", "|---|---|---:|---|"]
+        for s in results["stages"]:
+            metric = ", ".join(f"{k} {_fmt(v)}" for k, v in s.get("metrics", {}).items()) or "-"
+            lines.append(f"| {s['name']} | {s['method']} | {len(s['replaced'])} | {metric} |")
+    if results.get("notes"):
+        lines += ["", "## Notes", "", *[f"- {n}" for n in results["notes"]]]
+    lines += ["", f"Machine: {results['machine']}.", ""]
+    return "\n".join(lines)
