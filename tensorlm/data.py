@@ -31,6 +31,26 @@ STS_FILES = {
         "test": "sick/SICK_test_annotated.txt",
     },
 }
+# GLUE tasks: files per split, and which columns (by header name, or by position when the file has no
+# header) hold the first text, the second text (None for single-sentence tasks) and the integer label.
+GLUE_FILES = {
+    "cola": {"train": ["glue/CoLA/in_domain_train.tsv"],
+             "dev": ["glue/CoLA/in_domain_dev.tsv", "glue/CoLA/out_of_domain_dev.tsv"]},
+    "sst2": {"train": ["glue/SST-2/sentiment-train"], "dev": ["glue/SST-2/sentiment-dev"],
+             "test": ["glue/SST-2/sentiment-test"]},
+    "mrpc": {"train": ["glue/MRPC/train.tsv"], "dev": ["glue/MRPC/dev.tsv"],
+             "test": ["glue/MRPC/test_labeled_msr.txt"]},
+    "rte": {"train": ["glue/RTE/train.tsv"], "dev": ["glue/RTE/dev.tsv"]},
+}
+GLUE_COLUMNS = {
+    "cola": (3, None, 1),
+    "sst2": (0, None, 1),
+    "mrpc": ("#1 String", "#2 String", "Quality"),
+    "rte": ("sentence1", "sentence2", "label"),
+}
+HUB_GLUE = ("nyu-mll/glue", {"train": "train", "dev": "validation"})
+HUB_GLUE_COLUMNS = {"cola": ("sentence", None), "sst2": ("sentence", None), "mrpc": ("sentence1", "sentence2"),
+                    "rte": ("sentence1", "sentence2")}
 WIKITEXT2_TEST = "wikitext-2/wiki.test.raw"
 LAMBADA_TEST = "lambada/lambada_test.jsonl"
 SICK_HEADER = ("pair_ID", "sentence_A", "sentence_B", "relatedness_score")
@@ -91,6 +111,39 @@ def load_sts(
         return _hub_sts(name, split)
     path = _data_file(folder, STS_FILES[name][split])
     return _read_stsb(path) if name == "stsb" else _read_sick(path)
+
+
+def load_glue(
+    task: str, split: str, data_dir: str | os.PathLike | None = None
+) -> list[tuple[str, str | None, int]]:
+    """Labelled examples of a GLUE task (Wang et al. 2019), from the original releases in ``glue/``.
+
+    ``cola`` (acceptability; train 8,551, dev = in-domain + out-of-domain 527 + 516), ``sst2`` (sentiment;
+    67,349 / 872 / 1,821 with a labelled test), ``mrpc`` (paraphrase; 3,668 / 408 / 1,725 labelled MSR
+    test), ``rte`` (entailment, 0 = entailment; 2,490 / 277). Rows are split on tabs only.
+
+    Returns:
+        ``[(text_a, text_b or None, label)]`` in file order.
+
+    Raises:
+        TensorLMError: unknown task or split (the hub has no labelled test split), a missing file,
+            a malformed row.
+    """
+    if task not in GLUE_FILES:
+        raise TensorLMError(f"GLUE task {task!r} is unknown; choose one of {sorted(GLUE_FILES)}")
+    folder = _local_folder(data_dir)
+    splits = list(GLUE_FILES[task]) if folder is not None else list(HUB_GLUE[1])
+    if split not in splits:
+        raise TensorLMError(f"GLUE {task} split {split!r} is not available here; choose one of {splits}")
+    if folder is None:
+        rows = _hub_load(HUB_GLUE[0], task, HUB_GLUE[1][split])
+        first, second = HUB_GLUE_COLUMNS[task]
+        seconds = rows[second] if second else [None] * len(rows[first])
+        return list(zip(rows[first], seconds, map(int, rows["label"]), strict=True))
+    examples = []
+    for relative in GLUE_FILES[task][split]:
+        examples += _read_glue(_data_file(folder, relative), *GLUE_COLUMNS[task])
+    return examples
 
 
 def load_wikitext2_test(data_dir: str | os.PathLike | None = None) -> str:
@@ -177,6 +230,29 @@ def _read_sick(path: Path) -> list[tuple[str, str, float]]:
                 raise TensorLMError(f"{path}:{number} has {len(fields)} fields; the header has {len(header)}")
             pairs.append((fields[a], fields[b], _score(fields[s], path, number)))
     return pairs
+
+
+def _read_glue(path: Path, first: str | int, second: str | int | None, label: str | int):
+    """A tab-separated GLUE file; named columns mean the file has a header line (a BOM is dropped)."""
+    with open(path, encoding="utf-8-sig") as f:
+        lines = [line.rstrip("\r\n") for line in f]
+    start = 0
+    if isinstance(first, str):
+        header = lines[0].split("\t")
+        missing = [c for c in (first, second, label) if c is not None and c not in header]
+        if missing:
+            raise TensorLMError(f"{path} header {header} lacks the columns {missing}")
+        first, label = header.index(first), header.index(label)
+        second = None if second is None else header.index(second)
+        start = 1
+    examples = []
+    for number, line in enumerate(lines[start:], start + 1):
+        fields = line.split("\t")
+        try:
+            examples.append((fields[first], None if second is None else fields[second], int(fields[label])))
+        except (IndexError, ValueError) as exc:
+            raise TensorLMError(f"{path}:{number} is not a row of text fields and an integer label") from exc
+    return examples
 
 
 def _score(text: str, path: Path, number: int) -> float:

@@ -56,6 +56,34 @@ def test_sick_columns_by_header():
     assert all(1.0 <= s <= 5.0 for _, _, s in test)
 
 
+@pytest.mark.parametrize(
+    ("task", "counts"),
+    [
+        ("cola", {"train": 8551, "dev": 527 + 516}),
+        ("sst2", {"train": 67349, "dev": 872, "test": 1821}),
+        ("mrpc", {"train": 3668, "dev": 408, "test": 1725}),
+        ("rte", {"train": 2490, "dev": 277}),
+    ],
+)
+def test_glue_counts_and_binary_labels(task, counts):
+    for split, count in counts.items():
+        examples = data.load_glue(task, split, DATA)
+        assert len(examples) == count
+        assert {label for _, _, label in examples} == {0, 1}
+        assert all((b is None) == (task in ("cola", "sst2")) for _, b, _ in examples)
+
+
+def test_glue_rows():
+    assert data.load_glue("rte", "dev", DATA)[0][1:] == ("Christopher Reeve had an accident.", 1)
+    # the MSR test file starts with a byte-order mark before its header
+    assert data.load_glue("mrpc", "test", DATA)[0][0].startswith("PCCW 's chief operating officer")
+    assert data.load_glue("cola", "dev", DATA)[-1][2] in (0, 1)
+    with pytest.raises(TensorLMError, match="choose one of"):
+        data.load_glue("rte", "test", DATA)
+    with pytest.raises(TensorLMError, match="choose one of"):
+        data.load_glue("qqp", "dev", DATA)
+
+
 def test_wikitext2_test_is_the_file_byte_for_byte():
     text = data.load_wikitext2_test(DATA)
     raw = text.encode("utf-8")

@@ -18,6 +18,7 @@ from tensorlm.data import load_lambada, load_sts, load_wikitext2_test
 from tensorlm.errors import TensorLMError
 from tensorlm.evaluate import evaluate_model, inference
 from tensorlm.evaluate.agreement import causal_kl, embedding_agreement
+from tensorlm.evaluate.glue import classification_scores, fit_logistic_regression, glue_probe
 from tensorlm.evaluate.lambada import lambada, last_word_scores
 from tensorlm.evaluate.perplexity import perplexity, sliding_windows
 from tensorlm.evaluate.speed import forward_latency
@@ -310,3 +311,36 @@ def test_minilm_stsb_test_spearman_is_published_figure():
     assert sts_spearman(model, tokenizer, dataset="stsb", split="test", data_dir=DATA) == pytest.approx(
         0.8197, abs=0.002
     )
+
+
+# ---------------------------------------------------------------- GLUE linear probe
+
+
+def test_logistic_regression_is_stationary_and_separates():
+    torch.manual_seed(4)
+    x = torch.randn(200, 5, dtype=torch.float64)
+    y = (x[:, 0] - 2 * x[:, 3] > 0).long()
+    l2 = 1e-2
+    weight, bias = fit_logistic_regression(x, y, l2=l2)
+    residual = (torch.sigmoid(x @ weight + bias) - y) / len(y)  # d mean BCE / d logit
+    torch.testing.assert_close(x.T @ residual + l2 * weight, torch.zeros(5, dtype=torch.float64), atol=1e-9, rtol=0)
+    assert abs(float(residual.sum())) < 1e-9  # the bias is not penalised
+    assert ((x @ weight + bias > 0).long() == y).double().mean() >= 0.95
+
+
+def test_classification_scores_by_hand():
+    predicted = torch.tensor([1, 1, 1, 0, 0, 0, 1, 0])
+    gold = torch.tensor([1, 1, 0, 0, 0, 1, 1, 0])  # tp 3, fp 1, fn 1, tn 3
+    scores = classification_scores(predicted, gold)
+    assert scores["accuracy"] == 6 / 8
+    assert scores["f1"] == pytest.approx(6 / 8)
+    assert scores["mcc"] == pytest.approx((9 - 1) / 16)
+
+
+@pytest.mark.slow
+def test_minilm_sst2_probe_beats_chance_by_far():
+    model, tokenizer = AutoModel.from_pretrained(minilm_folder()), AutoTokenizer.from_pretrained(minilm_folder())
+    result = glue_probe(model, tokenizer, "sst2", data_dir=DATA, train_limit=600, progress=False)
+    assert result["n_train"] == 600 and result["n_eval"] == 872
+    assert result["metric"] == "accuracy" and result["score"] > 0.75
+    assert "linear probe" in result["protocol"]
