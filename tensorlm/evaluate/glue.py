@@ -48,7 +48,7 @@ def glue_probe(
         data_dir: benchmark folder (``None``: ``$TENSORLM_DATA``, else the hub).
         train_limit: fit on the first ``train_limit`` training examples (``None``: all).
         eval_split: ``"dev"`` (or ``"test"`` where a labelled test exists locally: sst2, mrpc).
-        l2: weight of ``l2 / 2 * ||W||^2`` added to the mean cross-entropy; ``None`` picks it from
+        l2: weight of ``l2 / 2 * ||w||^2`` added to the mean binary cross-entropy; ``None`` picks it from
             ``L2_GRID`` by cross-validation on the training examples.
 
     Returns:
