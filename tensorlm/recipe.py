@@ -132,10 +132,66 @@ class KroneckerEmbeddingConfig:
             raise TensorLMError(f"kronecker_embedding head must be 'tie' or 'untie', got {self.head!r}")
 
 
+@dataclass
+class TTEmbeddingConfig:
+    """``tt_embedding``: every row of the table as a matrix product state by TT-SVD (TensorGPT).
+
+    ``shape``: tensorisation of ``d`` (default: the most balanced with ``n_modes`` factors);
+    ``ranks``: fixed internal TT-ranks (one int or ``N-1`` ints); ``eps``: per-row relative tolerance
+    in (0, 1) (with ``ranks`` as caps). ``head``: ``tie`` or ``untie``, as for Kronecker embeddings.
+    """
+
+    shape: list[int] | None = None
+    ranks: int | list[int] | None = None
+    eps: float | None = None
+    n_modes: int = 3
+    head: str = "tie"
+
+    def __post_init__(self):
+        if self.ranks is None and self.eps is None:
+            raise TensorLMError("tt_embedding options need ranks, eps, or both")
+        if self.head not in ("tie", "untie"):
+            raise TensorLMError(f"tt_embedding head must be 'tie' or 'untie', got {self.head!r}")
+
+
+@dataclass
+class TTLinearConfig:
+    """``tt_linear``: the weight as a TT-matrix with cores ``(r_{k-1}, m_k, n_k, r_k)`` (TT-SVD)."""
+
+    in_shape: list[int] | None = None
+    out_shape: list[int] | None = None
+    ranks: int | list[int] | None = None
+    eps: float | None = None
+    n_modes: int = 3
+
+    def __post_init__(self):
+        if self.ranks is None and self.eps is None:
+            raise TensorLMError("tt_linear options need ranks, eps, or both")
+
+
+@dataclass
+class TuckerBankConfig:
+    """``tucker_bank``: all targets cut into ``D x D`` blocks sharing one Tucker decomposition
+    ``W_i ~ U (sum_j P[i, j] C_j) V^T`` with ranks ``(l, d)`` (Ren, Wang et al., ICLR 2022), fitted by HOOI.
+    ``block_size``: ``D`` (default: the smallest weight dimension, the hidden size)."""
+
+    ranks: list[int] = field(default_factory=list)
+    block_size: int | None = None
+    n_iter_max: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        if len(self.ranks) != 2:
+            raise TensorLMError(f"tucker_bank ranks must be [l, d], got {self.ranks!r}")
+
+
 METHOD_CONFIGS: dict[str, type] = {
     "kronecker": KroneckerConfig,
     "lowrank": LowRankConfig,
     "kronecker_embedding": KroneckerEmbeddingConfig,
+    "tt_embedding": TTEmbeddingConfig,
+    "tt_linear": TTLinearConfig,
+    "tucker_bank": TuckerBankConfig,
 }
 
 

@@ -18,6 +18,8 @@ from tensorlm.errors import TensorLMError
 from tensorlm.layers.base import is_conv1d
 from tensorlm.layers.kronecker import KroneckerEmbedding, KroneckerLinear, TiedHead
 from tensorlm.layers.lowrank import LowRankLinear
+from tensorlm.layers.tt import TTEmbedding, TTLinear, TTTiedHead
+from tensorlm.layers.tucker import bank_from_dense
 from tensorlm.recipe import Recipe, Stage, Target
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:h|layer|layers|blocks)\.(\d+)(?:\.|$)")
@@ -37,7 +39,12 @@ def is_embedding(module: nn.Module) -> bool:
     return isinstance(module, nn.Embedding | KroneckerEmbedding)
 
 
-ACCEPTS = {"kronecker": is_linear, "lowrank": is_linear, "kronecker_embedding": is_embedding}
+def is_dense_embedding(module: nn.Module) -> bool:
+    return isinstance(module, nn.Embedding)
+
+
+ACCEPTS = {"kronecker": is_linear, "lowrank": is_linear, "kronecker_embedding": is_embedding,
+           "tt_embedding": is_dense_embedding, "tt_linear": is_linear, "tucker_bank": is_linear}
 
 
 def match_targets(model: nn.Module, stage: Stage) -> list[str]:
@@ -118,11 +125,32 @@ def _build_kronecker_embedding(module: nn.Module, name: str, options) -> nn.Modu
     return KroneckerEmbedding.from_dense(module, options.factor, col_perm=col_perm, name=name)
 
 
+def _build_tt_embedding(module: nn.Module, name: str, options) -> nn.Module:
+    return TTEmbedding.from_dense(module, shape=options.shape, ranks=options.ranks, eps=options.eps,
+                                  n_modes=options.n_modes)
+
+
+def _build_tt_linear(module: nn.Module, name: str, options) -> nn.Module:
+    return TTLinear.from_dense(module, in_shape=options.in_shape, out_shape=options.out_shape, ranks=options.ranks,
+                               eps=options.eps, n_modes=options.n_modes)
+
+
+def _build_tucker_bank(modules: dict[str, nn.Module], options) -> dict[str, nn.Module]:
+    return bank_from_dense(modules, ranks=tuple(options.ranks), block_size=options.block_size,
+                           n_iter_max=options.n_iter_max, seed=options.seed)
+
+
+# one module at a time: (module, name, options) -> replacement
 BUILDERS = {"kronecker": _build_kronecker, "lowrank": _build_lowrank,
-            "kronecker_embedding": _build_kronecker_embedding}
+            "kronecker_embedding": _build_kronecker_embedding, "tt_embedding": _build_tt_embedding,
+            "tt_linear": _build_tt_linear}
+# all targets at once: ({name: module}, options) -> {name: replacement}
+JOINT_BUILDERS = {"tucker_bank": _build_tucker_bank}
+# embedding methods: the head that computes logits from the new table
+TIED_HEADS = {"kronecker_embedding": TiedHead, "tt_embedding": TTTiedHead}
 
 
-def _settle_head(model: nn.Module, old: nn.Module, new: nn.Module, name: str, head: str) -> None:
+def _settle_head(model: nn.Module, old: nn.Module, new: nn.Module, name: str, method, head: str) -> None:
     """After replacing embedding ``old`` by ``new``: re-tie or untie an LM head that shared its table."""
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if get_out else None
@@ -131,7 +159,7 @@ def _settle_head(model: nn.Module, old: nn.Module, new: nn.Module, name: str, he
     if getattr(model, "config", None) is not None:
         model.config.tie_word_embeddings = False  # stop transformers from re-tying to a table that is gone
     if head == "tie":
-        model.set_output_embeddings(TiedHead(new, name))
+        model.set_output_embeddings(TIED_HEADS[method](new, name))
 
 
 def apply_stage(model: nn.Module, stage: Stage, *, progress: bool = True) -> list[str]:
@@ -141,13 +169,18 @@ def apply_stage(model: nn.Module, stage: Stage, *, progress: bool = True) -> lis
         TensorLMError: from target matching or from the layer's ``from_dense``.
     """
     names = match_targets(model, stage)
+    if stage.method in JOINT_BUILDERS:
+        for name, new in JOINT_BUILDERS[stage.method]({n: model.get_submodule(n) for n in names},
+                                                      stage.options).items():
+            model.set_submodule(name, new)
+        return names
     build = BUILDERS[stage.method]
     for name in tqdm(names, desc=f"{stage.name} ({stage.method})", disable=not progress, leave=False):
         old = model.get_submodule(name)
         new = build(old, name, stage.options)
         model.set_submodule(name, new)
-        if stage.method.endswith("_embedding"):
-            _settle_head(model, old, new, name, stage.options.head)
+        if stage.method in TIED_HEADS:
+            _settle_head(model, old, new, name, stage.method, stage.options.head)
     return names
 
 

@@ -106,15 +106,17 @@ class KroneckerLinear(nn.Module):
         lead = x.shape[:-1]
         if self.col_perm is not None:
             x = x.index_select(-1, self.col_perm)
-        x = x.reshape(-1, 1, n1, n2)  # (N, 1, n1, n2)
-        if self.b_first:
-            z = x @ self.b.transpose(1, 2)  # (N, r, n1, m2)
-            z = z.reshape(-1, r * n1, m2)  # (N, r*n1, m2)
-            y = self.a.permute(1, 0, 2).reshape(m1, r * n1) @ z  # (N, m1, m2)
-        else:
-            z = self.a @ x  # (N, r, m1, n2)
-            z = z.transpose(1, 2).reshape(-1, m1, r * n2)  # (N, m1, r*n2)
-            y = z @ self.b.permute(0, 2, 1).reshape(r * n2, m2)  # (N, m1, m2)
+        x = x.reshape(-1, n1, n2)  # (N, n1, n2)
+        n = x.shape[0]
+        if self.b_first:  # Y = sum_k A_k (X B_k^T): a thin GEMM with B, then one large GEMM with A
+            t = x.reshape(n * n1, n2) @ self.b.permute(2, 0, 1).reshape(n2, r * m2)  # (N*n1, r*m2)
+            t = t.reshape(n, n1, r, m2).permute(2, 1, 0, 3).reshape(r * n1, n * m2)  # (r*n1, N*m2)
+            y = self.a.permute(1, 0, 2).reshape(m1, r * n1) @ t  # (m1, N*m2)
+            y = y.reshape(m1, n, m2).transpose(0, 1)  # (N, m1, m2)
+        else:  # Y = sum_k (A_k X) B_k^T: one large GEMM with A, then a thin GEMM with B
+            t = self.a.reshape(r * m1, n1) @ x.transpose(0, 1).reshape(n1, n * n2)  # (r*m1, N*n2)
+            t = t.reshape(r, m1, n, n2).permute(2, 1, 0, 3).reshape(n * m1, r * n2)  # (N*m1, r*n2)
+            y = (t @ self.b.permute(0, 2, 1).reshape(r * n2, m2)).reshape(n, m1, m2)  # (N, m1, m2)
         y = _unpermute(y.reshape(*lead, m1 * m2), self.row_perm)
         return y if self.bias is None else y + self.bias
 
