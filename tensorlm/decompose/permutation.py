@@ -99,7 +99,7 @@ class _Side:
     """One searched side (rows, or columns seen as the rows of ``K^T``)."""
 
     transpose: bool
-    gram: np.ndarray | None = None  # cached ``X X^T`` when the other side never moves
+    gram: np.ndarray | None = None  # ``W W^T`` (or ``W^T W``), W's own order, when B is 1 wide on the other side
 
 
 def _gram(k: np.ndarray, dims: tuple[int, int, int, int]) -> np.ndarray:
@@ -211,7 +211,7 @@ def _two_opt(ws: np.ndarray, first: np.ndarray, second: np.ndarray) -> tuple[np.
 
 
 class _Search:
-    """State of one search: the weight, the shapes, the searched sides and the best solution so far."""
+    """One search: the weight as float64 numpy, its shapes ``(m1, m2, n1, n2)``, the rank and the searched sides."""
 
     def __init__(self, w: np.ndarray, dims: tuple[int, int, int, int], rank: int, rows: bool, cols: bool):
         m1, m2, n1, n2 = dims
