@@ -301,6 +301,16 @@ def test_different_vocabularies_and_missing_layers_are_refused(tmp_path):
                 kind="causal-lm", progress=False)
 
 
+def test_a_non_finite_loss_stops_the_run_with_an_error(tmp_path):
+    tok = tiny_tokenizer()
+    text = write_text(tmp_path / "text")
+    student, teacher = gpt2_pair()
+    with torch.no_grad():
+        student.transformer.wpe.weight[0, 0] = float("nan")
+    with pytest.raises(TensorLMError, match="loss is nan at step 1"):
+        distill(student, teacher, tok, causal_config(text), tmp_path / "run", kind="causal-lm", progress=False)
+
+
 def test_encoder_distillation_with_attention_kl_restores_the_attention_kind(tmp_path):
     tok = tiny_tokenizer()
     text = write_text(tmp_path / "text", docs=20)

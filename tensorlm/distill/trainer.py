@@ -198,28 +198,30 @@ class _Run:
         stopped = "completed"
         self._train_mode()
         bar = tqdm(total=cfg.steps, initial=step, desc="distill", disable=not (progress and acc.is_main_process))
-        window_tokens, window_start = 0, time.perf_counter()
+        window_tokens, window_time = 0, 0.0
         while step < cfg.steps:
             start = time.perf_counter()
-            loss, parts, tokens, grad_norm = self._step(step)
+            loss, parts, tokens, grad_norm, lr = self._step(step)
             step += 1
-            window_tokens += tokens
+            took = time.perf_counter() - start
+            elapsed += took
+            window_tokens, window_time = window_tokens + tokens, window_time + took
             if step % cfg.log_every == 0 or step == cfg.steps:
-                rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                rate = window_tokens / max(window_time, 1e-9)
                 self._log({"step": step, "loss": loss, **{f"loss/{k}": v for k, v in parts.items()},
-                           "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                           "tokens_per_s": rate, "elapsed_s": elapsed})
+                           "lr": lr, "grad_norm": grad_norm, "tokens_per_s": rate, "elapsed_s": elapsed})
                 bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{rate:.0f}")
-                window_tokens, window_start = 0, time.perf_counter()
+                window_tokens, window_time = 0, 0.0
             bar.update(1)
             if step % cfg.eval_every == 0 or step == cfg.steps:
+                start = time.perf_counter()
                 record = self._validate(step)
                 self._log(record)
                 if self._better(record[self.metric], best_metric):
                     best_step, best_metric = step, record[self.metric]
                     self._save_best(step, best_metric)
                 self._train_mode()
-            elapsed += time.perf_counter() - start
+                elapsed += time.perf_counter() - start
             out_of_time = self._out_of_time(elapsed)
             if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
                 self._save_checkpoint(step, elapsed, best_step, best_metric)
@@ -232,8 +234,8 @@ class _Run:
                              metric=self.metric, higher_is_better=self.higher_is_better, steps=step,
                              stopped=stopped, out_dir=self.out, teacher_metrics=teacher_metrics)
 
-    def _step(self, step: int) -> tuple[float, dict[str, float], int, float | None]:
-        """One optimizer step; returns (mean loss over processes, this process's parts, tokens, grad norm)."""
+    def _step(self, step: int) -> tuple[float, dict[str, float], int, float | None, float]:
+        """One optimizer step: (mean loss over processes, this process's terms, tokens, grad norm, lr used)."""
         cfg, acc = self.cfg, self.acc
         torch.manual_seed(_step_seed(cfg.seed, step, acc.process_index))
         batch = self.data.train_batch(step, cfg.batch_size, cfg.seed)  # the global batch
@@ -259,11 +261,15 @@ class _Run:
         grad_norm = None
         if cfg.max_grad_norm > 0:
             grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+        lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         mean_loss = float(acc.reduce(torch.tensor(total, device=acc.device), reduction="mean"))
-        return mean_loss, parts_sum, tokens * acc.num_processes, grad_norm
+        if not math.isfinite(mean_loss):
+            raise TensorLMError(f"distill: the loss is {mean_loss} at step {step + 1} (terms {parts_sum}); "
+                                f"lower lr (now {cfg.lr}) or max_grad_norm, or check the student")
+        return mean_loss, parts_sum, tokens * acc.num_processes, grad_norm, lr
 
     def _inputs(self, samples) -> dict[str, torch.Tensor]:
         """Model inputs of a micro-batch: packed blocks as they are, sentences tokenized with padding."""
@@ -277,6 +283,8 @@ class _Run:
         self.model.train(self.cfg.dropout)
 
     def _better(self, value: float, best: float) -> bool:
+        if math.isnan(best):
+            return not math.isnan(value)
         return value > best if self.higher_is_better else value < best
 
     def _out_of_time(self, elapsed: float) -> bool:
