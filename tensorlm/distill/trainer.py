@@ -1,7 +1,11 @@
 """The distillation loop: a compressed student learns to reproduce its uncompressed teacher.
 
 A plain PyTorch loop on Hugging Face ``accelerate``: one process on the CPU, one GPU with bf16 autocast,
-or several processes with DDP under ``accelerate launch`` (the same code; gradients are averaged by DDP).
+or several processes with DDP under ``accelerate launch`` (``--cpu`` for gloo on CPUs; the same code;
+gradients are averaged by DDP). ``batch_size`` is the global batch: each process takes its slice of the
+step's batch and cuts it into ``grad_accum`` micro-batches, so a config trains the same on any number of
+processes. Each micro-batch's loss is its own token mean, so with padded sentences (encoders) micro-batches
+weigh equally rather than by token count; packed blocks (causal LMs) make the two the same.
 AdamW with linear warm-up then cosine decay, gradient accumulation and clipping; validation on held-out
 data only (never a test split) selects the best step, whose weights the student holds at the end.
 
@@ -108,7 +112,7 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, config: DistillCo
     Raises:
         TensorLMError: bad config or kind; teacher and student vocabularies (or the tokenizer) differ; a
             layer map naming blocks that do not exist; ``out_dir`` holds another run, or a corrupted
-            checkpoint, or is not empty without ``resume``.
+            checkpoint, or is not empty without ``resume``; the loss becomes NaN or infinite.
     """
     cfg = config if isinstance(config, DistillConfig) else DistillConfig.from_dict(config)
     weights = cfg.loss_weights(kind)
