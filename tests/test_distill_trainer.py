@@ -288,6 +288,22 @@ def test_a_corrupted_checkpoint_is_refused(tmp_path):
         distill(student, teacher, tok, cfg, run, kind="causal-lm", resume=True, progress=False)
 
 
+def test_without_a_teacher_ce_trains_exactly_as_ce_with_any_teacher(tmp_path):
+    tok = tiny_tokenizer()
+    text = write_text(tmp_path / "text")
+    cfg = causal_config(text, weights={"logit_kl": 0.0, "ce": 1.0})
+    alone, teacher = gpt2_pair()
+    start = params(alone)
+    with_teacher = copy.deepcopy(alone)
+    result = distill(alone, None, tok, cfg, tmp_path / "alone", kind="causal-lm", progress=False)
+    distill(with_teacher, teacher, tok, cfg, tmp_path / "with", kind="causal-lm", progress=False)
+    vals = [r["val_nll"] for r in result.history if "val_nll" in r]
+    assert result.teacher_metrics == {} and result.best_metric == min(vals) < vals[0]
+    assert_same_training(params(alone), params(with_teacher), start)
+    with pytest.raises(TensorLMError, match="without a teacher"):
+        distill(alone, None, tok, causal_config(text), tmp_path / "kl", kind="causal-lm", progress=False)
+
+
 def test_different_vocabularies_and_missing_layers_are_refused(tmp_path):
     tok = tiny_tokenizer()
     text = write_text(tmp_path / "text")

@@ -86,14 +86,16 @@ class DistillResult:
     teacher_metrics: dict[str, float] = field(default_factory=dict)
 
 
-def distill(student: nn.Module, teacher: nn.Module, tokenizer, config: DistillConfig | dict, out_dir,
+def distill(student: nn.Module, teacher: nn.Module | None, tokenizer, config: DistillConfig | dict, out_dir,
             *, kind: str, resume: bool = False, eval_fn: Callable[[nn.Module], float] | None = None,
             progress: bool = True) -> DistillResult:
     """Train ``student`` to match ``teacher`` and leave it holding its best validated weights.
 
     Args:
         student: the model to train (a compressed copy of ``teacher``), Hugging Face call convention.
-        teacher: the reference model; run in eval mode under ``no_grad``, never updated.
+        teacher: the reference model; run in eval mode under ``no_grad``, never updated. ``None`` trains a
+            causal LM on the data alone (plain language-model training, e.g. to pretrain a teacher): the
+            loss may then weigh ``ce`` only.
         tokenizer: the tokenizer both models share.
         config: a :class:`DistillConfig` or its dict form (a recipe stage's ``distill:`` block).
         out_dir: run folder for checkpoints, best weights and ``metrics.jsonl``; must be new or empty
@@ -110,12 +112,19 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, config: DistillCo
         :class:`DistillResult`.
 
     Raises:
-        TensorLMError: bad config or kind; teacher and student vocabularies (or the tokenizer) differ; a
+        TensorLMError: bad config or kind; teacher and student vocabularies (or the tokenizer) differ; no
+            teacher with an encoder or a loss term other than ``ce``; a
             layer map naming blocks that do not exist; ``out_dir`` holds another run, or a corrupted
             checkpoint, or is not empty without ``resume``; the loss becomes NaN or infinite.
     """
     cfg = config if isinstance(config, DistillConfig) else DistillConfig.from_dict(config)
     weights = cfg.loss_weights(kind)
+    if teacher is None:
+        _check_no_teacher(kind, weights)
+        teacher = student  # only for vocabulary and layer checks; never run as a teacher
+        without_teacher = True
+    else:
+        without_teacher = False
     _check_vocab(student, teacher, tokenizer)
     flags = required_outputs(weights)
     layer_map = cfg.layer_map or identity_layer_map(_num_layers(student))
@@ -140,7 +149,10 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, config: DistillCo
         data = _training_data(cfg, kind, tokenizer)
 
     device = accelerator.device
-    teacher.to(device).eval()
+    if without_teacher:
+        teacher = None
+    else:
+        teacher.to(device).eval()
     student.to(device)
     optimizer = _adamw(student, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg.warmup, cfg.steps))
@@ -250,8 +262,10 @@ class _Run:
             inputs = self._inputs(local[a * self.micro:(a + 1) * self.micro])
             sync = contextlib.nullcontext() if a == cfg.grad_accum - 1 else acc.no_sync(self.model)
             with sync:
-                with torch.no_grad(), acc.autocast():
-                    t_out = self.teacher(**inputs, **self.flags)
+                t_out = None
+                if self.teacher is not None:
+                    with torch.no_grad(), acc.autocast():
+                        t_out = self.teacher(**inputs, **self.flags)
                 s_out = self.model(**inputs, **self.flags)
                 loss, parts = distillation_loss(s_out, t_out, self.weights, input_ids=inputs["input_ids"],
                                                 attention_mask=inputs.get("attention_mask"),
@@ -340,7 +354,7 @@ class _Run:
 
     def _teacher_metrics(self) -> dict[str, float]:
         """The teacher's own validation NLL (causal LMs): the floor the student is measured against."""
-        if self.kind != "causal-lm":
+        if self.kind != "causal-lm" or self.teacher is None:
             return {}
         record: list[Any] = [None]
         if self.acc.is_main_process:
@@ -437,6 +451,15 @@ def _training_data(cfg: DistillConfig, kind: str, tokenizer) -> LMBlocks | Sente
         return LMBlocks(tokenizer, text_dir, cfg.seq_len, val_blocks=cfg.val_size or 64,
                         cache_dir=default_cache_dir())
     return SentencePool(text_dir, data_dir, val_size=cfg.val_size or 1000)
+
+
+def _check_no_teacher(kind: str, weights: dict[str, float]) -> None:
+    """Without a teacher only a causal LM's next-token cross-entropy can be trained."""
+    others = sorted(t for t, w in weights.items() if w > 0 and t != "ce")
+    if kind != "causal-lm" or others:
+        raise TensorLMError(f"distill: without a teacher only kind 'causal-lm' with the 'ce' term can train "
+                            f"(got kind {kind!r}, terms {others}); e.g. loss 'logits' with weights "
+                            "{logit_kl: 0, ce: 1}")
 
 
 def _check_vocab(student: nn.Module, teacher: nn.Module, tokenizer) -> None:
