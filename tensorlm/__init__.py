@@ -1,5 +1,6 @@
 """tensorlm: compress pretrained transformer LMs with tensor decompositions, distill, evaluate honestly."""
 
+from tensorlm.distill import DistillConfig, distill
 from tensorlm.errors import TensorLMError
 from tensorlm.io import load_compressed, save_compressed
 from tensorlm.models import LoadedModel, load_model
@@ -7,6 +8,6 @@ from tensorlm.params import count_parameters
 from tensorlm.recipe import Recipe
 from tensorlm.surgery import compress
 
-__all__ = ["LoadedModel", "Recipe", "TensorLMError", "compress", "count_parameters", "load_compressed",
-           "load_model", "save_compressed"]
+__all__ = ["DistillConfig", "LoadedModel", "Recipe", "TensorLMError", "compress", "count_parameters", "distill",
+           "load_compressed", "load_model", "save_compressed"]
 __version__ = "0.1.0"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from tensorlm.errors import TensorLMError
 
@@ -21,7 +22,7 @@ def cmd_run(args) -> None:
     from tensorlm.report import metrics_table, params_table
 
     results = run(args.model, args.recipe, args.out, data_dir=args.data_dir, eval_mode=args.eval,
-                  overwrite=args.overwrite)
+                  overwrite=args.overwrite, resume=args.resume)
     metrics = results["metrics"]
     print(metrics_table(metrics["before"], {**metrics["after"]}) if metrics["before"] else "(not evaluated)")
     for key, value in metrics["agreement"].items():
@@ -43,6 +44,32 @@ def cmd_compress(args) -> None:
     save_compressed(small, args.out, tokenizer=loaded.tokenizer, kind=loaded.kind, recipe=recipe,
                     notes=loaded.notes, overwrite=args.overwrite)
     print(f"wrote {args.out}")
+
+
+def cmd_distill(args) -> None:
+    import yaml
+
+    from tensorlm import load_model, save_compressed
+    from tensorlm.distill import DistillConfig, distill
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise TensorLMError(f"output folder {args.out} already exists; choose another or pass --overwrite")
+    student = load_model(args.student, data_dir=args.data_dir)
+    teacher = load_model(args.teacher, data_dir=args.data_dir)
+    if student.kind != teacher.kind:
+        raise TensorLMError(f"student {args.student!r} is a {student.kind} but teacher {args.teacher!r} is a "
+                            f"{teacher.kind}")
+    options = yaml.safe_load(open(args.config)) if args.config else {}
+    options = {"data_dir": args.data_dir, **options, **({"steps": args.steps} if args.steps else {})}
+    work = args.work or f"{args.out}.partial"
+    result = distill(student.model, teacher.model, teacher.tokenizer, DistillConfig.from_dict(options), work,
+                     kind=teacher.kind, resume=args.resume)
+    save_compressed(student.model, args.out, tokenizer=student.tokenizer, kind=student.kind,
+                    notes=[*student.notes, f"distilled from {args.teacher}: best {result.metric} "
+                           f"{result.best_metric:.4f} at step {result.best_step} of {result.steps}"],
+                    overwrite=args.overwrite)
+    print(f"best {result.metric} {result.best_metric:.4f} at step {result.best_step}; wrote {args.out} "
+          f"(checkpoints and metrics.jsonl in {work})")
 
 
 def cmd_evaluate(args) -> None:
@@ -94,8 +121,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="new output folder (default: runs/<recipe>-<model>-<time>)")
     p.add_argument("--eval", choices=("full", "quick", "none"), default="full", help="benchmark sets to run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--resume", action="store_true", help="continue the distillation of an interrupted run")
     _add_common(p)
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("distill", help="distill a compressed folder against its teacher and save the result")
+    p.add_argument("--student", required=True, help="compressed folder (from tensorlm compress or run)")
+    p.add_argument("--teacher", required=True, help="the uncompressed model: folder, offline name or hub id")
+    p.add_argument("--out", required=True, help="new folder for the distilled student")
+    p.add_argument("--config", help="YAML of distillation options (tensorlm.distill.DistillConfig fields)")
+    p.add_argument("--steps", type=int, help="optimizer steps (overrides the config)")
+    p.add_argument("--work", help="checkpoint folder (default: <out>.partial)")
+    p.add_argument("--resume", action="store_true", help="continue from the work folder's last checkpoint")
+    p.add_argument("--overwrite", action="store_true")
+    _add_common(p)
+    p.set_defaults(func=cmd_distill)
     p = sub.add_parser("compress", help="compress and save, without evaluation")
     p.add_argument("--recipe", required=True)
     p.add_argument("--model")

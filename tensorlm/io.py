@@ -84,6 +84,7 @@ def write_compressed(model: nn.Module, folder: Path, *, tokenizer=None, kind: st
         "format_version": FORMAT_VERSION,
         "architecture": type(model).__name__,
         "kind": kind,
+        "children": [name for name, _ in model.named_children()],
         "modules": replaced_modules(model),
         "recipe": None if recipe is None else recipe.to_dict(),
         "params": count_parameters(model),
@@ -132,6 +133,9 @@ def load_compressed(folder: str | os.PathLike) -> LoadedModel:
         raise TensorLMError(f"{folder}: unknown architecture {manifest['architecture']!r}")
     config = AutoConfig.from_pretrained(folder)
     model = arch(config)
+    for name, _ in list(model.named_children()):
+        if name not in manifest.get("children", [name]):
+            setattr(model, name, None)  # built by default but absent when saved (e.g. a BERT pooler)
     shared: dict = {}
     for entry in manifest["modules"]:
         cls = LAYERS.get(entry["class"])

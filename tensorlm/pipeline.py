@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -65,13 +66,33 @@ def agreement(loaded: LoadedModel, student, data_dir, mode: str) -> tuple[dict, 
                            "wikitext-2-raw test, context 1024 chunks"})
 
 
+def distill_stage(loaded: LoadedModel, student, stage, work: Path, data_dir, resume: bool) -> dict:
+    """Run a stage's ``distill:`` block on ``student`` against the uncompressed model (TQ's iterative scheme).
+
+    Checkpoints live in ``work/distill-<stage>`` so an interrupted run continues with ``resume``.
+    Model selection uses the trainer's held-out validation (never a test split).
+    """
+    from tensorlm.distill import DistillConfig, distill
+
+    config = DistillConfig.from_dict({"data_dir": str(data_dir) if data_dir else None, **stage.distill})
+    log(f"stage {stage.name}: distilling ({config.steps} steps at most)")
+    result = distill(student, loaded.model, loaded.tokenizer, config, work / f"distill-{stage.name}",
+                     kind=loaded.kind, resume=resume)
+    return {"steps": result.steps, "best_step": result.best_step, "metric": result.metric,
+            "best_metric": result.best_metric, "stopped": result.stopped}
+
+
 def run(model: str | None = None, recipe: str | Recipe = DEFAULT_RECIPE, out: str | os.PathLike | None = None, *,
-        data_dir: str | os.PathLike | None = None, eval_mode: str = "full", overwrite: bool = False) -> dict:
+        data_dir: str | os.PathLike | None = None, eval_mode: str = "full", overwrite: bool = False,
+        resume: bool = False) -> dict:
     """Compress ``model`` by ``recipe``, measure both models in one harness, and write a run folder.
 
     The folder ``out`` (default ``runs/<recipe>-<model>-<time>``) receives the compressed model
     (:func:`tensorlm.io.write_compressed`), ``results.json`` and ``report.md``; it is written to a
-    temporary folder and renamed at the end.
+    temporary folder and renamed at the end. Stages with a ``distill:`` block are distilled right after
+    they are compressed, and a recipe of several stages is evaluated after each (quick subsets for
+    causal LMs); distillation checkpoints live in ``<out>.partial/`` until the run completes, and
+    ``resume`` continues them after an interruption.
 
     Returns:
         The results dictionary (also in ``results.json``): ``model``, ``recipe``, ``params.before``,
@@ -97,10 +118,19 @@ def run(model: str | None = None, recipe: str | Recipe = DEFAULT_RECIPE, out: st
     seconds["evaluate_before"] = time.perf_counter() - t0
     log(f"compressing with recipe {recipe.name}")
     stages = []
+    work = Path(f"{out}.partial")
+    per_stage = len(recipe.stages) > 1 and eval_mode != "none"
+
+    def after_stage(student, stage, names):
+        record = {"name": stage.name, "method": stage.method, "replaced": names}
+        if stage.distill is not None:
+            record["distill"] = distill_stage(loaded, student, stage, work, data_dir, resume)
+        if per_stage:
+            record["metrics"] = evaluate(loaded, student, data_dir, "quick")[0]
+        stages.append(record)
+
     t0 = time.perf_counter()
-    small = compress(loaded.model, recipe,
-                     after_stage=lambda m, stage, names: stages.append(
-                         {"name": stage.name, "method": stage.method, "replaced": names}))
+    small = compress(loaded.model, recipe, after_stage=after_stage)
     seconds["compress"] = time.perf_counter() - t0
     replaced = [n for s in stages for n in s["replaced"]]
     log(f"compressed {len(replaced)} modules in {seconds['compress']:.1f} s; evaluating the compressed model")
@@ -129,5 +159,9 @@ def run(model: str | None = None, recipe: str | Recipe = DEFAULT_RECIPE, out: st
         write_compressed(small, tmp, tokenizer=loaded.tokenizer, kind=loaded.kind, recipe=recipe, notes=loaded.notes)
         (tmp / "results.json").write_text(json.dumps(results, indent=2))
         (tmp / "report.md").write_text(render(results))
+        for log_file in work.glob("distill-*/metrics.jsonl"):
+            (tmp / f"{log_file.parent.name}.jsonl").write_text(log_file.read_text())
+    if work.exists():
+        shutil.rmtree(work)
     results["out"] = str(out)
     return results

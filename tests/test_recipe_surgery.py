@@ -116,3 +116,29 @@ def test_encoder_ffn_recipe_on_a_bert_config():
     small = compress(model, "minilm-kronecker-ffn", progress=False)
     before, after = count_parameters(model), count_parameters(small)
     assert before["total"] - after["total"] == 2 * 2 * (1536 * 384 - 2 * (768 * 192 + 4))
+
+
+def test_tucker_bank_recipe_shares_one_bank_and_counts_it_once(tmp_path):
+    from tensorlm import load_compressed, save_compressed
+    from tensorlm.layers.tucker import BankLinear
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 vocab_size=50), add_pooling_layer=False).eval()
+    recipe = Recipe.load("tucker-bank-1x7")
+    recipe.stages[0].options.ranks, recipe.stages[0].options.block_size = [5, 8], 32
+    small = compress(model, recipe, progress=False)
+    layers = [m for m in small.modules() if isinstance(m, BankLinear)]
+    assert len(layers) == 12 and len({id(m.bank) for m in layers}) == 1
+    blocks = 2 * (4 + 2 + 2)  # per layer: Q, K, V, O one 32x32 block each, each FFN matrix two
+    dense_weights = 2 * (4 * 32 * 32 + 2 * 32 * 64)
+    bank = 2 * 32 * 8 + 5 * 8 * 8 + blocks * 5
+    before, after = count_parameters(model), count_parameters(small)
+    assert before["total"] - after["total"] == dense_weights - bank
+    assert after["groups"]["bank"] == 2 * 32 * 8 + 5 * 8 * 8
+    folder = save_compressed(small, tmp_path / "bank")
+    again = load_compressed(folder).model
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(small(ids).last_hidden_state, again(ids).last_hidden_state)
+    assert len({id(m.bank) for m in again.modules() if isinstance(m, BankLinear)}) == 1
