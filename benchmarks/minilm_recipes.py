@@ -1,4 +1,4 @@
-"""The main job on all-MiniLM-L6-v2 for each MiniLM recipe, side by side (Kronecker vs SVD at equal budget).
+"""The main job on all-MiniLM-L6-v2 for each MiniLM recipe, side by side, no training.
 
 Protocol: ``tensorlm.pipeline.run`` (the same code as ``tensorlm run``) with full evaluation: STS-B
 test (1,379 pairs) and SICK-R test (4,927 pairs) Spearman of mean-pooled last hidden states, cosine,
@@ -19,7 +19,7 @@ from pathlib import Path
 from tensorlm.pipeline import machine, run
 
 HERE = Path(__file__).parent
-RECIPES = ["minilm-kronecker-ffn", "minilm-lowrank-ffn"]
+RECIPES = ["minilm-kronecker-ffn", "minilm-lowrank-ffn", "tensorgpt-minilm", "tucker-bank-1x7", "tucker-bank-1x48"]
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ def head_status(model: nn.Module) -> str | None:
     head = get_out() if get_out else None
     if head is None:
         return None
-    if type(head).__name__ == "TiedHead":
+    if getattr(head, "tied_factored", False):
         return "tied-factored"
     emb = model.get_input_embeddings()
     return "tied" if getattr(emb, "weight", None) is getattr(head, "weight", 0) else "untied"

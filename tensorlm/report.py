@@ -52,6 +52,9 @@ def render(results: dict) -> str:
         "",
         metrics_table(results["metrics"]["before"], results["metrics"]["after"]),
         "",
+        *[f"Agreement with the uncompressed model, `{k}`: {_fmt(v)}." for k, v in
+          results["metrics"].get("agreement", {}).items()],
+        "",
         "## Parameters",
         "",
         params_table(params["before"], params["after"]),
@@ -64,11 +67,16 @@ def render(results: dict) -> str:
         "",
         *[f"- `{k}`: {v}" for k, v in results["protocols"].items()],
     ]
-    if results.get("stages"):
-        lines += ["", "## Stages", "", "| stage | method | modules | metric after |", "|---|---|---:|---|"]
-        for s in results["stages"]:
+    stages = results.get("stages", [])
+    if len(stages) > 1 or any("distill" in s for s in stages):
+        lines += ["", "## Stages", "", "| stage | method | modules | distillation | metrics after the stage |",
+                  "|---|---|---:|---|---|"]
+        for s in stages:
+            d = s.get("distill")
+            trained = f"{d['steps']} steps, best {d['metric']} {_fmt(d['best_metric'])} at step {d['best_step']}" \
+                if d else "-"
             metric = ", ".join(f"{k} {_fmt(v)}" for k, v in s.get("metrics", {}).items()) or "-"
-            lines.append(f"| {s['name']} | {s['method']} | {len(s['replaced'])} | {metric} |")
+            lines.append(f"| {s['name']} | {s['method']} | {len(s['replaced'])} | {trained} | {metric} |")
     if results.get("notes"):
         lines += ["", "## Notes", "", *[f"- {n}" for n in results["notes"]]]
     lines += ["", f"Machine: {results['machine']}.", ""]

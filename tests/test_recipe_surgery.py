@@ -142,3 +142,38 @@ def test_tucker_bank_recipe_shares_one_bank_and_counts_it_once(tmp_path):
     with torch.no_grad():
         assert torch.equal(small(ids).last_hidden_state, again(ids).last_hidden_state)
     assert len({id(m.bank) for m in again.modules() if isinstance(m, BankLinear)}) == 1
+
+
+@pytest.mark.parametrize("name,head", [("tq-gpt2", "untied"), ("tq-gpt2-tied", "tied-factored")])
+def test_tq_gpt2_has_tq_parameter_count(name, head):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config()).eval()
+    recipe = Recipe.load(name)
+    for stage in recipe.stages:  # the count does not depend on the permutations: skip the search here
+        stage.options.permute = None
+    small = compress(model, recipe, progress=False, inplace=True)
+    table = count_parameters(small)
+    assert table["total_without_head"] == 81_336_388
+    assert table["tied_head"] == head
+    if head == "untied":
+        assert table["stored"] == table["total"] == 81_336_388 + 50257 * 768
+    wte = small.transformer.wte
+    assert isinstance(wte, KroneckerEmbedding) and isinstance(wte.table, KroneckerEmbedding)
+    assert tuple(wte.table.table.weight.shape) == (50257, 192)
+
+
+def test_tensorgpt_gpt2_ties_the_head_to_the_tt_table():
+    from tensorlm.layers.tt import TTEmbedding, TTTiedHead
+
+    model = tiny_gpt2()
+    recipe = Recipe.load("tensorgpt-gpt2")
+    recipe.stages[0].options.shape, recipe.stages[0].options.ranks = [2, 4, 4], 2  # the tiny model's d = 32
+    small = compress(model, recipe, progress=False)
+    assert isinstance(small.transformer.wte, TTEmbedding) and isinstance(small.lm_head, TTTiedHead)
+    assert count_parameters(small)["tied_head"] == "tied-factored"
+    ids = torch.randint(0, 100, (2, 5))
+    with torch.no_grad():
+        h = small.transformer(ids).last_hidden_state
+        assert torch.allclose(small(ids).logits, h @ small.transformer.wte.to_dense().weight.T, atol=1e-5)
+    per_row = 2 * 2 + 2 * 4 * 2 + 2 * 4
+    assert count_parameters(model)["total"] - count_parameters(small)["total"] == 100 * (32 - per_row)

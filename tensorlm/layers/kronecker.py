@@ -272,6 +272,8 @@ class TiedHead(nn.Module):
     are counted and saved once (under the embedding's name). Input ``(..., d)``, output ``(..., V)``.
     """
 
+    tied_factored = True  # parameter accounting: logits come from the embedding's factors
+
     def __init__(self, embedding: nn.Module, embedding_name: str):
         super().__init__()
         object.__setattr__(self, "embedding", embedding)  # a reference, not a submodule

@@ -174,6 +174,8 @@ class TTTiedHead(nn.Module):
     Forward: ``h (..., d)`` -> logits ``(..., V)``.
     """
 
+    tied_factored = True  # parameter accounting: logits come from the embedding's cores
+
     def __init__(self, embedding: TTEmbedding, tied_to: str, block_rows: int = 8192) -> None:
         super().__init__()
         if not isinstance(embedding, TTEmbedding) or block_rows < 1:
