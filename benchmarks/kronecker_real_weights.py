@@ -62,7 +62,7 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def main() -> None:
-    from benchmarks.real_weights import gpt2_attention, minilm_linears
+    from real_weights import gpt2_attention, minilm_linears  # beside this script
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=os.environ.get("TENSORLM_DATA", "../shared/data"))

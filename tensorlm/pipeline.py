@@ -28,8 +28,9 @@ AGREEMENT_TOKENS = 8192
 
 def machine() -> str:
     """A one-line description of where the numbers were measured."""
-    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
-            f"with {torch.get_num_threads()} threads, Python {platform.python_version()}")
+    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores (load average "
+            f"{os.getloadavg()[0]:.1f} at the time), torch {torch.__version__} with {torch.get_num_threads()} "
+            f"threads, Python {platform.python_version()}")
 
 
 def log(message: str) -> None:
