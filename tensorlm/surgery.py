@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+import warnings
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -22,6 +23,7 @@ from tensorlm.layers.tt import TTEmbedding, TTLinear, TTTiedHead
 from tensorlm.layers.tucker import bank_from_dense
 from tensorlm.recipe import Recipe, Stage, Target
 
+PAIR_SEARCH_MAX_B_SIDE = 2  # the permutation search pairs rows/columns: it takes B sides of 1 or 2
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:h|layer|layers|blocks)\.(\d+)(?:\.|$)")
 
 
@@ -100,10 +102,15 @@ def _build_kronecker(module: nn.Module, name: str, options) -> nn.Module:
     if options.permute is not None:
         from tensorlm.decompose.permutation import search_permutations
 
-        found = search_permutations(w, fact["a_shape"], fact["b_shape"], fact["rank"],
-                                    seed=options.permute.seed, time_budget_s=options.permute.time_budget_s,
-                                    max_rounds=options.permute.max_rounds)
-        perms = {"row_perm": found.row_perm, "col_perm": found.col_perm}
+        rows, cols = (side <= PAIR_SEARCH_MAX_B_SIDE for side in fact["b_shape"])
+        if not (rows and cols):
+            warnings.warn(f"{name}: B {tuple(fact['b_shape'])} has a side above {PAIR_SEARCH_MAX_B_SIDE}; only the "
+                          f"{'row' if rows else 'column' if cols else 'no'} permutation is searched", stacklevel=2)
+        if rows or cols:
+            found = search_permutations(w, fact["a_shape"], fact["b_shape"], fact["rank"], rows=rows, cols=cols,
+                                        seed=options.permute.seed, time_budget_s=options.permute.time_budget_s,
+                                        max_rounds=options.permute.max_rounds, name=name)
+            perms = {"row_perm": found.row_perm if rows else None, "col_perm": found.col_perm if cols else None}
     return KroneckerLinear.from_dense(module, fact["a_shape"], fact["b_shape"], fact["rank"], name=name, **perms)
 
 
@@ -211,4 +218,20 @@ def compress(model: nn.Module, recipe: Recipe | str, *, progress: bool = True, i
             after_stage(out, stage, replaced)
         elif stage.distill is not None and progress:
             print(f"stage {stage.name!r}: distill block recorded but not run here (use tensorlm run or distill)")
+    return out
+
+
+def decompress(model: nn.Module) -> nn.Module:
+    """A dense copy of ``model``: every factorized layer replaced by its ``to_dense()`` module.
+
+    Permutations are undone, tied heads become untied dense heads holding a copy of the table, and
+    nested factorizations are expanded from the outside (the outer ``to_dense()`` forms the whole
+    table). The input model is left untouched.
+    """
+    from tensorlm.layers.base import LAYERS
+
+    out = copy.deepcopy(model)
+    names = [n for n, m in out.named_modules() if type(m).__name__ in LAYERS]
+    for name in [n for n in names if not any(n.startswith(p + ".") for p in names)]:
+        out.set_submodule(name, out.get_submodule(name).to_dense())
     return out

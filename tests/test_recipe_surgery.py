@@ -177,3 +177,34 @@ def test_tensorgpt_gpt2_ties_the_head_to_the_tt_table():
         assert torch.allclose(small(ids).logits, h @ small.transformer.wte.to_dense().weight.T, atol=1e-5)
     per_row = 2 * 2 + 2 * 4 * 2 + 2 * 4
     assert count_parameters(model)["total"] - count_parameters(small)["total"] == 100 * (32 - per_row)
+
+
+def test_permuted_tq_style_model_equals_its_dense_reconstruction(tmp_path):
+    from tensorlm import load_compressed, save_compressed
+    from tensorlm.surgery import decompress
+
+    model = tiny_gpt2()
+    permute = {"time_budget_s": 1, "max_rounds": 2, "seed": 0}
+    recipe = Recipe.from_dict({"stages": [
+        {"name": "wte", "method": "kronecker_embedding", "targets": ["transformer.wte"],
+         "options": {"head": "tie", "permute": permute}},
+        {"name": "wte2", "method": "kronecker_embedding", "targets": ["transformer.wte.table"],
+         "options": {"permute": permute}},
+        {"name": "mlp", "method": "kronecker", "targets": [{"match": "re:.*mlp\\.(c_fc|c_proj)", "layers": "odd"}],
+         "options": {"shapes": {"128x32": {"a_shape": [64, 16], "b_shape": [2, 2], "rank": 2},
+                                "32x128": {"a_shape": [16, 64], "b_shape": [2, 2], "rank": 2}},
+                     "permute": permute}},
+    ]})
+    small = compress(model, recipe, progress=False)
+    layer = small.transformer.h[1].mlp.c_fc
+    assert layer.row_perm is not None and not torch.equal(layer.row_perm, torch.arange(128))
+    assert small.transformer.wte.col_perm is not None
+    dense = decompress(small)
+    assert not any(type(m).__name__ in ("KroneckerLinear", "KroneckerEmbedding", "TiedHead") for m in dense.modules())
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        logits = small(ids).logits
+        assert ((logits - dense(ids).logits).norm() / logits.norm()) < 1e-5
+        again = load_compressed(save_compressed(small, tmp_path / "tq")).model
+        assert torch.equal(logits, again(ids).logits)
+    assert again.generate(ids[:1, :3], max_new_tokens=2, do_sample=False, pad_token_id=0).shape == (1, 5)
