@@ -48,6 +48,7 @@ def cmd_compress(args) -> None:
 
 def cmd_distill(args) -> None:
     import yaml
+    from accelerate import PartialState
 
     from tensorlm import load_model, save_compressed
     from tensorlm.distill import DistillConfig, distill
@@ -64,6 +65,8 @@ def cmd_distill(args) -> None:
     work = args.work or f"{args.out}.partial"
     result = distill(student.model, teacher.model, teacher.tokenizer, DistillConfig.from_dict(options), work,
                      kind=teacher.kind, resume=args.resume)
+    if not PartialState().is_main_process:  # under accelerate launch, one process saves
+        return
     save_compressed(student.model, args.out, tokenizer=student.tokenizer, kind=student.kind,
                     notes=[*student.notes, f"distilled from {args.teacher}: best {result.metric} "
                            f"{result.best_metric:.4f} at step {result.best_step} of {result.steps}"],

@@ -1,0 +1,72 @@
+"""Rebuild the README's results section from the committed files in ``benchmarks/results/``.
+
+Run: ``python benchmarks/summarize.py`` (after any benchmark). Replaces the text between
+``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md; a benchmark whose results are
+not committed is listed as such, never filled in by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+README = HERE.parent / "README.md"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _table_of(name: str) -> str:
+    """The first Markdown table of ``results/<name>.md``."""
+    text = (RESULTS / f"{name}.md").read_text()
+    block = re.search(r"(^\|.*\|\n)+", text, re.M)
+    return block.group(0).rstrip() if block else ""
+
+
+def _link(name: str) -> str:
+    files = [p.name for p in sorted(RESULTS.glob(f"{name}.*"))]
+    return ", ".join(f"[{f}](benchmarks/results/{f})" for f in files)
+
+
+def section(title: str, name: str, body: str) -> list[str]:
+    return [f"### {title}", "", body.strip(), "", f"Files: {_link(name)}.", ""]
+
+
+def main() -> None:
+    parts: list[str] = []
+    if _load("minilm_recipes"):
+        parts += section("all-MiniLM-L6-v2, every MiniLM recipe, no training", "minilm_recipes",
+                         _table_of("minilm_recipes") + "\n\nSTS-B and SICK-R test Spearman of mean-pooled "
+                         "embeddings (cosine); parameters counted as unique tensors; `tensorlm run`, the "
+                         "uncompressed model measured in the same run.")
+    if _load("kronecker_real_weights"):
+        parts += section("Kronecker vs truncated SVD at half the parameters (real weights)", "kronecker_real_weights",
+                         _table_of("kronecker_real_weights"))
+    if _load("permutation_gain"):
+        parts += section("TQCompressor permutations", "permutation_gain", _table_of("permutation_gain"))
+    if sweep := _load("tensorgpt_sweep"):
+        parts += section("TensorGPT: per-row TT embeddings, no training", "tensorgpt_sweep",
+                         "\n".join(f"- {line}" for line in sweep["findings"]))
+    if _load("tucker_bank"):
+        parts += section("Tucker matrix bank (Ren, Wang et al.), no training", "tucker_bank", _table_of("tucker_bank"))
+    for name, title in (("distill_minilm", "Distillation: all-MiniLM-L6-v2, Kronecker FFN"),
+                        ("distill_causal_lm", "Distillation: a small GPT-2 trained here, KnGPT2-style student")):
+        if _load(name):
+            parts += section(title, name, _table_of(name))
+    missing = [n for n in ("minilm_recipes", "kronecker_real_weights", "permutation_gain", "tensorgpt_sweep",
+                           "tucker_bank", "distill_minilm", "distill_causal_lm") if not _load(n)]
+    if missing:
+        parts += [f"Not yet measured: {', '.join(missing)}.", ""]
+    text = README.read_text()
+    new = re.sub(r"<!-- results:start -->.*<!-- results:end -->",
+                 lambda _: "<!-- results:start -->\n" + "\n".join(parts) + "<!-- results:end -->", text, flags=re.S)
+    README.write_text(new)
+
+
+if __name__ == "__main__":
+    main()
