@@ -15,8 +15,10 @@ import warnings
 from torch import nn
 from tqdm.auto import tqdm
 
+from tensorlm.decompose.kronecker import choose_kronecker_shape
+from tensorlm.decompose.permutation import search_permutations
 from tensorlm.errors import TensorLMError
-from tensorlm.layers.base import is_conv1d
+from tensorlm.layers.base import LAYERS, dense_weight, is_conv1d
 from tensorlm.layers.kronecker import KroneckerEmbedding, KroneckerLinear, TiedHead
 from tensorlm.layers.lowrank import LowRankLinear
 from tensorlm.layers.tt import TTEmbedding, TTLinear, TTTiedHead
@@ -90,9 +92,6 @@ def _no_match_message(stage: Stage, target: Target, modules: dict, accepts) -> s
 
 
 def _build_kronecker(module: nn.Module, name: str, options) -> nn.Module:
-    from tensorlm.decompose.kronecker import choose_kronecker_shape
-    from tensorlm.layers.base import dense_weight
-
     w, _ = dense_weight(module, name)
     fact = options.factorisation(tuple(w.shape), name)
     if fact is None:
@@ -100,8 +99,6 @@ def _build_kronecker(module: nn.Module, name: str, options) -> nn.Module:
         fact = {"a_shape": shape.a_shape, "b_shape": shape.b_shape, "rank": shape.rank}
     perms = {}
     if options.permute is not None:
-        from tensorlm.decompose.permutation import search_permutations
-
         rows, cols = (side <= PAIR_SEARCH_MAX_B_SIDE for side in fact["b_shape"])
         if not (rows and cols):
             warnings.warn(f"{name}: B {tuple(fact['b_shape'])} has a side above {PAIR_SEARCH_MAX_B_SIDE}; only the "
@@ -121,8 +118,6 @@ def _build_lowrank(module: nn.Module, name: str, options) -> nn.Module:
 def _build_kronecker_embedding(module: nn.Module, name: str, options) -> nn.Module:
     col_perm = None
     if options.permute is not None:
-        from tensorlm.decompose.permutation import search_permutations
-
         table = module if isinstance(module, nn.Embedding) else module.to_dense()
         w = table.weight.detach()  # (V, d)
         found = search_permutations(w, (w.shape[0], w.shape[1] // options.factor), (1, options.factor), 1,
@@ -228,8 +223,6 @@ def decompress(model: nn.Module) -> nn.Module:
     nested factorizations are expanded from the outside (the outer ``to_dense()`` forms the whole
     table). The input model is left untouched.
     """
-    from tensorlm.layers.base import LAYERS
-
     out = copy.deepcopy(model)
     names = [n for n, m in out.named_modules() if type(m).__name__ in LAYERS]
     for name in [n for n in names if not any(n.startswith(p + ".") for p in names)]:
