@@ -9,7 +9,7 @@ TinyBERT/KnGPT2's intermediate-layer distillation) on sentences of ``lm_text`` a
 STS-B **dev** pairs, evaluated every ``--eval-every`` steps; STS-B **test** (all 1,379 pairs) is only
 scored for the teacher, the student before training and the selected student after.
 
-    python benchmarks/distill_minilm.py [--data-dir DIR] [--threads 2] [--budget-s 1500] [--steps 400]
+    python benchmarks/distill_minilm.py [--data-dir DIR] [--threads 2] [--budget-s 1440] [--steps 120]
 
 Writes ``distill_minilm.{json,md,png}`` into ``--out`` (default ``benchmarks/results``); the run folder
 (checkpoints, ``metrics.jsonl``) goes to ``--run-dir`` (default ``~/.cache/tensorlm/runs/distill_minilm``),
@@ -61,13 +61,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--budget-s", type=float, default=1500.0, help="training wall time incl. validation")
-    parser.add_argument("--steps", type=int, default=400, help="schedule length (the budget may stop earlier)")
+    parser.add_argument("--budget-s", type=float, default=1440.0, help="training wall time incl. validation")
+    parser.add_argument("--steps", type=int, default=120, help="schedule length (the budget may stop earlier)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--eval-every", type=int, default=30)
     parser.add_argument("--dev-pairs", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
