@@ -71,7 +71,8 @@ def main() -> None:
     parser.add_argument("--dev-pairs", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    parser.add_argument("--run-dir", default=str(default_cache_dir() / "runs" / "distill_minilm"))
+    parser.add_argument("--run-dir", default=None, help="default ~/.cache/tensorlm/runs/<results name>")
+    parser.add_argument("--recipe", default=RECIPE, help="a MiniLM recipe; results go to distill_minilm[-<recipe>]")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -82,7 +83,8 @@ def main() -> None:
 
     loaded = load_model("all-MiniLM-L6-v2", data_dir=data_dir)
     teacher, tokenizer = loaded.model, loaded.tokenizer
-    recipe = Recipe.load(RECIPE)
+    recipe = Recipe.load(args.recipe)
+    name = "distill_minilm" if args.recipe == RECIPE else f"distill_minilm-{args.recipe}"
     student = compress(teacher, recipe, progress=False)
     params_teacher, params_student = count_parameters(teacher), count_parameters(student)
     dev = dev_subset(data_dir, args.dev_pairs, args.seed)
@@ -99,7 +101,7 @@ def main() -> None:
                            max_length=args.max_length, warmup=args.warmup, eval_every=args.eval_every,
                            save_every=args.eval_every, log_every=10, val_size=64, seed=args.seed,
                            data_dir=str(data_dir), time_budget_s=args.budget_s)
-    run_dir = Path(args.run_dir)
+    run_dir = Path(args.run_dir or default_cache_dir() / "runs" / name)
     shutil.rmtree(run_dir, ignore_errors=True)
     train_start = time.perf_counter()
     result = distill(student, teacher, tokenizer, config, run_dir, kind="encoder",
@@ -111,7 +113,7 @@ def main() -> None:
     curve = [{"step": r["step"], "dev_spearman": r["val_score"], "val_cosine": r["val_cosine"]}
              for r in result.history if "val_score" in r]
     report = {
-        "benchmark": "distill_minilm",
+        "benchmark": name,
         "model": "all-MiniLM-L6-v2",
         "recipe": recipe.to_dict(),
         "parameters": {"teacher": params_teacher["total"], "student": params_student["total"]},
@@ -134,9 +136,9 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "distill_minilm.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "distill_minilm.md").write_text(markdown(report))
-    plot(report, out / "distill_minilm.png")
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{name}.md").write_text(markdown(report))
+    plot(report, out / f"{name}.png")
     print(markdown(report))
 
 
@@ -146,13 +148,12 @@ def markdown(r: dict) -> str:
     rows = [("teacher (uncompressed)", r["parameters"]["teacher"], s["teacher"]),
             ("student before distillation", r["parameters"]["student"], s["student_before"]),
             (f"student after distillation (step {t['best_step']})", r["parameters"]["student"], s["student_after"])]
-    lines = ["# Distillation: all-MiniLM-L6-v2, Kronecker FFNs (`minilm-kronecker-ffn`)", "",
+    lines = [f"# Distillation: all-MiniLM-L6-v2, `{r['recipe']['name']}`", "",
              "| model | parameters | STS-B test Spearman | STS-B dev subset Spearman |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {p:,} | {v['test']:.4f} | {v['dev_subset']:.4f} |" for name, p, v in rows]
     met = "met" if r["target"]["met"] else "**missed**"
     lines += ["", f"Target: STS-B test Spearman >= 0.80 after distillation: {met}.", "", "## Protocol", "",
-              "- Compression: the 12 FFN matrices as rank-2 Kronecker sums (A 768x192 / 192x768, B 2x2), "
-              "nearest-Kronecker (Van Loan-Pitsianis) initialisation, no permutations.",
+              f"- Compression: {' '.join(r['recipe']['description'].split())}",
               "- Training data: sentences of `lm_text` plus STS-B and SICK **train** sentences "
               "(`tensorlm.distill.data.SentencePool`); sentences that occur in any evaluation split are dropped.",
               f"- Loss: `{c['loss']}` preset = 1 - cos(mean-pooled student, teacher) + MSE of every block's "
