@@ -56,7 +56,8 @@ def atomic_folder(folder: str | os.PathLike, *, overwrite: bool = False):
             shutil.rmtree(tmp)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -89,7 +90,7 @@ def write_compressed(model: nn.Module, folder: Path, *, tokenizer=None, kind: st
         "recipe": None if recipe is None else recipe.to_dict(),
         "params": count_parameters(model),
         "notes": notes or [],
-        "sha256": _sha256(folder / WEIGHTS),
+        "sha256": file_sha256(folder / WEIGHTS),
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
@@ -126,7 +127,7 @@ def load_compressed(folder: str | os.PathLike) -> LoadedModel:
     manifest = json.loads((folder / MANIFEST).read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
         raise TensorLMError(f"{folder}: format version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
-    if _sha256(folder / WEIGHTS) != manifest["sha256"]:
+    if file_sha256(folder / WEIGHTS) != manifest["sha256"]:
         raise TensorLMError(f"{folder / WEIGHTS} is corrupted: its SHA-256 differs from the one in {MANIFEST}")
     arch = getattr(transformers, manifest["architecture"], None)
     if arch is None:

@@ -78,7 +78,7 @@ def test_corrupted_missing_and_mismatched_folders_are_refused(compressed, tmp_pa
 def test_bad_permutation_in_a_saved_folder_is_refused(compressed, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from tensorlm.io import _sha256
+    from tensorlm.io import file_sha256
 
     folder = save_compressed(compressed[0], tmp_path / "out")
     tensors = load_file(folder / "model.safetensors")
@@ -86,7 +86,7 @@ def test_bad_permutation_in_a_saved_folder_is_refused(compressed, tmp_path):
     tensors[key] = torch.zeros_like(tensors[key])
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     manifest = json.loads((folder / "tensorlm.json").read_text())
-    manifest["sha256"] = _sha256(folder / "model.safetensors")
+    manifest["sha256"] = file_sha256(folder / "model.safetensors")
     (folder / "tensorlm.json").write_text(json.dumps(manifest))
     with pytest.raises(TensorLMError, match="not a bijection"):
         load_compressed(folder)

@@ -56,6 +56,7 @@ from tensorlm.distill.losses import (
     required_outputs,
 )
 from tensorlm.errors import TensorLMError
+from tensorlm.io import file_sha256
 
 CHECKPOINT_FORMAT = 1
 RUN_ONLY_KEYS = ("time_budget_s", "save_every", "log_every", "data_dir", "text_dir")
@@ -398,7 +399,7 @@ class _Run:
             torch.save(state, tmp)
             os.replace(tmp, self.out / name)
             index = {"format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "step": step,
-                     "file": name, "sha256": _sha256(self.out / name), "best_step": best_step}
+                     "file": name, "sha256": file_sha256(self.out / name), "best_step": best_step}
             _atomic_write(self.out / "checkpoint.json", json.dumps(index, indent=1).encode())
             _remove_stale(self.out, keep={name, _best_name(best_step)})
         self.acc.wait_for_everyone()
@@ -429,7 +430,7 @@ def _open_run(out: Path, fingerprint: str, resume: bool) -> dict | None:
                             f"{stored_fingerprint[:12]} != {fingerprint[:12]}: the config or the student's "
                             "structure differ); choose a new folder")
     path = out / name
-    if not path.is_file() or _sha256(path) != digest:
+    if not path.is_file() or file_sha256(path) != digest:
         raise TensorLMError(f"distill: checkpoint {str(path)!r} is corrupted or missing (sha256 does not "
                             "match checkpoint.json); delete the folder or pick another")
     try:
@@ -548,14 +549,6 @@ def _remove_stale(out: Path, keep: set[str]) -> None:
     for path in out.iterdir():
         if path.name.startswith(("checkpoint-", "best-")) and path.name not in keep:
             path.unlink()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _atomic_write(path: Path, payload: bytes) -> None:
