@@ -188,7 +188,7 @@ def plot(r: dict, path: Path) -> None:
     ax.axhline(r["scores"]["teacher"]["dev_subset"], color="gray", linestyle="--", label="teacher")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("STS-B dev subset Spearman")
-    ax.set_title("MiniLM Kronecker-FFN student during distillation")
+    ax.set_title(f"all-MiniLM-L6-v2, {r['recipe']['name']}: student during distillation")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
