@@ -23,11 +23,6 @@ class LowRankFactors:
     rel_error: float
 
 
-def lowrank_params(shape: tuple[int, int], rank: int) -> int:
-    """Parameters of a rank-``rank`` factorisation of an ``(m, n)`` matrix: ``rank * (m + n)``."""
-    return rank * (shape[0] + shape[1])
-
-
 def rank_for_ratio(shape: tuple[int, int], ratio: float) -> int:
     """Largest rank whose ``rank * (m + n)`` does not exceed ``ratio * m * n`` (at least 1).
 
