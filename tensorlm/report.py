@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from tensorlm.params import GROUPS
 
-HIGHER_IS_BETTER = ("spearman", "acc", "agreement")
-
 
 def _fmt(value) -> str:
     if value is None:
