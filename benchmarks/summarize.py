@@ -44,6 +44,8 @@ def main() -> None:
                          _table_of("minilm_recipes") + "\n\nSTS-B and SICK-R test Spearman of mean-pooled "
                          "embeddings (cosine); parameters counted as unique tensors; `tensorlm run`, the "
                          "uncompressed model measured in the same run.")
+    if _load("model_latency"):
+        parts += section("Forward latency on this CPU, same models", "model_latency", _table_of("model_latency"))
     if _load("kronecker_real_weights"):
         parts += section("Kronecker vs truncated SVD at half the parameters (real weights)", "kronecker_real_weights",
                          _table_of("kronecker_real_weights"))
@@ -55,11 +57,13 @@ def main() -> None:
     if _load("tucker_bank"):
         parts += section("Tucker matrix bank (Ren, Wang et al.), no training", "tucker_bank", _table_of("tucker_bank"))
     for name, title in (("distill_minilm", "Distillation: all-MiniLM-L6-v2, Kronecker FFN"),
+                        ("distill_minilm-tucker-bank-1x7", "Distillation: all-MiniLM-L6-v2, Tucker bank at 1/7"),
                         ("distill_causal_lm", "Distillation: a small GPT-2 trained here, KnGPT2-style student")):
         if _load(name):
             parts += section(title, name, _table_of(name))
-    missing = [n for n in ("minilm_recipes", "kronecker_real_weights", "permutation_gain", "tensorgpt_sweep",
-                           "tucker_bank", "distill_minilm", "distill_causal_lm") if not _load(n)]
+    expected = ("minilm_recipes", "model_latency", "kronecker_real_weights", "permutation_gain", "tensorgpt_sweep",
+                "tucker_bank", "distill_minilm", "distill_minilm-tucker-bank-1x7", "distill_causal_lm")
+    missing = [n for n in expected if not _load(n)]
     if missing:
         parts += [f"Not yet measured: {', '.join(missing)}.", ""]
     text = README.read_text()
