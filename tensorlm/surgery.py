@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tensorlm.decompose.kronecker import choose_kronecker_shape
-from tensorlm.decompose.permutation import search_permutations
+from tensorlm.decompose.permutation import SEARCHED_B_SIDES, search_permutations
 from tensorlm.errors import TensorLMError
 from tensorlm.layers.base import LAYERS, dense_weight, is_conv1d
 from tensorlm.layers.kronecker import KroneckerEmbedding, KroneckerLinear, TiedHead
@@ -25,7 +25,6 @@ from tensorlm.layers.tt import TTEmbedding, TTLinear, TTTiedHead
 from tensorlm.layers.tucker import bank_from_dense
 from tensorlm.recipe import Recipe, Stage, Target
 
-PAIR_SEARCH_MAX_B_SIDE = 2  # the permutation search pairs rows/columns: it takes B sides of 1 or 2
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:h|layer|layers|blocks)\.(\d+)(?:\.|$)")
 
 
@@ -99,9 +98,9 @@ def _build_kronecker(module: nn.Module, name: str, options) -> nn.Module:
         fact = {"a_shape": shape.a_shape, "b_shape": shape.b_shape, "rank": shape.rank}
     perms = {}
     if options.permute is not None:
-        rows, cols = (side <= PAIR_SEARCH_MAX_B_SIDE for side in fact["b_shape"])
+        rows, cols = (side in SEARCHED_B_SIDES for side in fact["b_shape"])
         if not (rows and cols):
-            warnings.warn(f"{name}: B {tuple(fact['b_shape'])} has a side above {PAIR_SEARCH_MAX_B_SIDE}; only the "
+            warnings.warn(f"{name}: B {tuple(fact['b_shape'])} has a side not in {SEARCHED_B_SIDES}; only the "
                           f"{'row' if rows else 'column' if cols else 'no'} permutation is searched", stacklevel=2)
         if rows or cols:
             found = search_permutations(w, fact["a_shape"], fact["b_shape"], fact["rank"], rows=rows, cols=cols,
