@@ -208,3 +208,27 @@ def test_permuted_tq_style_model_equals_its_dense_reconstruction(tmp_path):
         again = load_compressed(save_compressed(small, tmp_path / "tq")).model
         assert torch.equal(logits, again(ids).logits)
     assert again.generate(ids[:1, :3], max_new_tokens=2, do_sample=False, pad_token_id=0).shape == (1, 5)
+
+
+def test_tq_gpt2_matches_its_dense_reconstruction_and_reloads_identically(tmp_path):
+    from tensorlm import load_compressed, save_compressed
+    from tensorlm.surgery import decompress
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config()).eval()
+    recipe = Recipe.load("tq-gpt2")
+    for stage in recipe.stages:  # the real search, bounded tightly to keep the test short
+        stage.options.permute.max_rounds, stage.options.permute.time_budget_s = 1, 1.0
+    small = compress(model, recipe, progress=False, inplace=True)
+    mlp = small.transformer.h[1].mlp.c_fc
+    assert mlp.row_perm is not None and mlp.col_perm is not None
+    assert count_parameters(small)["total_without_head"] == 81_336_388
+    ids = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290]])
+    with torch.no_grad():
+        logits = small(ids).logits
+        dense = decompress(small)
+        assert ((dense(ids).logits - logits).norm() / logits.norm()) < 1e-5
+        del dense
+        again = load_compressed(save_compressed(small, tmp_path / "tq")).model
+        assert torch.equal(again(ids).logits, logits)
+    assert again.generate(ids[:, :3], max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 6)
