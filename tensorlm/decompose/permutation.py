@@ -158,6 +158,22 @@ def _pair_weights(k: np.ndarray | None, p4: np.ndarray, n_dims: tuple[int, int],
     return q0[:, None] + q1[None, :] + 2 * cross
 
 
+def _ordered_pairs(wo: np.ndarray, cold: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Best pairing for directed weights ``wo[u, v]`` (u first, v second), each pair in its better order.
+
+    The pairing maximises ``max(wo, wo.T)`` summed over pairs: a cycle cover + 2-opt when ``cold``,
+    else 2-opt from the current pairs ``(0, 1), (2, 3), ...``. Returns ``(first, second)``, ``(N/2,)`` each.
+    """
+    ws = np.maximum(wo, wo.T)
+    if cold:
+        a, b = _cycle_cover_matching(ws)
+    else:
+        a, b = np.arange(0, len(wo), 2), np.arange(1, len(wo), 2)
+    a, b = _two_opt(ws, a, b)
+    flip = wo[a, b] < wo[b, a]
+    return np.where(flip, b, a), np.where(flip, a, b)
+
+
 def _cycle_cover_matching(ws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A perfect matching from the maximum-weight cycle cover of symmetric ``ws: (m, m)``, ``m`` even."""
     m = ws.shape[0]
@@ -279,16 +295,8 @@ def _match_units(q, cross, units: np.ndarray, lo: tuple, hi: tuple, cold: bool) 
 
     Cold: cycle cover + 2-opt; warm: 2-opt from the pairs ``(0, 1), (2, 3), ...`` (never lowers the energy).
     """
-    wo = _joined(q, cross, units, lo, hi)  # (N, N)
-    ws = np.maximum(wo, wo.T)
-    if cold:
-        a, b = _cycle_cover_matching(ws)
-    else:
-        a, b = np.arange(0, len(units), 2), np.arange(1, len(units), 2)
-    a, b = _two_opt(ws, a, b)
-    flip = wo[a, b] < wo[b, a]
-    first, second = np.where(flip, b, a), np.where(flip, a, b)
-    rows = np.empty((len(a), 2 * units.shape[1]), dtype=np.int64)
+    first, second = _ordered_pairs(_joined(q, cross, units, lo, hi), cold)  # weights (N, N)
+    rows = np.empty((len(first), 2 * units.shape[1]), dtype=np.int64)
     rows[:, list(lo)], rows[:, list(hi)] = units[first], units[second]
     return rows
 
@@ -356,15 +364,8 @@ class _Search:
         mat = None if cached is not None else np.ascontiguousarray(k.T if side.transpose else k)
         if p4.shape[0] == 4:  # cold: every step of a cold round, as building afresh keeps paying (module doc)
             return _group_order(*_position_terms(mat, p4, other, cached), len(perm), cold_round, deadline)
-        wo = _pair_weights(mat, p4, other, cached)  # (len(perm), len(perm))
-        ws = np.maximum(wo, wo.T)
-        if cold:
-            a, b = _cycle_cover_matching(ws)
-        else:
-            a, b = np.arange(0, len(perm), 2), np.arange(1, len(perm), 2)
-        a, b = _two_opt(ws, a, b)
-        flip = wo[a, b] < wo[b, a]
-        return np.stack([np.where(flip, b, a), np.where(flip, a, b)], axis=1).reshape(-1)
+        first, second = _ordered_pairs(_pair_weights(mat, p4, other, cached), cold)  # weights (len(perm),) * 2
+        return np.stack([first, second], axis=1).reshape(-1)
 
     def descend(self, p, q, proj, cold: bool, deadline: float):
         """Alternate matchings and subspace refits until the captured energy stops growing."""
