@@ -5,9 +5,11 @@ from tensorlm.errors import TensorLMError
 from tensorlm.io import load_compressed, save_compressed
 from tensorlm.models import LoadedModel, load_model
 from tensorlm.params import count_parameters
+from tensorlm.plan import Plan
 from tensorlm.recipe import Recipe
 from tensorlm.surgery import compress
+from tensorlm.surgery import plan_recipe as plan
 
-__all__ = ["DistillConfig", "LoadedModel", "Recipe", "TensorLMError", "compress", "count_parameters", "distill",
-           "load_compressed", "load_model", "save_compressed"]
+__all__ = ["DistillConfig", "LoadedModel", "Plan", "Recipe", "TensorLMError", "compress", "count_parameters",
+           "distill", "load_compressed", "load_model", "plan", "save_compressed"]
 __version__ = "0.1.0"

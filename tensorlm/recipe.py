@@ -14,8 +14,9 @@ A recipe is YAML::
         options: {shapes: {"1536x384": {a_shape: [768, 192], b_shape: [2, 2], rank: 2}}}
         distill: {...}                # optional; run after this stage by the distillation step
 
-Stages run in order on the already-compressed model. Each method has one options dataclass below;
-unknown option keys are refused with the valid ones listed.
+Stages run in order on the already-compressed model. ``method`` names a method of the registry
+(:mod:`tensorlm.methods`); ``options`` are the keyword arguments of that method's options dataclass,
+unknown keys refused with the valid ones listed.
 """
 
 from __future__ import annotations
@@ -30,169 +31,9 @@ from pathlib import Path
 import yaml
 
 from tensorlm.errors import TensorLMError
+from tensorlm.methods import METHODS, options_from_dict
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
-
-
-def _from_dict(cls, data: dict | None, where: str):
-    """Build dataclass ``cls`` from ``data``, refusing unknown keys with the valid ones listed."""
-    data = dict(data or {})
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise TensorLMError(f"{where}: unknown option(s) {unknown}; valid: {sorted(names)}")
-    return cls(**data)
-
-
-@dataclass
-class PermuteConfig:
-    """Options of the TQCompressor permutation search (:mod:`tensorlm.decompose.permutation`)."""
-
-    time_budget_s: float = 10.0
-    seed: int = 0
-    max_rounds: int | None = None
-
-
-@dataclass
-class KroneckerConfig:
-    """``kronecker``: ``W[p][:, q] ~ sum_k A_k (x) B_k`` for ``nn.Linear``/``Conv1D`` targets.
-
-    Give the factorisation as ``a_shape``/``b_shape``/``rank``; or per dense ``(out, in)`` shape as
-    ``shapes: {"OUTxIN": {a_shape, b_shape, rank}}``; or as ``ratio`` (fraction of the dense
-    parameters, shapes chosen by :func:`tensorlm.decompose.kronecker.choose_kronecker_shape`).
-    ``permute`` turns on the permutation search (TQCompressor).
-    """
-
-    a_shape: list[int] | None = None
-    b_shape: list[int] | None = None
-    rank: int = 1
-    shapes: dict[str, dict] | None = None
-    ratio: float | None = None
-    permute: PermuteConfig | None = None
-
-    def __post_init__(self):
-        if isinstance(self.permute, dict | bool):
-            self.permute = _from_dict(PermuteConfig, {} if self.permute is True else self.permute, "permute") \
-                if self.permute else None
-        given = sum(x is not None for x in (self.a_shape, self.shapes, self.ratio))
-        if given != 1:
-            raise TensorLMError("kronecker options need exactly one of a_shape/b_shape, shapes, or ratio")
-        if (self.a_shape is None) != (self.b_shape is None):
-            raise TensorLMError("kronecker options: a_shape and b_shape go together")
-
-    def factorisation(self, shape: tuple[int, int], name: str) -> dict | None:
-        """``{a_shape, b_shape, rank}`` for a dense ``(out, in)`` shape, or None when ``ratio`` decides.
-
-        Raises:
-            TensorLMError: ``shapes`` has no entry for this shape (the entries are listed).
-        """
-        if self.a_shape is not None:
-            return {"a_shape": tuple(self.a_shape), "b_shape": tuple(self.b_shape), "rank": self.rank}
-        if self.shapes is not None:
-            key = f"{shape[0]}x{shape[1]}"
-            if key not in self.shapes:
-                raise TensorLMError(f"module {name!r} has (out, in) = {key}; kronecker 'shapes' lists only "
-                                    f"{sorted(self.shapes)}")
-            entry = self.shapes[key]
-            return {"a_shape": tuple(entry["a_shape"]), "b_shape": tuple(entry["b_shape"]),
-                    "rank": int(entry.get("rank", 1))}
-        return None
-
-
-@dataclass
-class LowRankConfig:
-    """``lowrank``: truncated SVD ``W ~ U V`` with a fixed ``rank`` or a parameter ``ratio``."""
-
-    rank: int | None = None
-    ratio: float | None = None
-
-    def __post_init__(self):
-        if (self.rank is None) == (self.ratio is None):
-            raise TensorLMError("lowrank options need exactly one of rank or ratio")
-
-
-@dataclass
-class KroneckerEmbeddingConfig:
-    """``kronecker_embedding``: ``E[:, q] ~ A (x) b``, ``b: (1, factor)``.
-
-    ``head``: when the replaced table was tied to the LM head, ``tie`` computes logits from the
-    factors, ``untie`` keeps the dense head (TQ's released model). ``permute``: search a column
-    permutation first.
-    """
-
-    factor: int = 2
-    head: str = "tie"
-    permute: PermuteConfig | None = None
-
-    def __post_init__(self):
-        if isinstance(self.permute, dict | bool):
-            self.permute = _from_dict(PermuteConfig, {} if self.permute is True else self.permute, "permute") \
-                if self.permute else None
-        if self.head not in ("tie", "untie"):
-            raise TensorLMError(f"kronecker_embedding head must be 'tie' or 'untie', got {self.head!r}")
-
-
-@dataclass
-class TTEmbeddingConfig:
-    """``tt_embedding``: every row of the table as a matrix product state by TT-SVD (TensorGPT).
-
-    ``shape``: tensorisation of ``d`` (default: the most balanced with ``n_modes`` factors);
-    ``ranks``: fixed internal TT-ranks (one int or ``N-1`` ints); ``eps``: per-row relative tolerance
-    in (0, 1) (with ``ranks`` as caps). ``head``: ``tie`` or ``untie``, as for Kronecker embeddings.
-    """
-
-    shape: list[int] | None = None
-    ranks: int | list[int] | None = None
-    eps: float | None = None
-    n_modes: int = 3
-    head: str = "tie"
-
-    def __post_init__(self):
-        if self.ranks is None and self.eps is None:
-            raise TensorLMError("tt_embedding options need ranks, eps, or both")
-        if self.head not in ("tie", "untie"):
-            raise TensorLMError(f"tt_embedding head must be 'tie' or 'untie', got {self.head!r}")
-
-
-@dataclass
-class TTLinearConfig:
-    """``tt_linear``: the weight as a TT-matrix with cores ``(r_{k-1}, m_k, n_k, r_k)`` (TT-SVD)."""
-
-    in_shape: list[int] | None = None
-    out_shape: list[int] | None = None
-    ranks: int | list[int] | None = None
-    eps: float | None = None
-    n_modes: int = 3
-
-    def __post_init__(self):
-        if self.ranks is None and self.eps is None:
-            raise TensorLMError("tt_linear options need ranks, eps, or both")
-
-
-@dataclass
-class TuckerBankConfig:
-    """``tucker_bank``: all targets cut into ``D x D`` blocks sharing one Tucker decomposition
-    ``W_i ~ U (sum_j P[i, j] C_j) V^T`` with ranks ``(l, d)`` (Ren, Wang et al., ICLR 2022), fitted by HOOI.
-    ``block_size``: ``D`` (default: the smallest weight dimension, the hidden size)."""
-
-    ranks: list[int] = field(default_factory=list)
-    block_size: int | None = None
-    n_iter_max: int = 10
-    seed: int = 0
-
-    def __post_init__(self):
-        if len(self.ranks) != 2:
-            raise TensorLMError(f"tucker_bank ranks must be [l, d], got {self.ranks!r}")
-
-
-METHOD_CONFIGS: dict[str, type] = {
-    "kronecker": KroneckerConfig,
-    "lowrank": LowRankConfig,
-    "kronecker_embedding": KroneckerEmbeddingConfig,
-    "tt_embedding": TTEmbeddingConfig,
-    "tt_linear": TTLinearConfig,
-    "tucker_bank": TuckerBankConfig,
-}
 
 
 @dataclass
@@ -239,13 +80,14 @@ class Stage:
         where = f"stage {index} ({data.get('name', 'unnamed')})"
         data = dict(data)
         method = data.pop("method", None)
-        if method not in METHOD_CONFIGS:
-            raise TensorLMError(f"{where}: method {method!r} is not one of {sorted(METHOD_CONFIGS)}")
+        if method not in METHODS:
+            raise TensorLMError(f"{where}: method {method!r} is not one of {sorted(METHODS)}")
         raw_targets = data.pop("targets", None)
         if not raw_targets:
             raise TensorLMError(f"{where}: 'targets' must list at least one module name or 're:' pattern")
-        targets = [Target(t) if isinstance(t, str) else _from_dict(Target, t, f"{where} target") for t in raw_targets]
-        options = _from_dict(METHOD_CONFIGS[method], data.pop("options", None), f"{where} {method} options")
+        targets = [Target(t) if isinstance(t, str) else options_from_dict(Target, t, f"{where} target")
+                   for t in raw_targets]
+        options = options_from_dict(METHODS[method].options, data.pop("options", None), f"{where} {method} options")
         stage = cls(data.pop("name", f"stage{index}"), method, targets, options, data.pop("distill", None))
         if data:
             raise TensorLMError(

@@ -1,28 +1,28 @@
-"""Model surgery: match recipe targets to modules and swap in factorized layers.
+"""Model surgery: match recipe targets to modules, plan every target, then build and swap in the layers.
 
-Surgery knows the layers only through ``Layer.from_dense(...)``. Embedding replacements also
-settle the LM head: a head tied to the replaced table is either re-tied to the factors
-(:class:`~tensorlm.layers.kronecker.TiedHead`) or kept as an untied dense head, as the recipe says.
+``compress = match targets -> plan (tensorlm.plan) -> build``. Surgery knows a method only through the
+registry (:mod:`tensorlm.methods`): its ``accepts``, ``plan``, ``prepare``, ``build`` and ``tied_head``.
+The plan of a whole recipe is computed on a skeleton of the model (parameters on the meta device, each
+planned layer rebuilt there from its config), so a later stage can target what an earlier one builds
+(``transformer.wte.table``) and the totals are exact, with no decomposition run.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import re
-import warnings
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tensorlm.decompose.kronecker import choose_kronecker_shape
-from tensorlm.decompose.permutation import SEARCHED_B_SIDES, search_permutations
 from tensorlm.errors import TensorLMError
-from tensorlm.layers.base import LAYERS, dense_weight, is_conv1d
-from tensorlm.layers.kronecker import KroneckerEmbedding, KroneckerLinear, TiedHead
-from tensorlm.layers.lowrank import LowRankLinear
-from tensorlm.layers.tt import TTEmbedding, TTLinear, TTTiedHead
-from tensorlm.layers.tucker import bank_from_dense
+from tensorlm.layers.base import LAYERS
+from tensorlm.methods import Method, PlanContext, get_method
+from tensorlm.params import group_of, unique_parameters
+from tensorlm.plan import Plan, StagePlan
 from tensorlm.recipe import Recipe, Stage, Target
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:h|layer|layers|blocks)\.(\d+)(?:\.|$)")
@@ -34,22 +34,6 @@ def layer_index(name: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def is_embedding(module: nn.Module) -> bool:
-    return isinstance(module, nn.Embedding | KroneckerEmbedding)
-
-
-def is_dense_embedding(module: nn.Module) -> bool:
-    return isinstance(module, nn.Embedding)
-
-
-ACCEPTS = {"kronecker": is_linear, "lowrank": is_linear, "kronecker_embedding": is_embedding,
-           "tt_embedding": is_dense_embedding, "tt_linear": is_linear, "tucker_bank": is_linear}
-
-
 def match_targets(model: nn.Module, stage: Stage) -> list[str]:
     """Module names the stage's targets select, in model order, restricted to what its method accepts.
 
@@ -57,7 +41,7 @@ def match_targets(model: nn.Module, stage: Stage) -> list[str]:
         TensorLMError: a target matches no module (the closest module names are listed), or an exact
             name is a module the method cannot take.
     """
-    accepts = ACCEPTS[stage.method]
+    accepts = get_method(stage.method).accepts
     modules = dict(model.named_modules())
     chosen: dict[str, None] = {}
     for target in stage.targets:
@@ -90,124 +74,175 @@ def _no_match_message(stage: Stage, target: Target, modules: dict, accepts) -> s
             f"{stage.method!r} accepts; closest names: {', '.join(close)}")
 
 
-def _build_kronecker(module: nn.Module, name: str, options) -> nn.Module:
-    w, _ = dense_weight(module, name)
-    fact = options.factorisation(tuple(w.shape), name)
-    if fact is None:
-        shape = choose_kronecker_shape(tuple(w.shape), options.ratio, weight=w)
-        fact = {"a_shape": shape.a_shape, "b_shape": shape.b_shape, "rank": shape.rank}
-    perms = {}
-    if options.permute is not None:
-        rows, cols = (side in SEARCHED_B_SIDES for side in fact["b_shape"])
-        if not (rows and cols):
-            warnings.warn(f"{name}: B {tuple(fact['b_shape'])} has a side not in {SEARCHED_B_SIDES}; only the "
-                          f"{'row' if rows else 'column' if cols else 'no'} permutation is searched", stacklevel=2)
-        if rows or cols:
-            found = search_permutations(w, fact["a_shape"], fact["b_shape"], fact["rank"], rows=rows, cols=cols,
-                                        seed=options.permute.seed, time_budget_s=options.permute.time_budget_s,
-                                        max_rounds=options.permute.max_rounds, name=name)
-            perms = {"row_perm": found.row_perm if rows else None, "col_perm": found.col_perm if cols else None}
-    return KroneckerLinear.from_dense(module, fact["a_shape"], fact["b_shape"], fact["rank"], name=name, **perms)
+def plan_stage(model: nn.Module, stage: Stage, context: PlanContext | None = None, *,
+               real: nn.Module | None = None) -> StagePlan:
+    """Plan every module ``stage`` targets in ``model``; nothing is decomposed.
+
+    Args:
+        model: the model (or its skeleton) as it stands before this stage.
+        stage: the recipe stage.
+        context: what the method may know (default: this stage; real weights unless a target is on meta).
+        real: the model whose modules hold the real weights where ``model`` is a skeleton: a target the
+            skeleton still shares with it is planned on the real module.
+
+    Raises:
+        TensorLMError: from target matching or the method's ``plan`` (shapes, ranks, options).
+    """
+    method = get_method(stage.method)
+    modules = {name: _planned_module(model, real, name) for name in match_targets(model, stage)}
+    real_weights = not any(p.is_meta for module in modules.values() for p in module.parameters())
+    context = context or PlanContext(stage.name, weights=real_weights)
+    if method.joint:
+        entries, shared = method.plan(modules, stage.options, context)
+    else:
+        entries, shared = [method.plan(module, name, stage.options, context) for name, module in modules.items()], {}
+    options = dataclasses.asdict(stage.options)
+    for entry in entries:
+        entry.options = options
+    return StagePlan(stage.name, stage.method, entries, shared)
 
 
-def _build_lowrank(module: nn.Module, name: str, options) -> nn.Module:
-    return LowRankLinear.from_dense(module, rank=options.rank, ratio=options.ratio, name=name)
+def _planned_module(skeleton: nn.Module, real: nn.Module | None, name: str) -> nn.Module:
+    """The module of ``real`` under ``name`` unless the skeleton has replaced it or a module above it."""
+    if real is None or _replaced_above(skeleton, name):
+        return skeleton.get_submodule(name)
+    return real.get_submodule(name)
 
 
-def _build_kronecker_embedding(module: nn.Module, name: str, options) -> nn.Module:
-    col_perm = None
-    if options.permute is not None:
-        table = module if isinstance(module, nn.Embedding) else module.to_dense()
-        w = table.weight.detach()  # (V, d)
-        found = search_permutations(w, (w.shape[0], w.shape[1] // options.factor), (1, options.factor), 1,
-                                    seed=options.permute.seed, time_budget_s=options.permute.time_budget_s,
-                                    max_rounds=options.permute.max_rounds, rows=False)
-        col_perm = found.col_perm
-    return KroneckerEmbedding.from_dense(module, options.factor, col_perm=col_perm, name=name)
+def _replaced_above(skeleton: nn.Module, name: str) -> bool:
+    """True when a module on the path to ``name`` (itself included) is a planned layer."""
+    parts = name.split(".")
+    return any(type(skeleton.get_submodule(".".join(parts[:i]))).__name__ in LAYERS for i in range(1, len(parts) + 1))
 
 
-def _build_tt_embedding(module: nn.Module, name: str, options) -> nn.Module:
-    return TTEmbedding.from_dense(module, shape=options.shape, ranks=options.ranks, eps=options.eps,
-                                  n_modes=options.n_modes)
+def meta_skeleton(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers live on the meta device (shapes only, no memory).
+
+    Tensors shared in ``model`` (a tied head) stay shared in the copy.
+    """
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad) for p in model.parameters()}
+    memo.update({id(b): torch.empty_like(b, device="meta") for b in model.buffers()})
+    return copy.deepcopy(model, memo)
 
 
-def _build_tt_linear(module: nn.Module, name: str, options) -> nn.Module:
-    return TTLinear.from_dense(module, in_shape=options.in_shape, out_shape=options.out_shape, ranks=options.ranks,
-                               eps=options.eps, n_modes=options.n_modes)
+def _place_skeleton(skeleton: nn.Module, stage: Stage, stage_plan: StagePlan) -> None:
+    """Put the uninitialised layers of ``stage_plan`` into ``skeleton`` (meta device) and settle its head."""
+    method = get_method(stage.method)
+    shared: dict = {}
+    with torch.device("meta"):
+        for entry in stage_plan.entries:
+            old = skeleton.get_submodule(entry.name)
+            new = LAYERS[entry.layer].from_tensorlm_config(entry.config, shared)
+            shared[entry.name] = new
+            skeleton.set_submodule(entry.name, new)
+            _settle_head(skeleton, old, new, entry.name, method, stage.options)
 
 
-def _build_tucker_bank(modules: dict[str, nn.Module], options) -> dict[str, nn.Module]:
-    return bank_from_dense(modules, ranks=tuple(options.ranks), block_size=options.block_size,
-                           n_iter_max=options.n_iter_max, seed=options.seed)
+def plan_recipe(model: nn.Module, recipe: Recipe | str) -> Plan:
+    """The plan of ``recipe`` on ``model``: every target with method, shapes, ranks and parameters, and
+    the compressed model's totals; no decomposition and no permutation search runs.
+
+    A ``ratio`` Kronecker target compares the errors of its candidate shapes on the real weights (as
+    :func:`~tensorlm.decompose.kronecker.choose_kronecker_shape` does); a target that an earlier stage
+    builds is planned from shapes alone.
+
+    Raises:
+        TensorLMError: invalid targets, shapes, ranks or options.
+    """
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+    skeleton = meta_skeleton(model)
+    stages = []
+    for stage in recipe.stages:
+        stage_plan = plan_stage(skeleton, stage, real=model)
+        _place_skeleton(skeleton, stage, stage_plan)
+        stages.append(stage_plan)
+    before, _ = _totals(model)
+    after, head = _totals(skeleton)
+    return Plan(recipe.name, stages, before, after, after - head)
 
 
-# one module at a time: (module, name, options) -> replacement
-BUILDERS = {"kronecker": _build_kronecker, "lowrank": _build_lowrank,
-            "kronecker_embedding": _build_kronecker_embedding, "tt_embedding": _build_tt_embedding,
-            "tt_linear": _build_tt_linear}
-# all targets at once: ({name: module}, options) -> {name: replacement}
-JOINT_BUILDERS = {"tucker_bank": _build_tucker_bank}
-# embedding methods: the head that computes logits from the new table
-TIED_HEADS = {"kronecker_embedding": TiedHead, "tt_embedding": TTTiedHead}
+def _totals(model: nn.Module) -> tuple[int, int]:
+    """``(unique parameters, of which in the head group)``; works on meta tensors."""
+    params = unique_parameters([("", model)])
+    return sum(p.numel() for _, p in params), sum(p.numel() for n, p in params if group_of(n) == "head")
 
 
-def _settle_head(model: nn.Module, old: nn.Module, new: nn.Module, name: str, method, head: str) -> None:
+def _settle_head(model: nn.Module, old: nn.Module, new: nn.Module, name: str, method: Method, options) -> None:
     """After replacing embedding ``old`` by ``new``: re-tie or untie an LM head that shared its table."""
+    if method.tied_head is None:
+        return
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if get_out else None
     if not isinstance(out, nn.Linear) or not isinstance(old, nn.Embedding) or out.weight is not old.weight:
         return
     if getattr(model, "config", None) is not None:
         model.config.tie_word_embeddings = False  # stop transformers from re-tying to a table that is gone
-    if head == "tie":
-        model.set_output_embeddings(TIED_HEADS[method](new, name))
+    head = method.tied_head(new, name, options)
+    if head is not None:
+        model.set_output_embeddings(head)
 
 
-def apply_stage(model: nn.Module, stage: Stage, *, progress: bool = True) -> list[str]:
+def apply_stage(model: nn.Module, stage: Stage, *, progress: bool = True, stage_plan: StagePlan | None = None,
+                stats: dict | None = None) -> list[str]:
     """Replace, in place, every module ``stage`` targets; return their names.
 
+    Args:
+        model: the model, modified in place.
+        stage: the recipe stage.
+        progress: a progress bar over the targets.
+        stage_plan: this stage's plan (from :func:`plan_recipe`, perhaps changed by an allocator);
+            default: planned here.
+        stats: per-module calibration statistics handed to the method's ``build``, or None.
+
     Raises:
-        TensorLMError: from target matching or from the layer's ``from_dense``.
+        TensorLMError: from target matching, planning or the method's ``build``.
     """
-    names = match_targets(model, stage)
-    if stage.method in JOINT_BUILDERS:
-        for name, new in JOINT_BUILDERS[stage.method]({n: model.get_submodule(n) for n in names},
-                                                      stage.options).items():
+    method = get_method(stage.method)
+    stage_plan = stage_plan or plan_stage(model, stage)
+    entries = stage_plan.entries
+    if method.joint:
+        built = method.build({e.name: model.get_submodule(e.name) for e in entries}, entries, stats)
+        for name, new in built.items():
             model.set_submodule(name, new)
-        return names
-    build = BUILDERS[stage.method]
-    for name in tqdm(names, desc=f"{stage.name} ({stage.method})", disable=not progress, leave=False):
-        old = model.get_submodule(name)
-        new = build(old, name, stage.options)
-        model.set_submodule(name, new)
-        if stage.method in TIED_HEADS:
-            _settle_head(model, old, new, name, stage.method, stage.options.head)
-    return names
+        return [e.name for e in entries]
+    for entry in tqdm(entries, desc=f"{stage.name} ({stage.method})", disable=not progress, leave=False):
+        old = model.get_submodule(entry.name)
+        new = method.build(old, entry, stats)
+        model.set_submodule(entry.name, new)
+        _settle_head(model, old, new, entry.name, method, stage.options)
+    return [e.name for e in entries]
 
 
 def compress(model: nn.Module, recipe: Recipe | str, *, progress: bool = True, inplace: bool = False,
-             after_stage=None) -> nn.Module:
-    """Compress ``model`` by ``recipe``, stage by stage; the input model is left untouched.
+             after_stage=None, plan: Plan | None = None, stats: dict | None = None) -> nn.Module:
+    """Compress ``model`` by ``recipe``: plan every stage first, then build stage by stage.
 
     Args:
-        model: a Hugging Face model (or any ``nn.Module``).
+        model: a Hugging Face model (or any ``nn.Module``); left untouched unless ``inplace``.
         recipe: a :class:`~tensorlm.recipe.Recipe` or a built-in name / YAML path.
         progress: show a progress bar per stage.
         inplace: modify ``model`` itself instead of a deep copy.
         after_stage: ``callable(model, stage, replaced_names)`` run after each stage (the
             distillation step of iterative compression). Without it, a stage's ``distill:`` block is
             recorded in the recipe and skipped with a message.
+        plan: the recipe's plan on this model (from :func:`tensorlm.plan`, perhaps with ranks an allocator
+            changed); default: planned here. Permutations found by a prepare step travel in it.
+        stats: per-module calibration statistics handed to every ``build``, or None.
 
     Returns:
         The compressed model (eval mode unless it was training).
 
     Raises:
-        TensorLMError: invalid targets, shapes or options.
+        TensorLMError: invalid targets, shapes or options, or a plan of another recipe.
     """
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
     out = model if inplace else copy.deepcopy(model)
-    for stage in recipe.stages:
-        replaced = apply_stage(out, stage, progress=progress)
+    the_plan = plan or plan_recipe(out, recipe)
+    if [s.name for s in the_plan.stages] != [s.name for s in recipe.stages]:
+        raise TensorLMError(f"the plan's stages {[s.name for s in the_plan.stages]} are not the recipe's "
+                            f"{[s.name for s in recipe.stages]}")
+    for stage, stage_plan in zip(recipe.stages, the_plan.stages, strict=True):
+        replaced = apply_stage(out, stage, progress=progress, stage_plan=stage_plan, stats=stats)
         if after_stage is not None:
             after_stage(out, stage, replaced)
         elif stage.distill is not None and progress:

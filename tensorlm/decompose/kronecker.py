@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tensorlm.decompose.linalg import check_finite, thin_svd
 from tensorlm.errors import TensorLMError
-from tensorlm.layers.base import check_finite
 
 
 @dataclass(frozen=True)
@@ -119,29 +119,6 @@ def kronecker_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # (r, m1, 1, n1, 1) * (r, 1, m2, 1, n2) summed over r -> (m1, m2, n1, n2)
     w = torch.einsum("rac,rbd->abcd", a, b)
     return w.reshape(m1 * m2, n1 * n2)
-
-
-def thin_svd(r: torch.Tensor, gram_max: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD ``r = U diag(s) V^T`` of a float64 ``(p, k)`` matrix; returns ``(U (p, k'), s (k',), V^T (k', k))``.
-
-    When the short side ``k' = min(p, k)`` is at most ``gram_max`` and the matrix is at least 8x
-    longer than wide, the SVD comes from the eigendecomposition of the ``k' x k'`` Gram matrix
-    (``O(p k'^2)``, far cheaper than LAPACK on a 19M x 2 rearranged embedding); singular values below
-    ``1e-12 * s_max`` get zero vectors on the long side. Otherwise ``torch.linalg.svd``.
-    """
-    p, k = r.shape
-    if min(p, k) > gram_max or max(p, k) < 8 * min(p, k):
-        return torch.linalg.svd(r, full_matrices=False)
-    if p < k:
-        v, s, uh = thin_svd(r.T, gram_max)
-        return uh.T, s, v.T
-    evals, evecs = torch.linalg.eigh(r.T @ r)  # ascending, (k,), (k, k)
-    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
-    s = evals.sqrt()
-    keep = s > 1e-12 * s[0].clamp_min(torch.finfo(s.dtype).tiny)
-    u = torch.zeros(p, k, dtype=r.dtype, device=r.device)
-    u[:, keep] = (r @ evecs[:, keep]) / s[keep]  # (p, k)
-    return u, s, evecs.T
 
 
 def nearest_kronecker(

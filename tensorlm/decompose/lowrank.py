@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tensorlm.decompose.linalg import check_finite
 from tensorlm.errors import TensorLMError
-from tensorlm.layers.base import check_finite
 
 
 @dataclass

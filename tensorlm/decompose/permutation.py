@@ -83,8 +83,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from tensorlm.decompose.kronecker import KroneckerFactors, KroneckerShape, check_factor_shapes, nearest_kronecker
+from tensorlm.decompose.linalg import check_finite
 from tensorlm.errors import TensorLMError
-from tensorlm.layers.base import check_finite
 
 SEARCHED_B_SIDES = (1, 2, 4)  # B sides (rows or columns) the search can permute
 _MAX_STEPS = 100  # descent steps per round (a descent usually stops after 3-10)

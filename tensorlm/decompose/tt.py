@@ -111,6 +111,14 @@ def padded_shape(n: int, n_modes: int = 3, *, max_pad: float = 0.01) -> tuple[tu
     return best, math.prod(best)
 
 
+def default_shape(n: int, n_modes: int) -> tuple[int, ...]:
+    """Most balanced tensorisation of ``n``, padded when it factors badly (a prime, 50257)."""
+    options = tensorizations(n, n_modes)
+    if options and max(options[0]) <= 4 * round(n ** (1 / n_modes)):
+        return options[0]
+    return padded_shape(n, n_modes)[0]
+
+
 @contextmanager
 def _one_thread() -> Iterator[None]:
     """Run a batch of tiny CPU SVDs on one thread, restoring the thread count after.
@@ -131,7 +139,7 @@ def _check_eps(eps: float | None) -> None:
         raise TensorLMError(f"TT-SVD: relative tolerance eps must lie in (0, 1), got {eps}")
 
 
-def _rank_caps(shape: Sequence[int], ranks: Ranks) -> list[int]:
+def rank_caps(shape: Sequence[int], ranks: Ranks) -> list[int]:
     """Fixed ranks as a list of N-1 caps, clipped to :func:`max_ranks` with a warning."""
     bound = max_ranks(shape)
     if ranks is None:
@@ -182,7 +190,7 @@ def tt_svd_rows(
     _check_eps(eps)
     if not torch.isfinite(x).all():
         raise TensorLMError(f"TT-SVD: input {tuple(x.shape)} holds NaN or Inf")
-    caps = _rank_caps(shape, ranks)
+    caps = rank_caps(shape, ranks)
     n_rows, n_modes = x.shape[0], len(shape)
     work = x.detach().to(torch.float64)
     delta2 = None

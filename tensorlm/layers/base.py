@@ -1,4 +1,4 @@
-"""What every factorized layer shares: reading a dense weight, and a registry for save/load.
+"""What every factorized layer shares: reading a dense weight, a registry for save/load, and the tied LM head.
 
 A factorized layer class implements
 
@@ -16,17 +16,27 @@ and is registered with :func:`register_layer` so that :mod:`tensorlm.io` can reb
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from tensorlm.decompose.linalg import check_finite
 from tensorlm.errors import TensorLMError
 
 LAYERS: dict[str, type[nn.Module]] = {}
 
 
-def register_layer(cls: type[nn.Module]) -> type[nn.Module]:
-    """Class decorator: make ``cls`` loadable by name from a saved ``tensorlm.json``."""
-    LAYERS[cls.__name__] = cls
-    return cls
+def register_layer(cls: type[nn.Module] | None = None, *, aliases: tuple[str, ...] = ()):
+    """Class decorator: make ``cls`` loadable by name from a saved ``tensorlm.json``.
+
+    ``aliases``: former class names that folders saved by earlier versions still carry
+    (``@register_layer(aliases=("TTTiedHead",))``).
+    """
+    def register(layer_cls: type[nn.Module]) -> type[nn.Module]:
+        for name in (layer_cls.__name__, *aliases):
+            LAYERS[name] = layer_cls
+        return layer_cls
+
+    return register if cls is None else register(cls)
 
 
 def is_conv1d(layer: nn.Module) -> bool:
@@ -62,13 +72,6 @@ def dense_weight(layer: nn.Module, name: str = "") -> tuple[torch.Tensor, torch.
     return weight, bias
 
 
-def check_finite(tensor: torch.Tensor, name: str) -> None:
-    """Raise :class:`TensorLMError` if ``tensor`` holds NaN or Inf (a decomposition would spread it)."""
-    if not torch.isfinite(tensor).all():
-        bad = (~torch.isfinite(tensor)).sum().item()
-        raise TensorLMError(f"weight of {name!r} {tuple(tensor.shape)} holds {bad} NaN/Inf values")
-
-
 def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     """An ``nn.Linear`` holding ``weight: (out, in)`` and ``bias: (out,)`` (copies)."""
     out_features, in_features = weight.shape
@@ -79,3 +82,80 @@ def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
         if bias is not None:
             linear.bias.copy_(bias)
     return linear
+
+
+def project(table: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Logits ``h @ E^T`` of an embedding table without forming ``E`` where it is factored.
+
+    Args:
+        table: ``nn.Embedding`` ``(V, d)`` or a factored table with a ``project(h)`` method.
+        h: ``(..., d)``.
+
+    Returns:
+        ``(..., V)``.
+
+    Raises:
+        TensorLMError: ``table`` is neither.
+    """
+    if isinstance(table, nn.Embedding):
+        return F.linear(h, table.weight)
+    if hasattr(table, "project"):
+        return table.project(h)
+    raise TensorLMError(f"cannot compute logits from a {type(table).__name__} table")
+
+
+@register_layer(aliases=("TTTiedHead",))
+class TiedHead(nn.Module):
+    """LM head tied to a factored embedding: ``logits = h @ E^T``, computed by ``embedding.project(h)``.
+
+    The one tied head of every factored table (Kronecker, TT, a method registered later). The table is
+    a child module, the same object as the model's input embedding, so ``parameters()`` yields its
+    tensors once and ``safetensors`` stores them once. Input ``(..., d)``, output ``(..., V)``.
+
+    Args:
+        embedding: the factored table (has ``project(h)`` and ``to_dense()``).
+        tied_to: the table's module path (``"transformer.wte"``), used to re-tie on load.
+        block_rows: for tables that form their rows block by block to compute logits (``TTEmbedding``):
+            rows formed at a time; sets ``embedding.block_rows``.
+
+    Raises:
+        TensorLMError: ``block_rows`` below 1 or given for a table that has no blocks.
+    """
+
+    tied_factored = True  # parameter accounting: logits come from the embedding's factors
+
+    def __init__(self, embedding: nn.Module, tied_to: str, block_rows: int | None = None):
+        super().__init__()
+        if block_rows is not None:
+            if not hasattr(embedding, "block_rows") or block_rows < 1:
+                raise TensorLMError(f"TiedHead: block_rows={block_rows} for a {type(embedding).__name__} table; "
+                                    "only tables with row blocks (TTEmbedding) take it, and it must be >= 1")
+            embedding.block_rows = block_rows
+        self.embedding, self.tied_to = embedding, tied_to
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return project(self.embedding, h)
+
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear (d -> V)`` without bias holding a copy of the dense table (untied)."""
+        return dense_linear(self.embedding.to_dense().weight.detach(), None)
+
+    def tensorlm_config(self) -> dict:
+        block = getattr(self.embedding, "block_rows", None)
+        return {"tied_to": self.tied_to, **({} if block is None else {"block_rows": block})}
+
+    @classmethod
+    def from_tensorlm_config(cls, cfg: dict, shared: dict) -> TiedHead:
+        """The head re-tied to ``shared[cfg["tied_to"]]`` (folders of version 0.1 say ``"embedding"``).
+
+        Raises:
+            TensorLMError: the table was not rebuilt before the head.
+        """
+        tied_to = cfg.get("tied_to", cfg.get("embedding"))
+        if tied_to not in shared:
+            raise TensorLMError(f"tied head: tied_to {tied_to!r} is not a factored table the saved folder "
+                                "rebuilds before the head")
+        return cls(shared[tied_to], tied_to, cfg.get("block_rows"))
+
+    def extra_repr(self) -> str:
+        return f"tied_to={self.tied_to!r}"

@@ -8,12 +8,18 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from tensorlm.decompose.kronecker import KroneckerShape, check_factor_shapes, kronecker_sum, nearest_kronecker
+from tensorlm.decompose.kronecker import (
+    KroneckerFactors,
+    KroneckerShape,
+    check_factor_shapes,
+    kronecker_sum,
+    nearest_kronecker,
+)
 from tensorlm.errors import TensorLMError
-from tensorlm.layers.base import check_finite, dense_linear, dense_weight, register_layer
+from tensorlm.layers.base import TiedHead as TiedHead  # the tied head of every factored table
+from tensorlm.layers.base import dense_linear, dense_weight, project, register_layer
 
 
 def check_permutation(perm: torch.Tensor, length: int, name: str) -> torch.Tensor:
@@ -25,6 +31,8 @@ def check_permutation(perm: torch.Tensor, length: int, name: str) -> torch.Tenso
     perm = torch.as_tensor(perm)
     if perm.dim() != 1 or perm.numel() != length:
         raise TensorLMError(f"{name}: permutation has shape {tuple(perm.shape)}, expected ({length},)")
+    if perm.is_meta:  # a skeleton built for planning holds no values to check
+        return perm.to(torch.int64)
     if perm.dtype.is_floating_point or not torch.equal(perm.sort().values.cpu(), torch.arange(length)):
         raise TensorLMError(f"{name}: permutation of length {length} is not a bijection of 0..{length - 1}")
     return perm.to(torch.int64)
@@ -88,12 +96,27 @@ class KroneckerLinear(nn.Module):
         """
         w, bias = dense_weight(layer, name)
         check_factor_shapes(tuple(w.shape), a_shape, b_shape, name or "KroneckerLinear")
-        module = cls(a_shape, b_shape, rank, bias is not None, row_perm, col_perm, dtype=w.dtype, device=w.device)
-        if module.row_perm is not None:
-            w = w[module.row_perm]
-        if module.col_perm is not None:
-            w = w[:, module.col_perm]
+        if row_perm is not None:
+            w = w[check_permutation(row_perm, w.shape[0], f"{name}.row_perm")]
+        if col_perm is not None:
+            w = w[:, check_permutation(col_perm, w.shape[1], f"{name}.col_perm")]
         factors = nearest_kronecker(w, a_shape, b_shape, rank, name or "KroneckerLinear")
+        return cls.from_factors(factors, bias, row_perm, col_perm)
+
+    @classmethod
+    def from_factors(cls, factors: KroneckerFactors, bias: torch.Tensor | None = None, row_perm=None,
+                     col_perm=None) -> KroneckerLinear:
+        """The layer holding copies of ``factors.a (r, m1, n1)``, ``factors.b (r, m2, n2)`` and ``bias (m,)``.
+
+        The factors approximate the permuted weight ``W[p][:, q]`` (e.g. :attr:`PermutationResult.factors`).
+
+        Raises:
+            TensorLMError: a permutation that is not a bijection of the right length.
+        """
+        rank, m1, n1 = factors.a.shape
+        _, m2, n2 = factors.b.shape
+        module = cls((m1, n1), (m2, n2), rank, bias is not None, row_perm, col_perm, dtype=factors.a.dtype,
+                     device=factors.a.device)
         with torch.no_grad():
             module.a.copy_(factors.a)
             module.b.copy_(factors.b)
@@ -155,23 +178,6 @@ class KroneckerLinear(nn.Module):
                 f"cols={self.col_perm is not None}")
 
 
-def project(table: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """Logits ``h @ E^T`` of an embedding table without forming ``E`` where it is factored.
-
-    Args:
-        table: ``nn.Embedding`` ``(V, d)`` or any module with a ``project(h)`` method (a factored table).
-        h: ``(..., d)``.
-
-    Returns:
-        ``(..., V)``.
-    """
-    if isinstance(table, nn.Embedding):
-        return F.linear(h, table.weight)
-    if hasattr(table, "project"):
-        return table.project(h)
-    raise TensorLMError(f"cannot compute logits from a {type(table).__name__} table")
-
-
 @register_layer
 class KroneckerEmbedding(nn.Module):
     """Token embedding ``E (V x d)`` with ``E[:, q] = A (x) b``: row t is ``A[t] (x) b``, column-permuted.
@@ -211,12 +217,22 @@ class KroneckerEmbedding(nn.Module):
         """
         dense = embedding if isinstance(embedding, nn.Embedding) else embedding.to_dense()
         w = dense.weight.detach()  # (V, d)
-        check_finite(w, name or "embedding")
+        if col_perm is not None:
+            w = w[:, check_permutation(col_perm, w.shape[1], f"{name or 'embedding'}.col_perm")]
         v, d = w.shape
-        module = cls(v, d, factor, col_perm, dense.padding_idx, dtype=w.dtype, device=w.device)
-        if module.col_perm is not None:
-            w = w[:, module.col_perm]
+        if factor < 1 or d % factor:
+            raise TensorLMError(f"KroneckerEmbedding: factor {factor} does not divide embedding_dim {d}")
         factors = nearest_kronecker(w, (v, d // factor), (1, factor), 1, name or "embedding")
+        return cls.from_factors(factors, col_perm, dense.padding_idx)
+
+    @classmethod
+    def from_factors(cls, factors: KroneckerFactors, col_perm=None, padding_idx: int | None = None
+                     ) -> KroneckerEmbedding:
+        """The table ``A (x) b`` from rank-1 factors ``a: (1, V, d/f)``, ``b: (1, 1, f)`` of ``E[:, q]``."""
+        _, v, width = factors.a.shape
+        factor = factors.b.shape[-1]
+        module = cls(v, width * factor, factor, col_perm, padding_idx, dtype=factors.a.dtype,
+                     device=factors.a.device)
         with torch.no_grad():
             module.table.weight.copy_(factors.a[0])
             module.b.copy_(factors.b[0])
@@ -262,39 +278,3 @@ class KroneckerEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, factor={self.factor}, "
                 f"permuted={self.col_perm is not None}")
-
-
-@register_layer
-class TiedHead(nn.Module):
-    """LM head tied to a factored embedding: ``logits = h @ E^T`` computed by ``embedding.project``.
-
-    Holds no parameters of its own; the embedding is referenced, not registered, so its parameters
-    are counted and saved once (under the embedding's name). Input ``(..., d)``, output ``(..., V)``.
-    """
-
-    tied_factored = True  # parameter accounting: logits come from the embedding's factors
-
-    def __init__(self, embedding: nn.Module, embedding_name: str):
-        super().__init__()
-        object.__setattr__(self, "embedding", embedding)  # a reference, not a submodule
-        self.embedding_name = embedding_name
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return project(self.embedding, h)
-
-    def to_dense(self) -> nn.Linear:
-        """An ``nn.Linear (d -> V)`` holding a copy of the dense table (untied)."""
-        table = self.embedding.to_dense().weight.detach()
-        return dense_linear(table, None)
-
-    def tensorlm_config(self) -> dict:
-        return {"embedding": self.embedding_name}
-
-    @classmethod
-    def from_tensorlm_config(cls, cfg: dict, shared: dict) -> TiedHead:
-        if cfg["embedding"] not in shared:
-            raise TensorLMError(f"tied head refers to {cfg['embedding']!r}, which the saved folder does not rebuild")
-        return cls(shared[cfg["embedding"]], cfg["embedding"])
-
-    def extra_repr(self) -> str:
-        return f"tied to {self.embedding_name}"

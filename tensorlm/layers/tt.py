@@ -1,4 +1,4 @@
-"""Tensor-train layers: TTEmbedding (one MPS per token row, TensorGPT), its tied LM head, and TTLinear (TT-matrix).
+"""Tensor-train layers: TTEmbedding (one MPS per token row, TensorGPT) and TTLinear (TT-matrix).
 
 TensorGPT (Xu, Xu, Mandic 2023, "Efficient Compression of the Embedding Layer in LLMs based on the
 Tensor-Train Decomposition") writes each row of the embedding table, reshaped to ``(I_1, ..., I_N)``, as
@@ -15,18 +15,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tensorlm.decompose.linalg import check_finite
 from tensorlm.decompose.tt import (
     Ranks,
-    padded_shape,
+    default_shape,
     suggest_shape,
-    tensorizations,
     tt_matrix_svd,
     tt_matrix_to_full,
     tt_rows_to_full,
     tt_svd_rows,
 )
 from tensorlm.errors import TensorLMError
-from tensorlm.layers.base import check_finite, dense_linear, dense_weight, register_layer
+from tensorlm.layers.base import TiedHead, dense_linear, dense_weight, register_layer
+
+TTTiedHead = TiedHead  # the name TensorGPT code used; one tied head serves every factored table
 
 
 def _ranks_of(cores: Sequence[torch.Tensor]) -> list[int]:
@@ -72,6 +74,7 @@ class TTEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.shape, self.ranks = shape, ranks
         self.padding_idx = None if padding_idx is None else padding_idx % num_embeddings
+        self.block_rows = 8192  # rows formed at a time by project (a tied head may change it)
         full = [1, *ranks, 1]
         self.cores = nn.ParameterList(
             nn.Parameter(torch.zeros(num_embeddings, full[k], shape[k], full[k + 1], dtype=dtype))
@@ -130,6 +133,21 @@ class TTEmbedding(nn.Module):
             rows = [torch.where(pad, g.detach(), g) for g in rows]
         return tt_rows_to_full(rows).reshape(*ids.shape, self.embedding_dim)  # (..., d)
 
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits ``hidden @ E^T``: ``(..., d)`` -> ``(..., V)``, forming ``block_rows`` rows of ``E`` at a time.
+
+        Logits straight from the cores cost ``~ n V d r`` multiply-adds for ``n`` hidden states (each
+        contracted with every row's MPS); rebuilding the table costs ``V d r`` once plus ``n V d`` for the
+        product, never more for ``n >= 2``. So the table is rebuilt block by block and never held whole
+        (with autograd each block is kept for the backward pass).
+        """
+        vocab = self.num_embeddings
+        logits = hidden.new_empty(*hidden.shape[:-1], vocab)  # (..., V)
+        for start in range(0, vocab, self.block_rows):
+            stop = min(start + self.block_rows, vocab)
+            logits[..., start:stop] = hidden @ self.weight_rows(start, stop).T  # (..., block)
+        return logits
+
     def weight_rows(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The dense rows ``[start, stop)`` of the table, ``(stop - start, d)``."""
         return tt_rows_to_full([core[start:stop] for core in self.cores])
@@ -154,63 +172,6 @@ class TTEmbedding(nn.Module):
     @classmethod
     def from_tensorlm_config(cls, cfg: dict, shared: dict) -> TTEmbedding:
         return cls(cfg["num_embeddings"], cfg["embedding_dim"], cfg["shape"], cfg["ranks"], cfg["padding_idx"])
-
-
-@register_layer
-class TTTiedHead(nn.Module):
-    """LM head tied to a :class:`TTEmbedding`: ``logits = h @ E.T`` with ``E`` the embedding's table.
-
-    Computing logits straight from the cores costs ``~ n V d r`` multiply-adds for ``n`` hidden states
-    (each must be contracted with every row's MPS), while rebuilding the table costs ``V d r`` once plus
-    ``n V d`` for the product; the latter is never more expensive for ``n >= 2``, so the head rebuilds the
-    table block by block (``block_rows`` rows at a time) and never holds more than one block of it.
-    With autograd each block is kept for the backward pass.
-
-    Args:
-        embedding: the tied :class:`TTEmbedding` (a submodule; its cores appear once in a saved file).
-        tied_to: the embedding's module path in the model (``"transformer.wte"``), used to re-tie on load.
-        block_rows: vocabulary rows rebuilt at a time.
-
-    Forward: ``h (..., d)`` -> logits ``(..., V)``.
-    """
-
-    tied_factored = True  # parameter accounting: logits come from the embedding's cores
-
-    def __init__(self, embedding: TTEmbedding, tied_to: str, block_rows: int = 8192) -> None:
-        super().__init__()
-        if not isinstance(embedding, TTEmbedding) or block_rows < 1:
-            raise TensorLMError(
-                f"TTTiedHead: needs a TTEmbedding and block_rows >= 1, got {type(embedding).__name__}, {block_rows}"
-            )
-        self.embedding, self.tied_to, self.block_rows = embedding, tied_to, block_rows
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        vocab = self.embedding.num_embeddings
-        logits = hidden.new_empty(*hidden.shape[:-1], vocab)  # (..., V)
-        for start in range(0, vocab, self.block_rows):
-            stop = min(start + self.block_rows, vocab)
-            logits[..., start:stop] = hidden @ self.embedding.weight_rows(start, stop).T  # (..., block)
-        return logits
-
-    def to_dense(self) -> nn.Linear:
-        """``nn.Linear(d, V, bias=False)`` holding a copy of the table (re-tie it to the dense embedding if wanted)."""
-        return dense_linear(self.embedding.weight_rows().detach(), None)
-
-    def extra_repr(self) -> str:
-        return f"tied_to={self.tied_to!r}, block_rows={self.block_rows}"
-
-    def tensorlm_config(self) -> dict:
-        return {"tied_to": self.tied_to, "block_rows": self.block_rows}
-
-    @classmethod
-    def from_tensorlm_config(cls, cfg: dict, shared: dict) -> TTTiedHead:
-        embedding = shared.get(cfg["tied_to"])
-        if not isinstance(embedding, TTEmbedding):
-            raise TensorLMError(
-                f"TTTiedHead: tied_to {cfg['tied_to']!r} is not a TTEmbedding rebuilt before the head "
-                f"(found {type(embedding).__name__})"
-            )
-        return cls(embedding, cfg["tied_to"], cfg["block_rows"])
 
 
 @register_layer
@@ -278,8 +239,8 @@ class TTLinear(nn.Module):
         """
         weight, bias = dense_weight(layer)
         out_features, in_features = weight.shape
-        in_shape = _default_shape(in_features, n_modes) if in_shape is None else in_shape
-        out_shape = _default_shape(out_features, n_modes) if out_shape is None else out_shape
+        in_shape = default_shape(in_features, n_modes) if in_shape is None else in_shape
+        out_shape = default_shape(out_features, n_modes) if out_shape is None else out_shape
         padded = weight.new_zeros(math.prod(out_shape), math.prod(in_shape))
         if padded.shape[0] < out_features or padded.shape[1] < in_features:
             raise TensorLMError(
@@ -331,11 +292,3 @@ class TTLinear(nn.Module):
     def from_tensorlm_config(cls, cfg: dict, shared: dict) -> TTLinear:
         return cls(cfg["in_features"], cfg["out_features"], cfg["in_shape"], cfg["out_shape"], cfg["ranks"],
                    cfg["bias"])
-
-
-def _default_shape(n: int, n_modes: int) -> tuple[int, ...]:
-    """Most balanced tensorisation of ``n``, padded when it factors badly (a prime, 50257)."""
-    options = tensorizations(n, n_modes)
-    if options and max(options[0]) <= 4 * round(n ** (1 / n_modes)):
-        return options[0]
-    return padded_shape(n, n_modes)[0]

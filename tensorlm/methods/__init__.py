@@ -1,0 +1,13 @@
+"""Compression methods: one module per method, each registering itself with :func:`register_method`.
+
+Importing this package registers the built-in methods: ``kronecker``, ``lowrank``,
+``kronecker_embedding``, ``tt_embedding``, ``tt_linear`` and ``tucker_bank``. A new method is a module
+that calls :func:`register_method` when imported (see :mod:`tensorlm.methods.registry`).
+"""
+
+from tensorlm.methods import kronecker, kronecker_embedding, lowrank, tt_embedding, tt_linear, tucker_bank
+from tensorlm.methods.registry import METHODS, Method, PlanContext, get_method, options_from_dict, register_method
+
+BUILTIN = (kronecker, kronecker_embedding, lowrank, tt_embedding, tt_linear, tucker_bank)
+
+__all__ = ["BUILTIN", "METHODS", "Method", "PlanContext", "get_method", "options_from_dict", "register_method"]

@@ -1,0 +1,159 @@
+"""``kronecker``: ``W[p][:, q] ~ sum_k A_k (x) B_k`` for linear maps (KnGPT2; TQCompressor with permutations)."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+from torch import nn
+
+from tensorlm.decompose.kronecker import KroneckerShape, check_factor_shapes, choose_kronecker_shape
+from tensorlm.decompose.permutation import SEARCHED_B_SIDES, search_permutations
+from tensorlm.errors import TensorLMError
+from tensorlm.layers.base import dense_weight
+from tensorlm.layers.kronecker import KroneckerLinear
+from tensorlm.methods.registry import (
+    Method,
+    PlanContext,
+    is_linear,
+    linear_shape,
+    options_from_dict,
+    register_method,
+)
+from tensorlm.plan import LayerPlan
+
+
+@dataclass
+class PermuteConfig:
+    """Options of the TQCompressor permutation search (:mod:`tensorlm.decompose.permutation`)."""
+
+    time_budget_s: float = 10.0
+    seed: int = 0
+    max_rounds: int | None = None
+
+
+def permute_option(value) -> PermuteConfig | None:
+    """``permute:`` as written in a recipe (``true``, a mapping, ``false``/absent) -> :class:`PermuteConfig`."""
+    if isinstance(value, dict | bool):
+        return options_from_dict(PermuteConfig, {} if value is True else value, "permute") if value else None
+    return value
+
+
+@dataclass
+class KroneckerConfig:
+    """``kronecker``: ``W[p][:, q] ~ sum_k A_k (x) B_k`` for ``nn.Linear``/``Conv1D`` targets.
+
+    Give the factorisation as ``a_shape``/``b_shape``/``rank``; or per dense ``(out, in)`` shape as
+    ``shapes: {"OUTxIN": {a_shape, b_shape, rank}}``; or as ``ratio`` (fraction of the dense
+    parameters, shapes chosen by :func:`tensorlm.decompose.kronecker.choose_kronecker_shape`).
+    ``permute`` turns on the permutation search (TQCompressor).
+    """
+
+    a_shape: list[int] | None = None
+    b_shape: list[int] | None = None
+    rank: int = 1
+    shapes: dict[str, dict] | None = None
+    ratio: float | None = None
+    permute: PermuteConfig | None = None
+
+    def __post_init__(self):
+        self.permute = permute_option(self.permute)
+        given = sum(x is not None for x in (self.a_shape, self.shapes, self.ratio))
+        if given != 1:
+            raise TensorLMError("kronecker options need exactly one of a_shape/b_shape, shapes, or ratio")
+        if (self.a_shape is None) != (self.b_shape is None):
+            raise TensorLMError("kronecker options: a_shape and b_shape go together")
+
+    def factorisation(self, shape: tuple[int, int], name: str) -> dict | None:
+        """``{a_shape, b_shape, rank}`` for a dense ``(out, in)`` shape, or None when ``ratio`` decides.
+
+        Raises:
+            TensorLMError: ``shapes`` has no entry for this shape (the entries are listed).
+        """
+        if self.a_shape is not None:
+            return {"a_shape": tuple(self.a_shape), "b_shape": tuple(self.b_shape), "rank": self.rank}
+        if self.shapes is not None:
+            key = f"{shape[0]}x{shape[1]}"
+            if key not in self.shapes:
+                raise TensorLMError(f"module {name!r} has (out, in) = {key}; kronecker 'shapes' lists only "
+                                    f"{sorted(self.shapes)}")
+            entry = self.shapes[key]
+            return {"a_shape": tuple(entry["a_shape"]), "b_shape": tuple(entry["b_shape"]),
+                    "rank": int(entry.get("rank", 1))}
+        return None
+
+
+def searched_sides(b_shape, name: str) -> tuple[bool, bool]:
+    """Which permutations (rows, columns) the search can find for ``B (m2, n2)``; warns about a side it cannot."""
+    rows, cols = (side in SEARCHED_B_SIDES for side in b_shape)
+    if not (rows and cols):
+        warnings.warn(f"{name}: B {tuple(b_shape)} has a side not in {SEARCHED_B_SIDES}; only the "
+                      f"{'row' if rows else 'column' if cols else 'no'} permutation is searched", stacklevel=3)
+    return rows, cols
+
+
+def permute_plan(options: PermuteConfig | None, rows: bool, cols: bool) -> dict | None:
+    """The ``LayerPlan.permute`` entry: which sides to search, with the search's bounds; None for none."""
+    if options is None or not (rows or cols):
+        return None
+    return {"rows": rows, "cols": cols, "seed": options.seed, "time_budget_s": options.time_budget_s,
+            "max_rounds": options.max_rounds}
+
+
+def search(w, a_shape, b_shape, rank: int, permute: dict, name: str):
+    """Run the permutation search an entry's ``permute`` describes; returns its ``PermutationResult``."""
+    return search_permutations(w, a_shape, b_shape, rank, rows=permute["rows"], cols=permute["cols"],
+                               seed=permute["seed"], time_budget_s=permute["time_budget_s"],
+                               max_rounds=permute["max_rounds"], name=name)
+
+
+def plan(module: nn.Module, name: str, options: KroneckerConfig, context: PlanContext) -> LayerPlan:
+    """Factor shapes and rank from the options (by ``ratio``: the candidate of least error when the
+    weights are real, else the smallest ``B``), and which permutations the search will look for.
+
+    Raises:
+        TensorLMError: shapes that do not divide the weight, a rank out of range, no ``shapes`` entry.
+    """
+    out_features, in_features, bias = linear_shape(module)
+    dense = (out_features, in_features)
+    fact = options.factorisation(dense, name)
+    if fact is None:
+        weight = dense_weight(module, name)[0] if context.weights else None
+        chosen = choose_kronecker_shape(dense, options.ratio, weight=weight)
+        fact = {"a_shape": chosen.a_shape, "b_shape": chosen.b_shape, "rank": chosen.rank}
+    check_factor_shapes(dense, fact["a_shape"], fact["b_shape"], name)
+    shape = KroneckerShape(tuple(fact["a_shape"]), tuple(fact["b_shape"]), int(fact["rank"]))
+    if not 1 <= shape.rank <= shape.max_rank:
+        raise TensorLMError(f"{name}: Kronecker rank {shape.rank} for {shape.a_shape} x {shape.b_shape} must be "
+                            f"in 1..{shape.max_rank}")
+    rows, cols = searched_sides(shape.b_shape, name) if options.permute else (False, False)
+    permute = permute_plan(options.permute, rows, cols)
+    config = {"a_shape": list(shape.a_shape), "b_shape": list(shape.b_shape), "rank": shape.rank, "bias": bias,
+              "row_perm": bool(permute and rows), "col_perm": bool(permute and cols)}
+    return LayerPlan(name, "kronecker", context.stage, list(dense), "KroneckerLinear", config,
+                     {"a": [shape.rank, *shape.a_shape], "b": [shape.rank, *shape.b_shape]}, [shape.rank],
+                     out_features * in_features + bias * out_features, shape.params + bias * out_features,
+                     permute=permute)
+
+
+def prepare(module: nn.Module, entry: LayerPlan) -> None:
+    """Search the entry's permutations; ``entry.prepared`` holds the result (its factors included)."""
+    if entry.permute is not None and entry.prepared is None:
+        w, _ = dense_weight(module, entry.name)
+        entry.prepared = search(w, entry.config["a_shape"], entry.config["b_shape"], entry.config["rank"],
+                                entry.permute, entry.name)
+
+
+def build(module: nn.Module, entry: LayerPlan, stats=None) -> KroneckerLinear:
+    """Nearest Kronecker sum of the (permuted) weight; with a search, its factors are used as they are."""
+    cfg = entry.config
+    if entry.permute is None:
+        return KroneckerLinear.from_dense(module, cfg["a_shape"], cfg["b_shape"], cfg["rank"], name=entry.name)
+    prepare(module, entry)
+    found = entry.prepared
+    _, bias = dense_weight(module, entry.name)
+    return KroneckerLinear.from_factors(found.factors, bias, found.row_perm if cfg["row_perm"] else None,
+                                        found.col_perm if cfg["col_perm"] else None)
+
+
+register_method(Method("kronecker", KroneckerConfig, accepts=is_linear, plan=plan, build=build, prepare=prepare))
