@@ -105,6 +105,17 @@ def cmd_inspect(args) -> None:
         print(f"note: {note}")
 
 
+def cmd_plan(args) -> None:
+    from tensorlm.models import load_model
+    from tensorlm.recipe import Recipe
+    from tensorlm.surgery import plan_recipe
+
+    recipe = Recipe.load(args.recipe)
+    loaded = load_model(args.model or recipe.model, data_dir=args.data_dir)
+    plan = plan_recipe(loaded.model, recipe)
+    print(plan.to_json() if args.json else plan.table())
+
+
 def cmd_recipes(args) -> None:
     from tensorlm.recipe import Recipe, builtin_recipes
 
@@ -154,6 +165,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     _add_common(p)
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("plan", help="the modules a recipe targets: shapes, ranks, parameters (nothing decomposed)")
+    p.add_argument("--recipe", required=True, help="built-in recipe name or YAML path")
+    p.add_argument("--model", help="model folder, offline name or hub id (default: the recipe's model)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _add_common(p)
+    p.set_defaults(func=cmd_plan)
     p = sub.add_parser("recipes", help="list the built-in recipes")
     p.set_defaults(func=cmd_recipes)
     return top
