@@ -1,0 +1,354 @@
+"""The calibration pass: input second moments of linear modules and token counts, on training text.
+
+Data-aware methods (DESIGN.md, "Data-aware objective") minimise ``||(W - W~) G^{1/2}||_F`` with
+``G = sum_t x_t x_t^T`` over the inputs ``x_t (n,)`` that a linear module sees on calibration text
+(SVD-LLM, Wang et al., arXiv 2403.07378, Sec. 3.1). :func:`collect_second_moments` runs the text through
+the model once with forward hooks on the named ``nn.Linear`` / GPT-2 ``Conv1D`` modules and accumulates
+``G`` in float64 batch by batch (one ``x^T x`` per batch, never all activations), skipping padded
+positions. Embeddings use token frequencies instead (:func:`token_counts`).
+
+Calibration text is never a test split: causal LMs take packed blocks of ``lm_text``
+(:func:`lm_calibration_batches`, default 128 x 512 tokens), encoders the distillation training sentences
+(``lm_text`` sentences plus STS-B/SICK **train** pairs, :func:`sentence_calibration_batches`).
+
+Results are cached as ``<key>.safetensors`` (the ``G`` matrices, float64, one tensor per module name) plus
+``<key>.json`` (token counts, seconds, memory, fingerprints) under ``$TENSORLM_CACHE/calibration`` (default
+``~/.cache/tensorlm/calibration``). The key is a sha256 of the model fingerprint (class, config and the
+bytes of every tensor of the state dict), the sorted module names and the data fingerprint (the bytes of
+every batch tensor, so any change of text, tokenizer, sample count, length or seed changes it). Both files
+are written to temporary names and renamed, the JSON last, so a partial write is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from tensorlm.distill.data import LMBlocks, SentencePool, default_cache_dir
+from tensorlm.errors import TensorLMError
+from tensorlm.layers.base import is_conv1d
+
+CACHE_VERSION = 1
+
+Batch = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+@dataclass
+class Calibration:
+    """Inputs of one module on the calibration text.
+
+    Attributes:
+        second_moment: ``(n, n)`` float64 on the CPU, ``G = sum_t x_t x_t^T`` over every unpadded position.
+        tokens: number of positions ``t`` summed.
+    """
+
+    second_moment: torch.Tensor
+    tokens: int
+
+
+class CalibrationResult(dict):
+    """``dict[module name, Calibration]`` with the cost of the pass.
+
+    Attributes:
+        key: the cache key (hex).
+        seconds: wall time of the pass (of the original pass on a cache hit).
+        peak_rss_mb: peak resident memory of the process after the pass, MiB (``getrusage``; includes the
+            model and everything the process held before).
+        accumulator_mb: memory of the float64 ``G`` accumulators, MiB.
+        tokens: positions per module in the pass (unpadded tokens).
+        cached: True when read from the cache.
+    """
+
+    key: str = ""
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    accumulator_mb: float = 0.0
+    tokens: int = 0
+    cached: bool = False
+
+
+def calibration_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir`` if given, else ``$TENSORLM_CACHE/calibration`` or ``~/.cache/tensorlm/calibration``."""
+    return Path(cache_dir) if cache_dir is not None else default_cache_dir() / "calibration"
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of ``t`` (any dtype, bf16 included), C order, on the CPU."""
+    return memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 (hex) of the model's class, config (when it has one) and every state-dict tensor's name, dtype,
+    shape and bytes. Hashes each tensor once; about 1 s per 500 MB of weights."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        cfg = {k: v for k, v in config.to_dict().items() if k not in ("transformers_version", "_name_or_path")}
+        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        h.update(f"|{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(_tensor_bytes(tensor))
+    return h.hexdigest()
+
+
+def _as_kwargs(batch: Batch) -> dict[str, torch.Tensor]:
+    """A batch as model keyword arguments: a tensor is ``input_ids``; a mapping is passed as is."""
+    if isinstance(batch, torch.Tensor):
+        return {"input_ids": batch}
+    if "input_ids" not in batch:
+        raise TensorLMError(f"calibration batch has keys {sorted(batch)}; expected at least 'input_ids'")
+    return dict(batch)
+
+
+def data_fingerprint(batches: Sequence[Batch]) -> str:
+    """sha256 (hex) of every batch's keys, dtypes, shapes and bytes, in order."""
+    h = hashlib.sha256()
+    for batch in batches:
+        for key, tensor in sorted(_as_kwargs(batch).items()):
+            h.update(f"|{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            h.update(_tensor_bytes(tensor))
+    return h.hexdigest()
+
+
+def _linear_modules(model: nn.Module, module_names: Sequence[str]) -> dict[str, nn.Module]:
+    """The named modules, checked to exist and to be ``nn.Linear`` or ``Conv1D``."""
+    named = dict(model.named_modules())
+    out = {}
+    for name in module_names:
+        if name not in named:
+            near = [n for n in named if n.endswith(name.rsplit(".", 1)[-1])][:3]
+            raise TensorLMError(f"calibration: model has no module {name!r}" + (f"; e.g. {near}" if near else ""))
+        module = named[name]
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+            raise TensorLMError(f"calibration: module {name!r} is a {type(module).__name__}; "
+                                "expected nn.Linear or transformers Conv1D")
+        out[name] = module
+    return out
+
+
+def _load_cached(folder: Path, key: str, names: Sequence[str]) -> CalibrationResult | None:
+    sidecar, tensors = folder / f"{key}.json", folder / f"{key}.safetensors"
+    if not (sidecar.exists() and tensors.exists()):
+        return None
+    meta = json.loads(sidecar.read_text())
+    moments = load_file(tensors)
+    if meta.get("version") != CACHE_VERSION or set(moments) != set(names):
+        return None
+    result = CalibrationResult({n: Calibration(moments[n], int(meta["modules"][n]["tokens"])) for n in names})
+    result.key, result.cached = key, True
+    result.seconds, result.peak_rss_mb = meta["seconds"], meta["peak_rss_mb"]
+    result.accumulator_mb, result.tokens = meta["accumulator_mb"], meta["tokens"]
+    return result
+
+
+def _store(folder: Path, result: CalibrationResult, meta: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = f".tmp{os.getpid()}"
+    tensors = folder / f"{result.key}.safetensors"
+    sidecar = folder / f"{result.key}.json"
+    save_file({n: c.second_moment.contiguous() for n, c in result.items()}, str(tensors) + tmp)
+    os.replace(str(tensors) + tmp, tensors)
+    Path(str(sidecar) + tmp).write_text(json.dumps(meta, indent=1, sort_keys=True))
+    os.replace(str(sidecar) + tmp, sidecar)
+
+
+def collect_second_moments(
+    model: nn.Module, module_names: Sequence[str], batches: Iterable[Batch], progress: bool = True, *,
+    cache: bool = True, cache_dir: str | os.PathLike | None = None, description: Mapping | None = None,
+) -> CalibrationResult:
+    """One pass over ``batches`` accumulating ``G = sum x x^T`` (float64) of each named module's input.
+
+    A batch is an ``input_ids`` tensor ``(B, L)`` or a mapping of model keyword arguments holding
+    ``input_ids`` and optionally ``attention_mask`` ``(B, L)``; positions where the mask is 0 are skipped
+    (the hooks need the module input to be ``(B, L, n)``). Modules that receive the same input tensor in
+    one forward (e.g. ``gate_proj`` and ``up_proj``) share one ``x^T x``. The model runs in eval mode
+    under ``torch.no_grad`` and its training flag is restored.
+
+    Args:
+        model: a Hugging Face model (or any module called as ``model(**batch)``).
+        module_names: names from ``model.named_modules()`` of ``nn.Linear`` or ``Conv1D`` modules.
+        batches: the calibration batches (materialised once, for the data fingerprint).
+        progress: show a tqdm bar.
+        cache: read and write the on-disk cache (module docstring).
+        cache_dir: cache folder (default :func:`calibration_cache_dir`).
+        description: JSON-able notes for the cache sidecar (e.g. text folder, sample count, length, seed).
+
+    Returns:
+        a :class:`CalibrationResult` mapping each name to its :class:`Calibration`.
+
+    Raises:
+        TensorLMError: an unknown or non-linear module, no batches, a batch without ``input_ids``, an
+            attention mask whose shape does not match a module's input, or a non-finite ``G`` (NaN/Inf in
+            the activations).
+    """
+    names = list(dict.fromkeys(module_names))
+    modules = _linear_modules(model, names)
+    batches = list(batches)
+    if not batches:
+        raise TensorLMError("calibration: no batches given")
+    folder = calibration_cache_dir(cache_dir)
+    model_fp, data_fp = model_fingerprint(model), data_fingerprint(batches)
+    key = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "model": model_fp, "modules": sorted(names),
+                                     "data": data_fp}).encode()).hexdigest()[:32]
+    if cache:
+        hit = _load_cached(folder, key, names)
+        if hit is not None:
+            return hit
+
+    start = time.perf_counter()
+    sums: dict[str, torch.Tensor] = {}
+    counts = dict.fromkeys(names, 0)
+    mask_now: list[torch.Tensor | None] = [None]
+    memo: dict[str, object] = {}  # the last input tensor seen and its x^T x, shared by modules fed alike
+
+    def hook_for(name: str):
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else next(iter(kwargs.values()))
+            if memo.get("x") is not x:
+                mask = mask_now[0]
+                if mask is None:
+                    rows = x.detach().reshape(-1, x.shape[-1])
+                elif tuple(x.shape[:-1]) == tuple(mask.shape):
+                    rows = x.detach()[mask.to(x.device)]
+                else:
+                    raise TensorLMError(f"calibration: input of {name!r} has shape {tuple(x.shape)}, which does "
+                                        f"not match the attention mask {tuple(mask.shape)}")
+                rows = rows.to(torch.float64)  # (tokens, n)
+                memo.update(x=x, xtx=rows.T @ rows, count=rows.shape[0])
+            if name in sums:
+                sums[name] += memo["xtx"]
+            else:
+                sums[name] = memo["xtx"].clone()
+            counts[name] += memo["count"]
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n), with_kwargs=True) for n, m in modules.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
+                kwargs = _as_kwargs(batch)
+                mask = kwargs.get("attention_mask")
+                mask_now[0] = None if mask is None else mask.bool()
+                model(**kwargs)
+                memo.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+
+    missing = [n for n in names if n not in sums]
+    if missing:
+        raise TensorLMError(f"calibration: modules {missing[:3]} never ran in the forward pass")
+    result = CalibrationResult()
+    for name in names:
+        g = sums[name].cpu()
+        if not torch.isfinite(g).all():
+            raise TensorLMError(f"calibration: input second moment of {name!r} holds NaN/Inf "
+                                "(the activations overflowed)")
+        result[name] = Calibration(g, counts[name])
+    result.key, result.seconds = key, seconds
+    result.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    result.accumulator_mb = sum(g.numel() * 8 for g in sums.values()) / 2**20
+    result.tokens = max(counts.values())
+    if cache:
+        meta = {"version": CACHE_VERSION, "key": key, "model_fingerprint": model_fp, "data_fingerprint": data_fp,
+                "modules": {n: {"tokens": c.tokens, "features": c.second_moment.shape[0]} for n, c in result.items()},
+                "seconds": seconds, "peak_rss_mb": result.peak_rss_mb, "accumulator_mb": result.accumulator_mb,
+                "tokens": result.tokens, "description": dict(description or {})}
+        _store(folder, result, meta)
+    return result
+
+
+def token_counts(ids_batches: Iterable[Batch], vocab_size: int) -> torch.Tensor:
+    """How often each token id occurs: ``(vocab_size,)`` int64, padded positions (mask 0) skipped.
+
+    Args:
+        ids_batches: ``input_ids`` tensors, or mappings with ``input_ids`` and optionally ``attention_mask``.
+        vocab_size: number of ids.
+
+    Raises:
+        TensorLMError: an id outside ``0..vocab_size-1``.
+    """
+    counts = torch.zeros(vocab_size, dtype=torch.int64)
+    for batch in ids_batches:
+        kwargs = _as_kwargs(batch)
+        ids = kwargs["input_ids"]
+        mask = kwargs.get("attention_mask")
+        ids = (ids[mask.bool()] if mask is not None else ids.reshape(-1)).cpu().long()
+        if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise TensorLMError(f"token counts: ids range {ids.min().item()}..{ids.max().item()} "
+                                f"outside a vocabulary of {vocab_size}")
+        counts += torch.bincount(ids, minlength=vocab_size)
+    return counts
+
+
+def lm_calibration_batches(
+    tokenizer, text_dir: str | os.PathLike, *, n_samples: int = 128, seq_len: int = 512, seed: int = 0,
+    batch_size: int = 8, held_out: int = 64, cache_dir: str | os.PathLike | None = None,
+) -> list[torch.Tensor]:
+    """``n_samples`` packed blocks of ``seq_len`` tokens of ``text_dir`` (``lm_text``), for causal LMs.
+
+    The blocks are :class:`tensorlm.distill.data.LMBlocks` training blocks (the ``held_out`` validation
+    blocks of distillation stay out), drawn without replacement by a permutation seeded by ``seed``.
+
+    Returns:
+        batches of ``(<= batch_size, seq_len)`` int64 token ids, in a fixed order.
+
+    Raises:
+        TensorLMError: no ``.txt`` shards, or fewer than ``n_samples`` training blocks.
+    """
+    if n_samples < 1 or seq_len < 1:
+        raise TensorLMError(f"calibration: sample count and length must be >= 1, got {n_samples} x {seq_len}")
+    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+    try:
+        blocks = LMBlocks(tokenizer, text_dir, seq_len, val_blocks=held_out, cache_dir=cache_dir)
+    except TensorLMError as exc:
+        if "blocks of" not in str(exc):
+            raise
+        raise TensorLMError(f"calibration text {text_dir} is too short for {n_samples} blocks of {seq_len} tokens "
+                            f"besides {held_out} held out ({exc})") from None
+    available = len(blocks.train_index)
+    if available < n_samples:
+        raise TensorLMError(f"calibration text {text_dir} is too short: {available} blocks of {seq_len} tokens "
+                            f"(besides {held_out} held out), asked for {n_samples}")
+    pick = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:n_samples].tolist()
+    chosen = [blocks._block(blocks.train_index[i]) for i in pick]
+    return [torch.stack(chosen[i:i + batch_size]) for i in range(0, n_samples, batch_size)]
+
+
+def sentence_calibration_batches(
+    tokenizer, text_dir: str | os.PathLike | None, data_dir: str | os.PathLike | None, *, n_samples: int = 1024,
+    max_length: int = 128, seed: int = 0, batch_size: int = 32,
+) -> list[dict[str, torch.Tensor]]:
+    """``n_samples`` training sentences of :class:`tensorlm.distill.data.SentencePool` (``lm_text`` sentences
+    plus STS-B/SICK train pairs, evaluation sentences excluded), for encoders.
+
+    Returns:
+        padded tokenizer batches (``input_ids``, ``attention_mask``, ...), at most ``batch_size`` each.
+
+    Raises:
+        TensorLMError: missing data, or fewer than ``n_samples`` training sentences.
+    """
+    pool = SentencePool(text_dir, data_dir)
+    if len(pool.train) < n_samples:
+        raise TensorLMError(f"calibration text is too short: {len(pool.train)} training sentences, "
+                            f"asked for {n_samples}")
+    pick = torch.randperm(len(pool.train), generator=torch.Generator().manual_seed(seed))[:n_samples].tolist()
+    sentences = [pool.train[i] for i in pick]
+    return [dict(tokenizer(sentences[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                           return_tensors="pt"))
+            for i in range(0, n_samples, batch_size)]
