@@ -11,58 +11,29 @@ builds the base architecture from ``config.json``, rebuilds the replaced modules
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+import transformers
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
+from transformers import AutoConfig, AutoTokenizer
+from transformers.models.auto import modeling_auto
 
 from tensorlm.errors import TensorLMError
+from tensorlm.files import atomic_folder, file_sha256
 from tensorlm.layers.base import LAYERS
 from tensorlm.models import LoadedModel
 from tensorlm.params import count_parameters
 
+__all__ = ["FORMAT_VERSION", "MANIFEST", "WEIGHTS", "atomic_folder", "file_sha256", "load_compressed",
+           "replaced_modules", "save_compressed", "write_compressed"]
+
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 MANIFEST = "tensorlm.json"
-
-
-@contextlib.contextmanager
-def atomic_folder(folder: str | os.PathLike, *, overwrite: bool = False):
-    """Yield a temporary folder beside ``folder`` and rename it to ``folder`` on success.
-
-    On an exception the temporary folder is removed and ``folder`` is untouched.
-
-    Raises:
-        TensorLMError: ``folder`` exists and ``overwrite`` is False.
-    """
-    folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise TensorLMError(f"output folder {folder} already exists; choose another or pass --overwrite")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        yield tmp
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def replaced_modules(model: nn.Module) -> list[dict]:
@@ -109,34 +80,36 @@ def save_compressed(model: nn.Module, folder: str | os.PathLike, *, tokenizer=No
     return Path(folder)
 
 
-def load_compressed(folder: str | os.PathLike) -> LoadedModel:
-    """Load a folder written by :func:`save_compressed`; no decomposition is run.
+def architecture(name: str, model_type: str) -> type[nn.Module]:
+    """The transformers model class ``name``, only if transformers' auto registries list it for ``model_type``.
+
+    A saved manifest names a class; resolving any name found in a JSON file with ``getattr(transformers,
+    ...)`` would let a folder pick any callable. Only the classes ``AutoModel*`` would build for the
+    config's ``model_type`` are accepted.
 
     Raises:
-        TensorLMError: a missing file, a weights file whose SHA-256 differs from the manifest
-            (corrupted), tensors that do not fit the rebuilt modules (mismatched), or an unknown
-            layer class or format version.
+        TensorLMError: ``name`` is not one of those (they are listed).
     """
-    import transformers
-    from transformers import AutoConfig, AutoTokenizer
+    allowed = set()
+    for key in dir(modeling_auto):
+        mapping = getattr(modeling_auto, key)
+        if key.endswith("_MAPPING_NAMES") and isinstance(mapping, dict) and model_type in mapping:
+            value = mapping[model_type]
+            allowed.update([value] if isinstance(value, str) else value)
+    cls = getattr(transformers, name, None) if name in allowed else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        models = sorted(n for n in allowed if not n.endswith("Config"))
+        raise TensorLMError(f"architecture {name!r} is not a transformers model registered for model_type "
+                            f"{model_type!r}; refused (allowed: {', '.join(models) or 'none'})")
+    return cls
 
-    folder = Path(folder)
-    for required in (MANIFEST, WEIGHTS, "config.json"):
-        if not (folder / required).is_file():
-            raise TensorLMError(f"{folder} is not a tensorlm folder: {required} is missing")
-    manifest = json.loads((folder / MANIFEST).read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise TensorLMError(f"{folder}: format version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
-    if file_sha256(folder / WEIGHTS) != manifest["sha256"]:
-        raise TensorLMError(f"{folder / WEIGHTS} is corrupted: its SHA-256 differs from the one in {MANIFEST}")
-    arch = getattr(transformers, manifest["architecture"], None)
-    if arch is None:
-        raise TensorLMError(f"{folder}: unknown architecture {manifest['architecture']!r}")
-    config = AutoConfig.from_pretrained(folder)
-    model = arch(config)
-    for name, _ in list(model.named_children()):
-        if name not in manifest.get("children", [name]):
-            setattr(model, name, None)  # built by default but absent when saved (e.g. a BERT pooler)
+
+def _rebuild_layers(model: nn.Module, manifest: dict, folder: Path) -> None:
+    """Replace, in ``model``, every module the manifest lists by an uninitialised layer of its class.
+
+    Raises:
+        TensorLMError: an unknown layer class.
+    """
     shared: dict = {}
     for entry in manifest["modules"]:
         cls = LAYERS.get(entry["class"])
@@ -146,11 +119,47 @@ def load_compressed(folder: str | os.PathLike) -> LoadedModel:
             current = model.get_submodule(entry["name"])
         except AttributeError:
             current = None
-        if type(current).__name__ == entry["class"]:
+        if type(current) is cls:
             continue  # already rebuilt inside its parent (e.g. a shared bank)
         module = cls.from_tensorlm_config(entry["config"], shared)
         model.set_submodule(entry["name"], module)
         shared[entry["name"]] = module
+
+
+def _read_manifest(folder: Path) -> dict:
+    """The checked manifest of a saved folder.
+
+    Raises:
+        TensorLMError: a missing file, another format version, or weights whose SHA-256 differs.
+    """
+    for required in (MANIFEST, WEIGHTS, "config.json"):
+        if not (folder / required).is_file():
+            raise TensorLMError(f"{folder} is not a tensorlm folder: {required} is missing")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise TensorLMError(f"{folder}: format version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
+    if file_sha256(folder / WEIGHTS) != manifest["sha256"]:
+        raise TensorLMError(f"{folder / WEIGHTS} is corrupted: its SHA-256 differs from the one in {MANIFEST}")
+    return manifest
+
+
+def load_compressed(folder: str | os.PathLike) -> LoadedModel:
+    """Load a folder written by :func:`save_compressed`; no decomposition is run, no pickle is read.
+
+    Raises:
+        TensorLMError: a missing file, a weights file whose SHA-256 differs from the manifest
+            (corrupted), an architecture transformers does not register for the config's model_type,
+            tensors that do not fit the rebuilt modules (mismatched), or an unknown layer class or
+            format version.
+    """
+    folder = Path(folder)
+    manifest = _read_manifest(folder)
+    config = AutoConfig.from_pretrained(folder)
+    model = architecture(manifest["architecture"], config.model_type)(config)
+    for name, _ in list(model.named_children()):
+        if name not in manifest.get("children", [name]):
+            setattr(model, name, None)  # built by default but absent when saved (e.g. a BERT pooler)
+    _rebuild_layers(model, manifest, folder)
     try:
         missing, unexpected = load_model(model, str(folder / WEIGHTS), strict=False)
     except (SafetensorError, RuntimeError, TensorLMError) as err:
@@ -164,4 +173,3 @@ def load_compressed(folder: str | os.PathLike) -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     kind = manifest.get("kind") or "encoder"
     return LoadedModel(model.eval(), tokenizer, kind, str(folder), list(manifest.get("notes", [])))
-

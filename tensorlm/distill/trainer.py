@@ -45,6 +45,7 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_lis
 from torch import nn
 from tqdm.auto import tqdm
 
+from tensorlm.data import resolve_data_dir
 from tensorlm.distill.config import DistillConfig
 from tensorlm.distill.data import LMBlocks, SentencePool, default_cache_dir
 from tensorlm.distill.losses import (
@@ -56,7 +57,7 @@ from tensorlm.distill.losses import (
     required_outputs,
 )
 from tensorlm.errors import TensorLMError
-from tensorlm.io import file_sha256
+from tensorlm.files import atomic_file, file_sha256
 
 CHECKPOINT_FORMAT = 1
 RUN_ONLY_KEYS = ("time_budget_s", "save_every", "log_every", "data_dir", "text_dir")
@@ -374,11 +375,9 @@ class _Run:
 
     def _save_best(self, step: int, metric: float) -> None:
         if self.acc.is_main_process:
-            path = self.out / _best_name(step)
-            tmp = path.with_name(path.name + ".tmp")
-            safetensors.torch.save_model(self.student, str(tmp),
-                                         metadata={"step": str(step), "metric": repr(metric)})
-            os.replace(tmp, path)
+            with atomic_file(self.out / _best_name(step)) as tmp:
+                safetensors.torch.save_model(self.student, str(tmp),
+                                             metadata={"step": str(step), "metric": repr(metric)})
         self.acc.wait_for_everyone()
 
     def _load_best(self, best_step: int) -> None:
@@ -395,9 +394,8 @@ class _Run:
                      "rng": {"seed": self.cfg.seed, "scheme": "torch.manual_seed(f(seed, step, rank)) per step"},
                      "student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict()}
-            tmp = self.out / (name + ".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, self.out / name)
+            with atomic_file(self.out / name) as tmp:
+                torch.save(state, tmp)
             index = {"format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "step": step,
                      "file": name, "sha256": file_sha256(self.out / name), "best_step": best_step}
             _atomic_write(self.out / "checkpoint.json", json.dumps(index, indent=1).encode())
@@ -444,8 +442,6 @@ def _open_run(out: Path, fingerprint: str, resume: bool) -> dict | None:
 
 
 def _training_data(cfg: DistillConfig, kind: str, tokenizer) -> LMBlocks | SentencePool:
-    from tensorlm.data import resolve_data_dir
-
     data_dir = resolve_data_dir(cfg.data_dir) if (cfg.data_dir or cfg.text_dir is None) else None
     text_dir = Path(cfg.text_dir) if cfg.text_dir else data_dir / "lm_text"
     if kind == "causal-lm":
@@ -552,12 +548,11 @@ def _remove_stale(out: Path, keep: set[str]) -> None:
 
 
 def _atomic_write(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    """Write ``payload`` to ``path`` through :func:`tensorlm.files.atomic_file`, synced to disk first."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         f.write(payload)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

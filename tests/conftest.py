@@ -1,0 +1,49 @@
+"""Shared fixtures: the data folder and tiny GPT-2, BERT and Llama models (random weights, seeded)."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+DATA = Path(os.environ.get("TENSORLM_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    assert DATA.is_dir(), f"shared data folder {DATA} is missing (set TENSORLM_DATA)"
+    return DATA
+
+
+def make_tiny_gpt2(n_layer: int = 2, vocab_size: int = 100, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=32, n_head=2, vocab_size=vocab_size, n_positions=64,
+                                      bos_token_id=0, eos_token_id=0)).eval()
+
+
+def make_tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    """GQA (4 query heads, 2 key/value heads), tied embeddings: the shape of SmolLM2 in miniature."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                        num_hidden_layers=2, intermediate_size=128, vocab_size=256,
+                                        max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=0,
+                                        eos_token_id=0, pad_token_id=0)).eval()
+
+
+@pytest.fixture
+def tiny_gpt2() -> GPT2LMHeadModel:
+    return make_tiny_gpt2()
+
+
+@pytest.fixture
+def tiny_bert() -> BertModel:
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=64), add_pooling_layer=False).eval()
+
+
+@pytest.fixture
+def tiny_llama() -> LlamaForCausalLM:
+    return make_tiny_llama()
