@@ -72,6 +72,15 @@ def dense_weight(layer: nn.Module, name: str = "") -> tuple[torch.Tensor, torch.
     return weight, bias
 
 
+def fill(module: nn.Module, **values: torch.Tensor | None) -> nn.Module:
+    """Copy ``values`` into ``module``'s parameters of the same names (None: skipped); returns ``module``."""
+    with torch.no_grad():
+        for name, value in values.items():
+            if value is not None:
+                getattr(module, name).copy_(value)
+    return module
+
+
 def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     """An ``nn.Linear`` holding ``weight: (out, in)`` and ``bias: (out,)`` (copies)."""
     out_features, in_features = weight.shape

@@ -19,7 +19,7 @@ from tensorlm.decompose.kronecker import (
 )
 from tensorlm.errors import TensorLMError
 from tensorlm.layers.base import TiedHead as TiedHead  # the tied head of every factored table
-from tensorlm.layers.base import dense_linear, dense_weight, project, register_layer
+from tensorlm.layers.base import dense_linear, dense_weight, fill, project, register_layer
 
 
 def check_permutation(perm: torch.Tensor, length: int, name: str) -> torch.Tensor:
@@ -117,12 +117,7 @@ class KroneckerLinear(nn.Module):
         _, m2, n2 = factors.b.shape
         module = cls((m1, n1), (m2, n2), rank, bias is not None, row_perm, col_perm, dtype=factors.a.dtype,
                      device=factors.a.device)
-        with torch.no_grad():
-            module.a.copy_(factors.a)
-            module.b.copy_(factors.b)
-            if bias is not None:
-                module.bias.copy_(bias)
-        return module
+        return fill(module, a=factors.a, b=factors.b, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (m1, n1), (m2, n2), r = self.shape.a_shape, self.shape.b_shape, self.shape.rank

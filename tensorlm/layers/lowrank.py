@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tensorlm.decompose.lowrank import rank_for_ratio, truncated_svd
-from tensorlm.layers.base import dense_linear, dense_weight, register_layer
+from tensorlm.layers.base import dense_linear, dense_weight, fill, register_layer
 
 
 @register_layer
@@ -41,12 +41,7 @@ class LowRankLinear(nn.Module):
         rank = rank if rank is not None else rank_for_ratio(tuple(w.shape), ratio)
         factors = truncated_svd(w, rank, name or "LowRankLinear")
         module = cls(w.shape[1], w.shape[0], rank, bias is not None, dtype=w.dtype, device=w.device)
-        with torch.no_grad():
-            module.u.copy_(factors.u)
-            module.v.copy_(factors.v)
-            if bias is not None:
-                module.bias.copy_(bias)
-        return module
+        return fill(module, u=factors.u, v=factors.v, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.v), self.u, self.bias)  # (..., in) -> (..., rank) -> (..., out)
