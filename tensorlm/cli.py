@@ -19,19 +19,22 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def cmd_run(args) -> None:
     from tensorlm.pipeline import run
-    from tensorlm.report import metrics_table, params_table
+    from tensorlm.report import metrics_table, params_table, ratio_phrase
 
     results = run(args.model, args.recipe, args.out, data_dir=args.data_dir, eval_mode=args.eval,
-                  overwrite=args.overwrite, resume=args.resume)
-    metrics = results["metrics"]
+                  overwrite=args.overwrite, resume=args.resume, dtype=args.dtype)
+    metrics = results.metrics
     print(metrics_table(metrics["before"], {**metrics["after"]}) if metrics["before"] else "(not evaluated)")
     for key, value in metrics["agreement"].items():
         print(f"{key}: {value:.4f}")
+    if results.samples:
+        print(f"greedy {results.samples['prompt']!r} -> uncompressed {results.samples['before']!r}, "
+              f"compressed {results.samples['after']!r}")
     print()
-    print(params_table(results["params"]["before"], results["params"]["after"]))
-    print(f"\ncompression took {results['seconds']['compress']:.1f} s; "
-          f"whole model {results['compression']['model_ratio']:.3f}x smaller")
-    print(f"wrote {results['out']} (model.safetensors, tensorlm.json, results.json, report.md)")
+    print(params_table(results.params["before"], results.params["after"]))
+    print(f"\ncompression took {results.seconds['compress']:.1f} s; "
+          f"whole model {ratio_phrase(results.compression['model_ratio'])}")
+    print(f"wrote {results.out} (model.safetensors, tensorlm.json, results.json, report.md)")
 
 
 def cmd_compress(args) -> None:
@@ -81,7 +84,7 @@ def cmd_evaluate(args) -> None:
 
     loaded = load_model(args.model, data_dir=args.data_dir)
     metrics, protocols = evaluate_model(loaded.model, loaded.tokenizer, loaded.kind, data_dir=args.data_dir,
-                                        quick=args.quick)
+                                        mode=args.eval)
     print(json.dumps({"model": args.model, "metrics": metrics, "protocols": protocols}, indent=2))
 
 
@@ -133,7 +136,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default=DEFAULT_RECIPE, help="built-in recipe name or YAML path")
     p.add_argument("--model", help="model folder, offline name or hub id (default: the recipe's model)")
     p.add_argument("--out", help="new output folder (default: runs/<recipe>-<model>-<time>)")
-    p.add_argument("--eval", choices=("full", "quick", "none"), default="full", help="benchmark sets to run")
+    p.add_argument("--eval", choices=("full", "sweep", "quick", "none"), default="full",
+                   help="benchmark sets: full (everything), sweep (wt2-16k, 1,000 LAMBADA passages), quick "
+                        "(wt2-4k, 200 passages), none")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype the model is loaded in")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--resume", action="store_true", help="continue the distillation of an interrupted run")
     _add_common(p)
@@ -158,7 +164,8 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compress)
     p = sub.add_parser("evaluate", help="the standard benchmarks of a model or compressed folder")
     p.add_argument("--model", required=True)
-    p.add_argument("--quick", action="store_true", help="documented subsets of the causal-LM sets")
+    p.add_argument("--eval", choices=("full", "sweep", "quick"), default="full",
+                   help="benchmark sets: full, sweep or quick (documented subsets of the causal-LM sets)")
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("inspect", help="parameter table of a model or compressed folder")

@@ -6,6 +6,7 @@ The local folder is laid out like ``/work/shared/data`` (see its README)::
     sick/SICK_{train,trial,test_annotated}.txt   header: pair_ID sentence_A sentence_B relatedness_score ...
     wikitext-2/wiki.test.raw               raw WikiText-2 test, read as it is in the file
     lambada/lambada_test.jsonl             OpenAI's LAMBADA test, one {"text": ...} per line
+    lm_text/*.txt                          plain English text shards (training, calibration; their ends held out)
 
 It is found from the explicit ``data_dir`` argument, else from the environment variable ``TENSORLM_DATA``.
 With neither, the loaders fetch the same sets from the Hugging Face hub through the optional
@@ -185,6 +186,29 @@ def load_lambada(data_dir: str | os.PathLike | None = None) -> list[str]:
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise TensorLMError(f"{path}:{number} is not a JSON object with a 'text' field") from exc
     return passages
+
+
+def load_lm_text_tail(data_dir: str | os.PathLike | None = None, *, shards: int = 16, chars: int = 2_000) -> str:
+    """Held-out causal-LM text: the last ``chars`` characters of each of the first ``shards`` ``lm_text`` shards.
+
+    The ends of the shards are what :class:`tensorlm.distill.data.LMBlocks` holds out for validation
+    (and a shard's final partial block is never used at all), so neither distillation nor calibration
+    reads this text. Each tail starts at a line boundary; the tails are joined by a blank line.
+
+    Raises:
+        TensorLMError: no data folder, or fewer than ``shards`` shards.
+    """
+    folder = resolve_data_dir(data_dir) / "lm_text"
+    paths = sorted(folder.glob("*.txt")) if folder.is_dir() else []
+    if len(paths) < shards:
+        raise TensorLMError(f"held-out text needs {shards} shards in {folder}; found {len(paths)}")
+    tails = []
+    for path in paths[:shards]:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        tail = text[-chars:]
+        tails.append(tail[tail.find("\n") + 1:].strip() if "\n" in tail else tail.strip())
+    return "\n\n".join(tails)
 
 
 def _local_folder(data_dir: str | os.PathLike | None) -> Path | None:

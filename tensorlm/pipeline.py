@@ -1,18 +1,26 @@
-"""The main job: load, evaluate, compress (stage by stage), evaluate again, save, report."""
+"""The main job: load, evaluate, compress (stage by stage), evaluate again, save, report.
+
+Each step is one function; :func:`run` strings them together and :class:`RunResults` is what they
+produce, written to ``results.json`` and rendered to ``report.md``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from tensorlm.errors import TensorLMError
+from tensorlm.evaluate import MODES, agreement, evaluate_model
+from tensorlm.evaluate.generation import SAMPLE_PROMPT, greedy_sample
 from tensorlm.io import atomic_folder, write_compressed
 from tensorlm.models import LoadedModel, load_model
 from tensorlm.params import compression_summary, count_parameters
@@ -22,8 +30,8 @@ from tensorlm.surgery import compress
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_RECIPE = "minilm-kronecker-ffn"
+EVAL_MODES = (*MODES, "none")
 AGREEMENT_SENTENCES = 500
-AGREEMENT_TOKENS = 8192
 
 
 def machine() -> str:
@@ -37,34 +45,64 @@ def log(message: str) -> None:
     print(f"[tensorlm] {message}", file=sys.stderr, flush=True)
 
 
+@dataclass
+class RunResults:
+    """What a run measured; ``results.json`` is :meth:`to_dict`, ``report.md`` is its rendering.
+
+    ``metrics`` holds ``before``, ``after`` (same keys) and ``agreement``; ``protocols`` names the
+    protocol of every metric; ``samples`` holds the greedy generation of both models (causal LMs);
+    ``seconds`` the wall time of each step; ``params`` the accounting of both models
+    (:func:`tensorlm.params.count_parameters`).
+    """
+
+    model: str
+    kind: str
+    recipe: dict
+    eval_mode: str
+    params: dict = field(default_factory=dict)
+    compression: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=lambda: {"before": {}, "after": {}, "agreement": {}})
+    protocols: dict = field(default_factory=dict)
+    samples: dict = field(default_factory=dict)
+    replaced: list = field(default_factory=list)
+    stages: list = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+    machine: str = ""
+    tensorlm_version: str = ""
+    out: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 def evaluate(loaded: LoadedModel, model, data_dir, mode: str) -> tuple[dict, dict]:
-    """Standard metrics of ``model`` (``mode``: full, quick or none)."""
+    """Standard metrics of ``model`` (``mode``: one of :data:`EVAL_MODES`)."""
     if mode == "none":
         return {}, {}
-    from tensorlm.evaluate import evaluate_model
-
-    return evaluate_model(model, loaded.tokenizer, loaded.kind, data_dir=data_dir, quick=mode == "quick")
+    return evaluate_model(model, loaded.tokenizer, loaded.kind, data_dir=data_dir, mode=mode)
 
 
-def agreement(loaded: LoadedModel, student, data_dir, mode: str) -> tuple[dict, dict]:
-    """Student-teacher agreement: mean embedding cosine (encoders) or per-token KL (causal LMs)."""
+def measure_agreement(loaded: LoadedModel, student, data_dir, mode: str) -> tuple[dict, dict]:
+    """Student-teacher agreement: mean embedding cosine (encoders, STS-B dev sentences) or per-token KL
+    (causal LMs, held-out ``lm_text``)."""
     if mode == "none":
         return {}, {}
-    from tensorlm.data import load_sts, load_wikitext2_test
-    from tensorlm.evaluate.agreement import causal_kl, embedding_agreement
-
+    sentences = None
     if loaded.kind == "encoder":
+        from tensorlm.data import load_sts
+
         pairs = load_sts("stsb", "dev", data_dir)
         sentences = list(dict.fromkeys(s for a, b, _ in pairs for s in (a, b)))[:AGREEMENT_SENTENCES]
-        value = embedding_agreement(student, loaded.model, loaded.tokenizer, sentences)
-        return ({"teacher_cosine": value},
-                {"teacher_cosine": f"mean cosine of student and teacher mean-pooled embeddings, first "
-                                   f"{len(sentences)} unique STS-B dev sentences"})
-    value = causal_kl(student, loaded.model, loaded.tokenizer, load_wikitext2_test(data_dir),
-                      max_tokens=AGREEMENT_TOKENS)
-    return ({"teacher_kl": value},
-            {"teacher_kl": f"KL(teacher || student) per token in nats, first {AGREEMENT_TOKENS:,} tokens of "
-                           "wikitext-2-raw test, context 1024 chunks"})
+    return agreement(student, loaded.model, loaded.tokenizer, loaded.kind, data_dir=data_dir, mode=mode,
+                     sentences=sentences)
+
+
+def sample(loaded: LoadedModel, model, mode: str) -> str | None:
+    """The greedy continuation of :data:`~tensorlm.evaluate.generation.SAMPLE_PROMPT` (causal LMs only)."""
+    if mode == "none" or loaded.kind != "causal-lm":
+        return None
+    return greedy_sample(model, loaded.tokenizer)
 
 
 def distill_stage(loaded: LoadedModel, student, stage, work: Path, data_dir, resume: bool) -> dict:
@@ -83,46 +121,25 @@ def distill_stage(loaded: LoadedModel, student, stage, work: Path, data_dir, res
             "best_metric": result.best_metric, "stopped": result.stopped}
 
 
-def run(model: str | None = None, recipe: str | Recipe = DEFAULT_RECIPE, out: str | os.PathLike | None = None, *,
-        data_dir: str | os.PathLike | None = None, eval_mode: str = "full", overwrite: bool = False,
-        resume: bool = False) -> dict:
-    """Compress ``model`` by ``recipe``, measure both models in one harness, and write a run folder.
-
-    The folder ``out`` (default ``runs/<recipe>-<model>-<time>``) receives the compressed model
-    (:func:`tensorlm.io.write_compressed`), ``results.json`` and ``report.md``; it is written to a
-    temporary folder and renamed at the end. Stages with a ``distill:`` block are distilled right after
-    they are compressed, and such an iterative recipe is evaluated after each stage (quick subsets for
-    causal LMs); distillation checkpoints live in ``<out>.partial/`` until the run completes, and
-    ``resume`` continues them after an interruption. ``seconds.compress`` counts the decompositions
-    alone; distillation and per-stage evaluation are timed apart.
-
-    Returns:
-        The results dictionary (also in ``results.json``): ``model``, ``recipe``, ``params.before``,
-        ``params.after``, ``compression``, ``metrics.before``, ``metrics.after``, ``protocols``, ...
-
-    Raises:
-        TensorLMError: an unknown model or recipe, an existing output folder, bad recipe targets.
-    """
-    if eval_mode not in ("full", "quick", "none"):
-        raise TensorLMError(f"eval mode {eval_mode!r} is not one of full, quick, none")
-    recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
-    model = model or recipe.model or DEFAULT_MODEL
+def output_folder(out, recipe: Recipe, model: str, overwrite: bool) -> Path:
+    """The run folder: ``out``, or ``runs/<recipe>-<model>-<time>``; refused when it exists (unless asked)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(out) if out else Path("runs") / f"{recipe.name}-{Path(model).name}-{stamp}"
     if out.exists() and not overwrite:
         raise TensorLMError(f"output folder {out} already exists; choose another or pass --overwrite")
-    seconds = {}
-    log(f"loading {model}")
-    loaded = load_model(model, data_dir=data_dir)
-    log(f"evaluating the uncompressed model ({eval_mode})")
-    t0 = time.perf_counter()
-    before, protocols = evaluate(loaded, loaded.model, data_dir, eval_mode)
-    seconds["evaluate_before"] = time.perf_counter() - t0
-    log(f"compressing with recipe {recipe.name}")
-    stages = []
-    work = Path(f"{out}.partial")
-    per_stage = any(s.distill is not None for s in recipe.stages) and eval_mode != "none"
-    seconds["distill_and_stage_evaluation"] = 0.0
+    return out
+
+
+def compress_and_heal(loaded: LoadedModel, recipe: Recipe, results: RunResults, work: Path, data_dir,
+                      resume: bool):
+    """Compress ``loaded.model`` by ``recipe`` (a copy), distilling after each stage with a ``distill:`` block.
+
+    An iterative (distilled) recipe is evaluated after each stage on the quick protocol. Fills
+    ``results.stages``, ``results.replaced`` and the ``compress`` / ``distill_and_stage_evaluation``
+    seconds (the decompositions alone count as compression).
+    """
+    per_stage = any(s.distill is not None for s in recipe.stages) and results.eval_mode != "none"
+    results.seconds["distill_and_stage_evaluation"] = 0.0
 
     def after_stage(student, stage, names):
         t_stage = time.perf_counter()
@@ -131,42 +148,85 @@ def run(model: str | None = None, recipe: str | Recipe = DEFAULT_RECIPE, out: st
             record["distill"] = distill_stage(loaded, student, stage, work, data_dir, resume)
         if per_stage:
             record["metrics"] = evaluate(loaded, student, data_dir, "quick")[0]
-        stages.append(record)
-        seconds["distill_and_stage_evaluation"] += time.perf_counter() - t_stage
+        results.stages.append(record)
+        results.seconds["distill_and_stage_evaluation"] += time.perf_counter() - t_stage
 
     t0 = time.perf_counter()
     small = compress(loaded.model, recipe, after_stage=after_stage)
-    seconds["compress"] = time.perf_counter() - t0 - seconds["distill_and_stage_evaluation"]
-    replaced = [n for s in stages for n in s["replaced"]]
-    log(f"compressed {len(replaced)} modules in {seconds['compress']:.1f} s; evaluating the compressed model")
-    t0 = time.perf_counter()
-    after, _ = evaluate(loaded, small, data_dir, eval_mode)
-    agree, agree_protocols = agreement(loaded, small, data_dir, eval_mode)
-    seconds["evaluate_after"] = time.perf_counter() - t0
-    top_level = [n for n in replaced if not any(n.startswith(p + ".") for p in replaced)]
-    params_before = count_parameters(loaded.model, top_level)
-    params_after = count_parameters(small, top_level)
-    results = {
-        "model": model,
-        "kind": loaded.kind,
-        "recipe": recipe.to_dict(),
-        "params": {"before": params_before, "after": params_after},
-        "compression": compression_summary(params_before, params_after),
-        "metrics": {"before": before, "after": after, "agreement": agree},
-        "protocols": {**protocols, **agree_protocols},
-        "replaced": replaced,
-        "stages": stages,
-        "seconds": seconds,
-        "notes": loaded.notes,
-        "machine": machine(),
-    }
+    results.seconds["compress"] = time.perf_counter() - t0 - results.seconds["distill_and_stage_evaluation"]
+    results.replaced = [n for s in results.stages for n in s["replaced"]]
+    return small
+
+
+def account(loaded: LoadedModel, small, results: RunResults) -> None:
+    """Parameter tables of both models and their ratios, into ``results``."""
+    top_level = [n for n in results.replaced if not any(n.startswith(p + ".") for p in results.replaced)]
+    before, after = count_parameters(loaded.model, top_level), count_parameters(small, top_level)
+    results.params = {"before": before, "after": after}
+    results.compression = compression_summary(before, after)
+
+
+def write_run(out: Path, small, loaded: LoadedModel, recipe: Recipe, results: RunResults, work: Path,
+              overwrite: bool) -> None:
+    """The run folder, written atomically: compressed model, ``results.json``, ``report.md``, distill logs."""
     with atomic_folder(out, overwrite=overwrite) as tmp:
         write_compressed(small, tmp, tokenizer=loaded.tokenizer, kind=loaded.kind, recipe=recipe, notes=loaded.notes)
-        (tmp / "results.json").write_text(json.dumps(results, indent=2))
+        (tmp / "results.json").write_text(json.dumps(results.to_dict(), indent=2))
         (tmp / "report.md").write_text(render(results))
         for log_file in work.glob("distill-*/metrics.jsonl"):
             (tmp / f"{log_file.parent.name}.jsonl").write_text(log_file.read_text())
     if work.exists():
         shutil.rmtree(work)
-    results["out"] = str(out)
+
+
+def run(model: str | None = None, recipe: str | Recipe = DEFAULT_RECIPE, out: str | os.PathLike | None = None, *,
+        data_dir: str | os.PathLike | None = None, eval_mode: str = "full", overwrite: bool = False,
+        resume: bool = False, dtype: str = "float32") -> RunResults:
+    """Compress ``model`` by ``recipe``, measure both models in one harness, and write a run folder.
+
+    The folder ``out`` (default ``runs/<recipe>-<model>-<time>``) receives the compressed model
+    (:func:`tensorlm.io.write_compressed`), ``results.json`` and ``report.md``; it is written to a
+    temporary folder and renamed at the end. Stages with a ``distill:`` block are distilled right after
+    they are compressed (:func:`compress_and_heal`); distillation checkpoints live in ``<out>.partial/``
+    until the run completes, and ``resume`` continues them after an interruption.
+
+    Args:
+        eval_mode: ``full``, ``sweep``, ``quick`` (:data:`tensorlm.evaluate.CAUSAL_PROTOCOLS`) or ``none``.
+        dtype: ``float32`` or ``bfloat16``, the dtype the model is loaded in.
+
+    Raises:
+        TensorLMError: an unknown model, recipe or eval mode, an existing output folder, bad recipe targets.
+    """
+    from tensorlm import __version__
+
+    if eval_mode not in EVAL_MODES:
+        raise TensorLMError(f"eval mode {eval_mode!r} is not one of {', '.join(EVAL_MODES)}")
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+    model = model or recipe.model or DEFAULT_MODEL
+    out = output_folder(out, recipe, model, overwrite)
+    log(f"loading {model}")
+    loaded = load_model(model, data_dir=data_dir, dtype=dtype)
+    results = RunResults(model, loaded.kind, recipe.to_dict(), eval_mode, notes=loaded.notes,
+                         tensorlm_version=__version__)
+    log(f"evaluating the uncompressed model ({eval_mode})")
+    t0 = time.perf_counter()
+    results.metrics["before"], results.protocols = evaluate(loaded, loaded.model, data_dir, eval_mode)
+    before_sample = sample(loaded, loaded.model, eval_mode)
+    results.seconds["evaluate_before"] = time.perf_counter() - t0
+    log(f"compressing with recipe {recipe.name}")
+    work = Path(f"{out}.partial")
+    small = compress_and_heal(loaded, recipe, results, work, data_dir, resume)
+    log(f"compressed {len(results.replaced)} modules in {results.seconds['compress']:.1f} s; "
+        "evaluating the compressed model")
+    t0 = time.perf_counter()
+    results.metrics["after"], _ = evaluate(loaded, small, data_dir, eval_mode)
+    results.metrics["agreement"], agree_protocols = measure_agreement(loaded, small, data_dir, eval_mode)
+    results.protocols.update(agree_protocols)
+    if before_sample is not None:
+        results.samples = {"prompt": SAMPLE_PROMPT, "before": before_sample, "after": sample(loaded, small, eval_mode)}
+    results.seconds["evaluate_after"] = time.perf_counter() - t0
+    account(loaded, small, results)
+    results.machine = machine()
+    write_run(out, small, loaded, recipe, results, work, overwrite)
+    results.out = str(out)
     return results

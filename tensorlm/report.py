@@ -1,4 +1,4 @@
-"""The Markdown report of a run, built from its ``results.json`` dictionary."""
+"""The Markdown report of a run, built from its :class:`~tensorlm.pipeline.RunResults`."""
 
 from __future__ import annotations
 
@@ -38,44 +38,64 @@ def params_table(before: dict, after: dict) -> str:
     return "\n".join(rows)
 
 
-def render(results: dict) -> str:
-    """The full ``report.md`` of a run."""
-    params, ratios = results["params"], results["compression"]
+def render(results) -> str:
+    """The full ``report.md`` of a run (a :class:`~tensorlm.pipeline.RunResults`)."""
+    params, ratios = results.params, results.compression
     lines = [
-        f"# {results['recipe']['name']} on {results['model']}",
+        f"# {results.recipe['name']} on {results.model}",
         "",
-        results["recipe"].get("description", "").strip(),
+        results.recipe.get("description", "").strip(),
         "",
         "## Quality",
         "",
-        metrics_table(results["metrics"]["before"], results["metrics"]["after"]),
+        metrics_table(results.metrics["before"], results.metrics["after"]) if results.metrics["before"]
+        else "Not evaluated (`--eval none`).",
         "",
         *[f"Agreement with the uncompressed model, `{k}`: {_fmt(v)}." for k, v in
-          results["metrics"].get("agreement", {}).items()],
+          results.metrics.get("agreement", {}).items()],
+        *_sample_lines(results.samples),
         "",
         "## Parameters",
         "",
         params_table(params["before"], params["after"]),
         "",
-        f"Compression: whole model {ratios['model_ratio']:.3f}x"
-        + (f", targeted modules {ratios['targeted_ratio']:.3f}x" if "targeted_ratio" in ratios else "")
-        + f" ({len(results['replaced'])} modules replaced). Compression took {results['seconds']['compress']:.1f} s.",
+        f"Compression: whole model {ratio_phrase(ratios['model_ratio'])}"
+        + (f", targeted modules {ratio_phrase(ratios['targeted_ratio'])}" if "targeted_ratio" in ratios else "")
+        + f" ({len(results.replaced)} modules replaced). Compression took {results.seconds['compress']:.1f} s.",
         "",
         "## Protocols",
         "",
-        *[f"- `{k}`: {v}" for k, v in results["protocols"].items()],
+        *[f"- `{k}`: {v}" for k, v in results.protocols.items()],
+        *_stage_lines(results.stages),
     ]
-    stages = results.get("stages", [])
-    if len(stages) > 1 or any("distill" in s for s in stages):
-        lines += ["", "## Stages", "", "| stage | method | modules | distillation | metrics after the stage |",
-                  "|---|---|---:|---|---|"]
-        for s in stages:
-            d = s.get("distill")
-            trained = f"{d['steps']} steps, best {d['metric']} {_fmt(d['best_metric'])} at step {d['best_step']}" \
-                if d else "-"
-            metric = ", ".join(f"{k} {_fmt(v)}" for k, v in s.get("metrics", {}).items()) or "-"
-            lines.append(f"| {s['name']} | {s['method']} | {len(s['replaced'])} | {trained} | {metric} |")
-    if results.get("notes"):
-        lines += ["", "## Notes", "", *[f"- {n}" for n in results["notes"]]]
-    lines += ["", f"Machine: {results['machine']}.", ""]
+    if results.notes:
+        lines += ["", "## Notes", "", *[f"- {n}" for n in results.notes]]
+    lines += ["", f"Machine: {results.machine}. tensorlm {results.tensorlm_version}, eval mode "
+              f"`{results.eval_mode}`.", ""]
     return "\n".join(lines)
+
+
+def ratio_phrase(ratio: float) -> str:
+    """``2.000x smaller`` for a ratio ``before / after`` above 1, ``1.490x larger`` below it (growth is growth)."""
+    return f"{ratio:.3f}x smaller" if ratio >= 1 else f"{1 / ratio:.3f}x larger"
+
+
+def _sample_lines(samples: dict) -> list[str]:
+    if not samples:
+        return []
+    return ["", f"Greedy continuation of {samples['prompt']!r} (32 new tokens):", "",
+            f"- uncompressed: {samples['before']!r}", f"- compressed: {samples['after']!r}"]
+
+
+def _stage_lines(stages: list[dict]) -> list[str]:
+    if len(stages) <= 1 and not any("distill" in s for s in stages):
+        return []
+    lines = ["", "## Stages", "", "| stage | method | modules | distillation | metrics after the stage |",
+             "|---|---|---:|---|---|"]
+    for s in stages:
+        d = s.get("distill")
+        trained = f"{d['steps']} steps, best {d['metric']} {_fmt(d['best_metric'])} at step {d['best_step']}" \
+            if d else "-"
+        metric = ", ".join(f"{k} {_fmt(v)}" for k, v in s.get("metrics", {}).items()) or "-"
+        lines.append(f"| {s['name']} | {s['method']} | {len(s['replaced'])} | {trained} | {metric} |")
+    return lines

@@ -280,14 +280,16 @@ def small_data_dir(tmp_path: Path) -> Path:
 def test_evaluate_model_causal(gpt2_tokenizer, tmp_path):
     folder = small_data_dir(tmp_path)
     model = tiny_gpt2(n_positions=64)
-    metrics, protocols = evaluate_model(model, gpt2_tokenizer, "causal-lm", data_dir=folder, quick=True)
-    keys = {"wikitext2_ppl_sliding", "wikitext2_ppl_chunked", "lambada_acc", "lambada_ppl"}
+    metrics, protocols = evaluate_model(model, gpt2_tokenizer, "causal-lm", data_dir=folder, mode="quick")
+    keys = {"wikitext2_ppl", "lambada_acc", "lambada_ppl"}
     assert set(metrics) == set(protocols) == keys
     text = load_wikitext2_test(folder)
     direct = perplexity(model, gpt2_tokenizer, text, context=64, stride=32, progress=False)
-    assert metrics["wikitext2_ppl_sliding"] == pytest.approx(direct["perplexity"], rel=1e-6)
-    assert "quick: first 16,384 tokens" in protocols["wikitext2_ppl_chunked"]
-    assert "first 12 passages" in protocols["lambada_acc"]  # quick asks for 500; the folder holds 12
+    assert metrics["wikitext2_ppl"] == pytest.approx(direct["perplexity"], rel=1e-6)
+    assert protocols["wikitext2_ppl"].startswith("wt2-4k: wikitext-2-raw test, first 4,096 tokens, sliding")
+    assert "first 12 passages" in protocols["lambada_acc"]  # quick asks for 100; the folder holds 12
+    with pytest.raises(TensorLMError, match="choose one of"):
+        evaluate_model(model, gpt2_tokenizer, "causal-lm", data_dir=folder, mode="fast")
     assert metrics["lambada_acc"] == lambada(model, gpt2_tokenizer, data_dir=folder, progress=False)["accuracy"]
     with pytest.raises(TensorLMError, match="choose one of"):
         evaluate_model(model, gpt2_tokenizer, "seq2seq", data_dir=folder)

@@ -8,6 +8,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from tensorlm import Recipe, load_compressed
 from tensorlm.cli import main
+from tensorlm.evaluate import CAUSAL_PROTOCOLS, CausalProtocol
 from tensorlm.pipeline import run
 
 DATA = Path(os.environ.get("TENSORLM_DATA", Path(__file__).parents[1] / ".." / "shared" / "data"))
@@ -23,9 +24,7 @@ def tiny_gpt2_folder(tmp_path_factory):
 
 
 def test_two_stage_run_distills_after_each_stage_and_reports_it(tiny_gpt2_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr("tensorlm.evaluate.QUICK_WIKITEXT_TOKENS", 512)  # keep the test short
-    monkeypatch.setattr("tensorlm.evaluate.QUICK_LAMBADA_PASSAGES", 8)
-    monkeypatch.setattr("tensorlm.pipeline.AGREEMENT_TOKENS", 256)
+    monkeypatch.setitem(CAUSAL_PROTOCOLS, "quick", CausalProtocol("tiny", 512, 8, 2))  # keep the test short
     text = tmp_path / "text"
     text.mkdir()
     (text / "a.txt").write_text("\n\n".join(f"Document {i}. " + "The quick brown fox jumps. " * 40
@@ -41,16 +40,19 @@ def test_two_stage_run_distills_after_each_stage_and_reports_it(tiny_gpt2_folder
     out = tmp_path / "run"
     results = run(str(tiny_gpt2_folder), recipe, out, data_dir=DATA, eval_mode="quick")
     saved = json.loads((out / "results.json").read_text())
-    assert saved["metrics"]["before"].keys() == saved["metrics"]["after"].keys() >= {"wikitext2_ppl_sliding",
-                                                                                       "lambada_acc"}
+    assert saved["metrics"]["before"].keys() == saved["metrics"]["after"].keys() == {"wikitext2_ppl", "lambada_acc",
+                                                                                       "lambada_ppl"}
+    assert saved["metrics"]["agreement"]["teacher_kl"] >= 0 and "held-out lm_text" in saved["protocols"]["teacher_kl"]
+    assert saved["samples"]["prompt"] == "The capital of France is" and "Greedy continuation" in (
+        out / "report.md").read_text()
     assert [s["name"] for s in saved["stages"]] == ["embedding", "mlp"]
-    assert all(s["distill"]["steps"] == 2 and "wikitext2_ppl_sliding" in s["metrics"] for s in saved["stages"])
+    assert all(s["distill"]["steps"] == 2 and "wikitext2_ppl" in s["metrics"] for s in saved["stages"])
     assert saved["params"]["after"]["total"] < saved["params"]["before"]["total"]
     assert {"distill-embedding.jsonl", "distill-mlp.jsonl", "report.md", "model.safetensors"} <= {
         p.name for p in out.iterdir()}
     assert "## Stages" in (out / "report.md").read_text()
     assert not Path(f"{out}.partial").exists()
-    assert results["compression"]["model_ratio"] > 1
+    assert results.compression["model_ratio"] > 1
     # the saved model is the distilled one
     loaded = load_compressed(out)
     assert loaded.kind == "causal-lm"

@@ -18,6 +18,7 @@ Pure tensor code: nothing here knows about ``nn.Module``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import tensorly
@@ -98,9 +99,11 @@ def block_layout(shapes: dict[str, tuple[int, int]], block_size: int | None = No
     offsets, offset = {}, 0
     for name, (out_features, in_features) in shapes.items():
         if out_features % size or in_features % size:
+            common = math.gcd(*(d for shape in shapes.values() for d in shape))
+            valid = [d for d in range(common, 0, -1) if common % d == 0][:8]
             raise TensorLMError(
                 f"tucker bank: weight {name!r} of shape {shapes[name]} is not a multiple of block_size={size} "
-                "in both dimensions; choose a block_size that divides every dimension"
+                f"in both dimensions; block sizes that divide every target: {', '.join(map(str, valid))}"
             )
         offsets[name] = offset
         offset += (out_features // size) * (in_features // size)

@@ -17,8 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tensorlm.errors import TensorLMError
-from tensorlm.evaluate import inference, model_device
 from tensorlm.evaluate.perplexity import causal_logits, context_limit
+from tensorlm.evaluate.runtime import inference, model_device
 from tensorlm.evaluate.sts import sentence_embeddings
 
 

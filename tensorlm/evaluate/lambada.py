@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from tensorlm.data import load_lambada
 from tensorlm.errors import TensorLMError
-from tensorlm.evaluate import inference, model_device
 from tensorlm.evaluate.perplexity import causal_logits, context_limit
+from tensorlm.evaluate.runtime import inference, model_device
 
 
 def lambada(

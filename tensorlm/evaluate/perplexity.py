@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tensorlm.errors import TensorLMError
-from tensorlm.evaluate import inference, model_device
+from tensorlm.evaluate.runtime import inference, model_device
 
 PROTOCOLS = ("sliding", "chunked")
 

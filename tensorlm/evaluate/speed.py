@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tensorlm.errors import TensorLMError
-from tensorlm.evaluate import inference, model_device
+from tensorlm.evaluate.runtime import inference, model_device
 
 
 def forward_latency(

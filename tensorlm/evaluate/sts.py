@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from tensorlm.data import load_sts
 from tensorlm.errors import TensorLMError
-from tensorlm.evaluate import inference, model_device
+from tensorlm.evaluate.runtime import inference, model_device
 
 STS_PROTOCOL = "cosine of mask-aware mean-pooled last hidden states, Spearman (fraction)"
 
