@@ -52,6 +52,7 @@ from tensorlm.decompose.kronecker import (
     nearest_kronecker,
     rearrange,
 )
+from tensorlm.decompose.linalg import check_finite
 from tensorlm.decompose.whitening import DEFAULT_DAMP, check_second_moment, weighted_error, whitening
 from tensorlm.errors import TensorLMError
 
@@ -106,14 +107,6 @@ def _balanced(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return a * c[:, None, None], b / c[:, None, None]
 
 
-def _solve_psd(h: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """Solve ``H X = rhs`` for a symmetric PSD ``h: (d, d)`` and ``rhs: (d, c)`` by Cholesky with a tiny jitter."""
-    d = h.shape[0]
-    jitter = _JITTER * torch.diagonal(h).sum().clamp_min(torch.finfo(h.dtype).tiny) / d
-    chol, _ = torch.linalg.cholesky_ex(h + jitter * torch.eye(d, dtype=h.dtype))
-    return torch.cholesky_solve(rhs, chol)
-
-
 class _ALS:
     """Exact half-steps of alternating least squares for the weighted Kronecker objective (module docstring)."""
 
@@ -124,25 +117,37 @@ class _ALS:
         self.total = (y * w).sum().item()  # trace(W G W^T)
         self.y4 = y.reshape(self.m1, self.m2, self.n1, self.n2)
 
-    def energy_error(self, x: torch.Tensor, h: torch.Tensor, rhs: torch.Tensor) -> float:
-        """``E = trace(W G W^T) - 2 <X, rhs> + <X, H X>`` for stacked unknowns ``x: (d, c)``."""
-        return self.total - 2 * (x * rhs).sum().item() + (x * (h @ x)).sum().item()
+    def _minimise(self, h: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Minimise ``E(X) = trace(W G W^T) - 2 <X, rhs> + <X, H X>`` over ``X: (d, c)``; ``h: (d, d)`` PSD.
 
-    def step_a(self, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Best ``A`` for fixed ``b: (r, m2, n2)``: returns ``(x (r*n1, m1), H, rhs (r*n1, m1))``."""
+        Cholesky of ``H + jitter I`` (``h`` is overwritten); since ``(H + jitter I) X = rhs``, the error is
+        ``trace(W G W^T) - <X, rhs> - jitter ||X||^2``. A failed factorisation gives NaN, which the caller
+        rejects. Returns ``(X, E)``.
+        """
+        d = h.shape[0]
+        jitter = _JITTER * torch.diagonal(h).sum().clamp_min(torch.finfo(h.dtype).tiny).item() / d
+        torch.diagonal(h).add_(jitter)
+        chol, _ = torch.linalg.cholesky_ex(h)
+        x = torch.cholesky_solve(rhs, chol)
+        return x, self.total - (x * rhs).sum().item() - jitter * x.square().sum().item()
+
+    def step_a(self, b: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Best ``A`` for fixed ``b: (r, m2, n2)``: returns ``(a (r, m1, n1), weighted squared error)``."""
         r = b.shape[0]
         c = torch.einsum("kaj,lab->kljb", b, b).reshape(r * r, self.n2 * self.n2)  # B_k^T B_l
-        h = (self.rg @ c.T).reshape(self.n1, self.n1, r, r).permute(2, 0, 3, 1).reshape(r * self.n1, r * self.n1)
+        h = (c @ self.rg.T).reshape(r, r, self.n1, self.n1).permute(0, 2, 1, 3).reshape(r * self.n1, r * self.n1)
         rhs = torch.einsum("kbd,abcd->kca", b, self.y4).reshape(r * self.n1, self.m1)
-        return _solve_psd(h, rhs), h, rhs
+        x, err = self._minimise(h, rhs)  # x: (r*n1, m1)
+        return x.reshape(r, self.n1, self.m1).transpose(1, 2), err
 
-    def step_b(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Best ``B`` for fixed ``a: (r, m1, n1)``: returns ``(x (r*n2, m2), H, rhs (r*n2, m2))``."""
+    def step_b(self, a: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Best ``B`` for fixed ``a: (r, m1, n1)``: returns ``(b (r, m2, n2), weighted squared error)``."""
         r = a.shape[0]
         d = torch.einsum("kaj,lab->kljb", a, a).reshape(r * r, self.n1 * self.n1)  # A_k^T A_l
-        h = (self.rg.T @ d.T).reshape(self.n2, self.n2, r, r).permute(2, 0, 3, 1).reshape(r * self.n2, r * self.n2)
+        h = (d @ self.rg).reshape(r, r, self.n2, self.n2).permute(0, 2, 1, 3).reshape(r * self.n2, r * self.n2)
         rhs = torch.einsum("kac,abcd->kdb", a, self.y4).reshape(r * self.n2, self.m2)
-        return _solve_psd(h, rhs), h, rhs
+        x, err = self._minimise(h, rhs)  # x: (r*n2, m2)
+        return x.reshape(r, self.n2, self.m2).transpose(1, 2), err
 
     def rel(self, err: float) -> float:
         return (max(err, 0.0) / self.total) ** 0.5 if self.total > 0 else 0.0
@@ -203,8 +208,7 @@ def weighted_kronecker(
         raise TensorLMError(f"{name}: Kronecker rank {rank} for {a_shape} x {b_shape} must be in 1..{shape.max_rank}")
     if sweeps < 0:
         raise TensorLMError(f"{name}: ALS sweeps must be >= 0, got {sweeps}")
-    if not torch.isfinite(w).all():
-        raise TensorLMError(f"weight of {name!r} {tuple(w.shape)} holds NaN/Inf values")
+    check_finite(w, name)
     g = check_second_moment(g, w.shape[1], name)
     if not torch.trace(g) > 0:
         raise TensorLMError(f"{name}: input second moment has trace {torch.trace(g).item():g}; "
@@ -224,15 +228,13 @@ def weighted_kronecker(
     sweeps_run = 0
     for _ in range(sweeps):
         before = err
-        x, h, rhs = als.step_a(b)
-        new = als.energy_error(x, h, rhs)
-        if new <= err:
-            a, err = x.reshape(rank, shape.a_shape[1], shape.a_shape[0]).transpose(1, 2), new
+        new_a, new = als.step_a(b)
+        if new <= err:  # False for NaN: a failed solve is rejected
+            a, err = new_a, new
         history.append(als.rel(err))
-        x, h, rhs = als.step_b(a)
-        new = als.energy_error(x, h, rhs)
+        new_b, new = als.step_b(a)
         if new <= err:
-            b, err = x.reshape(rank, shape.b_shape[1], shape.b_shape[0]).transpose(1, 2), new
+            b, err = new_b, new
         history.append(als.rel(err))
         a, b = _balanced(a, b)
         sweeps_run += 1

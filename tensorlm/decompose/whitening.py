@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tensorlm.decompose.linalg import check_finite
 from tensorlm.errors import TensorLMError
 
 DEFAULT_DAMP = 1e-6
@@ -142,8 +143,7 @@ def whitened_svd(w: torch.Tensor, g: torch.Tensor, rank: int, name: str = "weigh
         TensorLMError: ``g`` not ``(n, n)`` or not finite, ``w`` not finite, rank out of range.
     """
     m, n = w.shape
-    if not torch.isfinite(w).all():
-        raise TensorLMError(f"weight of {name!r} {tuple(w.shape)} holds NaN/Inf values")
+    check_finite(w, name)
     if not 1 <= rank <= min(m, n):
         raise TensorLMError(f"{name} {(m, n)}: SVD rank {rank} must be in 1..{min(m, n)}")
     g = check_second_moment(g, n, name)
