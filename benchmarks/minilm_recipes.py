@@ -53,7 +53,7 @@ def main() -> None:
         rows = []
         with tempfile.TemporaryDirectory() as tmp:
             for recipe in args.recipes:
-                res = run("all-MiniLM-L6-v2", recipe, Path(tmp) / recipe, data_dir=args.data_dir)
+                res = run("all-MiniLM-L6-v2", recipe, Path(tmp) / recipe, data_dir=args.data_dir).to_dict()
                 rows.append({"recipe": recipe, "params_before": res["params"]["before"],
                              "params_after": res["params"]["after"], "compression": res["compression"],
                              "metrics": res["metrics"], "protocols": res["protocols"], "seconds": res["seconds"]})

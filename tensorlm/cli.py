@@ -138,7 +138,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="new output folder (default: runs/<recipe>-<model>-<time>)")
     p.add_argument("--eval", choices=("full", "sweep", "quick", "none"), default="full",
                    help="benchmark sets: full (everything), sweep (wt2-16k, 1,000 LAMBADA passages), quick "
-                        "(wt2-4k, 200 passages), none")
+                        "(wt2-4k, 100 passages; encoders: the full sets in every mode), none")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype the model is loaded in")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--resume", action="store_true", help="continue the distillation of an interrupted run")
@@ -165,7 +165,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="the standard benchmarks of a model or compressed folder")
     p.add_argument("--model", required=True)
     p.add_argument("--eval", choices=("full", "sweep", "quick"), default="full",
-                   help="benchmark sets: full, sweep or quick (documented subsets of the causal-LM sets)")
+                   help="benchmark sets: full, sweep (wt2-16k, 1,000 LAMBADA passages) or quick (wt2-4k, 100)")
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("inspect", help="parameter table of a model or compressed folder")

