@@ -120,13 +120,35 @@ def distill(student: nn.Module, teacher: nn.Module | None, tokenizer, config: Di
             checkpoint, or is not empty without ``resume``; the loss becomes NaN or infinite.
     """
     cfg = config if isinstance(config, DistillConfig) else DistillConfig.from_dict(config)
+    weights, flags, layer_map = _check_setup(cfg, kind, student, teacher, tokenizer)
+    accelerator = _accelerator(cfg, kind)
+    out = Path(out_dir)
+    fingerprint = _fingerprint(cfg, kind, student)
+    state = _open_run(out, fingerprint, resume)
+    accelerator.wait_for_everyone()  # every process has looked at the folder before anyone writes
+    with accelerator.main_process_first():
+        data = _training_data(cfg, kind, tokenizer)
+    model, optimizer, scheduler = _prepare(accelerator, student, teacher, cfg, state)
+    run = _Run(acc=accelerator, model=model, teacher=teacher, tokenizer=tokenizer, cfg=cfg, kind=kind,
+               weights=weights, flags=flags, layer_map=layer_map, data=data, out=out, fingerprint=fingerprint,
+               eval_fn=eval_fn, optimizer=optimizer, scheduler=scheduler)
+    restore = _eager_attention((student, teacher)) if flags["output_attentions"] else contextlib.nullcontext()
+    with restore:
+        return run.train(state, progress)
+
+
+def _check_setup(cfg: DistillConfig, kind: str, student: nn.Module, teacher: nn.Module | None, tokenizer
+                 ) -> tuple[dict[str, float], dict[str, bool], list]:
+    """The loss weights, the outputs they need and the layer map, after checking they fit the models.
+
+    Raises:
+        TensorLMError: no teacher where one is needed, vocabularies that differ, a layer map naming
+            missing blocks, attention terms with dropout on.
+    """
     weights = cfg.loss_weights(kind)
     if teacher is None:
         _check_no_teacher(kind, weights)
         teacher = student  # only for vocabulary and layer checks; never run as a teacher
-        without_teacher = True
-    else:
-        without_teacher = False
     _check_vocab(student, teacher, tokenizer)
     flags = required_outputs(weights)
     layer_map = cfg.layer_map or identity_layer_map(_num_layers(student))
@@ -135,7 +157,15 @@ def distill(student: nn.Module, teacher: nn.Module | None, tokenizer, config: Di
     if flags["output_attentions"] and cfg.dropout:
         raise TensorLMError("distill: attention_kl needs dropout=False (transformers returns attention "
                             "probabilities after dropout)")
+    return weights, flags, layer_map
 
+
+def _accelerator(cfg: DistillConfig, kind: str) -> Accelerator:
+    """The accelerator of a run.
+
+    Raises:
+        TensorLMError: ``batch_size`` does not divide by processes x ``grad_accum``.
+    """
     # An encoder's pooler takes no part in any loss: DDP must then look for parameters without gradients.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=kind == "encoder")
     accelerator = Accelerator(mixed_precision=_precision(cfg.mixed_precision), kwargs_handlers=[ddp])
@@ -143,19 +173,15 @@ def distill(student: nn.Module, teacher: nn.Module | None, tokenizer, config: Di
     if cfg.batch_size % (world * cfg.grad_accum):
         raise TensorLMError(f"distill: batch_size {cfg.batch_size} must divide by processes x grad_accum "
                             f"= {world} x {cfg.grad_accum}")
-    out = Path(out_dir)
-    fingerprint = _fingerprint(cfg, kind, student)
-    state = _open_run(out, fingerprint, resume)
-    accelerator.wait_for_everyone()  # every process has looked at the folder before anyone writes
-    with accelerator.main_process_first():
-        data = _training_data(cfg, kind, tokenizer)
+    return accelerator
 
-    device = accelerator.device
-    if without_teacher:
-        teacher = None
-    else:
-        teacher.to(device).eval()
-    student.to(device)
+
+def _prepare(accelerator: Accelerator, student: nn.Module, teacher: nn.Module | None, cfg: DistillConfig,
+             state: dict | None):
+    """Models on the device, optimizer and scheduler (restored from ``state`` when resuming), prepared."""
+    if teacher is not None:
+        teacher.to(accelerator.device).eval()
+    student.to(accelerator.device)
     optimizer = _adamw(student, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg.warmup, cfg.steps))
     if state is not None:
@@ -163,94 +189,130 @@ def distill(student: nn.Module, teacher: nn.Module | None, tokenizer, config: Di
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     model, optimizer = accelerator.prepare(student, optimizer)
-    run = _Run(accelerator, model, teacher, tokenizer, cfg, kind, weights, flags, layer_map, data, out,
-               fingerprint, eval_fn, optimizer, scheduler)
-    restore = _eager_attention((student, teacher)) if flags["output_attentions"] else contextlib.nullcontext()
-    with restore:
-        return run.train(state, progress)
+    return model, optimizer, scheduler
 
 
+@dataclass
+class _Progress:
+    """Where a run stands: steps done, training seconds, the best validated step and its metric."""
+
+    step: int = 0
+    elapsed: float = 0.0
+    best_step: int = -1
+    best_metric: float = math.nan
+
+
+@dataclass
 class _Run:
-    """One run's moving parts; :meth:`train` is the loop."""
+    """One run's moving parts; :meth:`train` is the loop.
 
-    def __init__(self, accelerator, model, teacher, tokenizer, cfg, kind, weights, flags, layer_map, data,
-                 out, fingerprint, eval_fn, optimizer, scheduler):
-        self.acc, self.model, self.teacher, self.tokenizer = accelerator, model, teacher, tokenizer
-        self.cfg, self.kind, self.weights, self.flags, self.layer_map = cfg, kind, weights, flags, layer_map
-        self.data, self.out, self.fingerprint, self.eval_fn = data, out, fingerprint, eval_fn
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.student = accelerator.unwrap_model(model)
-        self.micro = cfg.batch_size // (accelerator.num_processes * cfg.grad_accum)
-        self.metric = "val_score" if eval_fn else ("val_nll" if kind == "causal-lm" else "val_cosine")
+    The first fields are what :func:`distill` set up; the rest are derived in ``__post_init__``.
+    """
+
+    acc: Accelerator
+    model: nn.Module  # the student as the accelerator prepared it (DDP-wrapped under several processes)
+    teacher: nn.Module | None
+    tokenizer: Any
+    cfg: DistillConfig
+    kind: str
+    weights: dict[str, float]
+    flags: dict[str, bool]
+    layer_map: list
+    data: LMBlocks | SentencePool
+    out: Path
+    fingerprint: str
+    eval_fn: Callable[[nn.Module], float] | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    student: nn.Module = field(init=False)
+    micro: int = field(init=False)
+    metric: str = field(init=False)
+    higher_is_better: bool = field(init=False)
+    history: list[dict[str, Any]] = field(init=False, default_factory=list)
+    _teacher_val: list[torch.Tensor] | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.student = self.acc.unwrap_model(self.model)
+        self.micro = self.cfg.batch_size // (self.acc.num_processes * self.cfg.grad_accum)
+        self.metric = "val_score" if self.eval_fn else ("val_nll" if self.kind == "causal-lm" else "val_cosine")
         self.higher_is_better = self.metric != "val_nll"
-        self._teacher_val: list[torch.Tensor] | None = None
 
     # -- the loop -------------------------------------------------------------------------------------
 
     def train(self, state: dict | None, progress: bool) -> DistillResult:
+        """Train from ``state`` (None: a fresh start) to ``cfg.steps`` or the time budget; load the best."""
         cfg, acc = self.cfg, self.acc
-        log_path = self.out / "metrics.jsonl"
-        if state is None:
-            step, elapsed, best_step, best_metric = 0, 0.0, -1, math.nan
-            self.history: list[dict[str, Any]] = []
-            if acc.is_main_process:
-                self.out.mkdir(parents=True, exist_ok=True)
-                log_path.write_text("")
-            acc.wait_for_everyone()
-            teacher_metrics = self._teacher_metrics()
-            record = self._validate(0)
-            self._log(dict(record, **{f"teacher_{k}": v for k, v in teacher_metrics.items()}))
-            best_step, best_metric = 0, record[self.metric]
-            self._save_best(0, best_metric)
-        else:
-            step, elapsed = state["step"], state["elapsed_s"]
-            best_step, best_metric = state["best_step"], state["best_metric"]
-            self.history = [r for r in _read_jsonl(log_path) if r["step"] <= step]
-            teacher_metrics = {k[len("teacher_"):]: v for r in self.history for k, v in r.items()
-                               if k.startswith("teacher_")}
-            if acc.is_main_process:
-                _atomic_write(log_path, "".join(json.dumps(r) + "\n" for r in self.history).encode())
-                _remove_stale(self.out, keep={_checkpoint_name(step), _best_name(best_step)})
-            acc.wait_for_everyone()
-
+        at, teacher_metrics = self._start() if state is None else self._resume(state)
         stopped = "completed"
         self._train_mode()
-        bar = tqdm(total=cfg.steps, initial=step, desc="distill", disable=not (progress and acc.is_main_process))
-        window_tokens, window_time = 0, 0.0
-        while step < cfg.steps:
+        bar = tqdm(total=cfg.steps, initial=at.step, desc="distill",
+                   disable=not (progress and acc.is_main_process))
+        window = [0, 0.0]  # tokens and seconds since the last log line
+        while at.step < cfg.steps:
             start = time.perf_counter()
-            loss, parts, tokens, grad_norm, lr = self._step(step)
-            step += 1
+            loss, parts, tokens, grad_norm, lr = self._step(at.step)
+            at.step += 1
             took = time.perf_counter() - start
-            elapsed += took
-            window_tokens, window_time = window_tokens + tokens, window_time + took
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                rate = window_tokens / max(window_time, 1e-9)
-                self._log({"step": step, "loss": loss, **{f"loss/{k}": v for k, v in parts.items()},
-                           "lr": lr, "grad_norm": grad_norm, "tokens_per_s": rate, "elapsed_s": elapsed})
+            at.elapsed += took
+            window = [window[0] + tokens, window[1] + took]
+            if at.step % cfg.log_every == 0 or at.step == cfg.steps:
+                rate = window[0] / max(window[1], 1e-9)
+                self._log({"step": at.step, "loss": loss, **{f"loss/{k}": v for k, v in parts.items()},
+                           "lr": lr, "grad_norm": grad_norm, "tokens_per_s": rate, "elapsed_s": at.elapsed})
                 bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{rate:.0f}")
-                window_tokens, window_time = 0, 0.0
+                window = [0, 0.0]
             bar.update(1)
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                start = time.perf_counter()
-                record = self._validate(step)
-                self._log(record)
-                if self._better(record[self.metric], best_metric):
-                    best_step, best_metric = step, record[self.metric]
-                    self._save_best(step, best_metric)
-                self._train_mode()
-                elapsed += time.perf_counter() - start
-            out_of_time = self._out_of_time(elapsed)
-            if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
-                self._save_checkpoint(step, elapsed, best_step, best_metric)
-            if out_of_time and step < cfg.steps:
+            if self._validate_and_save(at):
                 stopped = "time_budget"
                 break
         bar.close()
-        self._load_best(best_step)
-        return DistillResult(history=self.history, best_step=best_step, best_metric=best_metric,
-                             metric=self.metric, higher_is_better=self.higher_is_better, steps=step,
+        self._load_best(at.best_step)
+        return DistillResult(history=self.history, best_step=at.best_step, best_metric=at.best_metric,
+                             metric=self.metric, higher_is_better=self.higher_is_better, steps=at.step,
                              stopped=stopped, out_dir=self.out, teacher_metrics=teacher_metrics)
+
+    def _start(self) -> tuple[_Progress, dict[str, float]]:
+        """A fresh run: an empty log, the teacher's metrics and the undistilled student validated as step 0."""
+        if self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "metrics.jsonl").write_text("")
+        self.acc.wait_for_everyone()
+        teacher_metrics = self._teacher_metrics()
+        record = self._validate(0)
+        self._log(dict(record, **{f"teacher_{k}": v for k, v in teacher_metrics.items()}))
+        at = _Progress(best_step=0, best_metric=record[self.metric])
+        self._save_best(0, at.best_metric)
+        return at, teacher_metrics
+
+    def _resume(self, state: dict) -> tuple[_Progress, dict[str, float]]:
+        """A resumed run: the log cut back to the checkpoint's step, stale files removed."""
+        at = _Progress(state["step"], state["elapsed_s"], state["best_step"], state["best_metric"])
+        log_path = self.out / "metrics.jsonl"
+        self.history = [r for r in _read_jsonl(log_path) if r["step"] <= at.step]
+        teacher_metrics = {k[len("teacher_"):]: v for r in self.history for k, v in r.items()
+                           if k.startswith("teacher_")}
+        if self.acc.is_main_process:
+            _atomic_write(log_path, "".join(json.dumps(r) + "\n" for r in self.history).encode())
+            _remove_stale(self.out, keep={_checkpoint_name(at.step), _best_name(at.best_step)})
+        self.acc.wait_for_everyone()
+        return at, teacher_metrics
+
+    def _validate_and_save(self, at: _Progress) -> bool:
+        """Validate and checkpoint when due (updating ``at``); True when the time budget is spent early."""
+        cfg = self.cfg
+        if at.step % cfg.eval_every == 0 or at.step == cfg.steps:
+            start = time.perf_counter()
+            record = self._validate(at.step)
+            self._log(record)
+            if self._better(record[self.metric], at.best_metric):
+                at.best_step, at.best_metric = at.step, record[self.metric]
+                self._save_best(at.step, at.best_metric)
+            self._train_mode()
+            at.elapsed += time.perf_counter() - start
+        out_of_time = self._out_of_time(at.elapsed)
+        if at.step % cfg.save_every == 0 or at.step == cfg.steps or out_of_time:
+            self._save_checkpoint(at.step, at.elapsed, at.best_step, at.best_metric)
+        return out_of_time and at.step < cfg.steps
 
     def _step(self, step: int) -> tuple[float, dict[str, float], int, float | None, float]:
         """One optimizer step: (mean loss over processes, this process's terms, tokens, grad norm, lr used)."""
