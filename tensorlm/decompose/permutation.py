@@ -403,6 +403,49 @@ def _start_subspaces(d: int, rank: int, rng: np.random.Generator):
         yield v @ v.T
 
 
+def _check_search(w: torch.Tensor, a_shape, b_shape, rank: int, time_budget_s: float, max_rounds: int | None,
+                  rows: bool, cols: bool, name: str) -> None:
+    """The argument checks of :func:`search_permutations` (its Raises)."""
+    check_factor_shapes(tuple(w.shape), a_shape, b_shape, name)
+    check_finite(w, name)
+    (m1, n1), (m2, n2) = a_shape, b_shape
+    if not 1 <= rank <= KroneckerShape(tuple(a_shape), tuple(b_shape), rank).max_rank:
+        raise TensorLMError(f"{name}: Kronecker rank {rank} for {a_shape} x {b_shape} must be in "
+                            f"1..{min(m1 * n1, m2 * n2)}")
+    if not time_budget_s > 0:
+        raise TensorLMError(f"{name}: permutation time_budget_s must be > 0 seconds, got {time_budget_s}")
+    if max_rounds is not None and max_rounds < 1:
+        raise TensorLMError(f"{name}: permutation max_rounds must be >= 1 or None, got {max_rounds}")
+    for side, on, outer, inner in (("row", rows, m1, m2), ("column", cols, n1, n2)):
+        if on and outer > 1 and inner not in SEARCHED_B_SIDES:
+            raise TensorLMError(f"{name}: the permutation search pairs {side}s, so it needs B {tuple(b_shape)} "
+                                f"to have 1, 2 or 4 {side}s; choose such a B or pass {side}s=False")
+
+
+def _search_rounds(search: _Search, base_energy: float, rng: np.random.Generator, deadline: float,
+                   max_rounds: int | None) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """The rounds of the search: a warm descent from the identity, then cold descents from start subspaces.
+
+    Returns the best ``(p, q)`` found and the best error after each round (never rising).
+    """
+    m1, m2, n1, n2 = search.dims
+    ident_p, ident_q = np.arange(m1 * m2), np.arange(n1 * n2)
+    best = (ident_p, ident_q, None, base_energy)
+    history: list[float] = []
+    starts = _start_subspaces(m2 * n2, search.rank, rng)
+    while search.sides and (max_rounds is None or len(history) < max_rounds):
+        if history:  # cold descent from the next start subspace
+            found = search.descend(ident_p, ident_q, next(starts), cold=True, deadline=deadline)
+        else:  # round 0: warm descent from the identity
+            found = search.descend(ident_p, ident_q, None, cold=False, deadline=deadline)
+        if found[3] > best[3]:
+            best = found
+        history.append(search.error(best[3]))
+        if time.perf_counter() > deadline or history[-1] < 1e-7:
+            break
+    return best[0], best[1], history
+
+
 def search_permutations(
     w: torch.Tensor,
     a_shape: tuple[int, int],
@@ -441,39 +484,12 @@ def search_permutations(
             side with ``B`` not 1, 2 or 4 on it, a non-positive budget or ``max_rounds``, NaN/Inf in ``w``.
     """
     started = time.perf_counter()
-    check_factor_shapes(tuple(w.shape), a_shape, b_shape, name)
-    check_finite(w, name)
+    _check_search(w, a_shape, b_shape, rank, time_budget_s, max_rounds, rows, cols, name)
     (m1, n1), (m2, n2) = a_shape, b_shape
-    if not 1 <= rank <= KroneckerShape(tuple(a_shape), tuple(b_shape), rank).max_rank:
-        raise TensorLMError(f"{name}: Kronecker rank {rank} for {a_shape} x {b_shape} must be in "
-                            f"1..{min(m1 * n1, m2 * n2)}")
-    if not time_budget_s > 0:
-        raise TensorLMError(f"{name}: permutation time_budget_s must be > 0 seconds, got {time_budget_s}")
-    if max_rounds is not None and max_rounds < 1:
-        raise TensorLMError(f"{name}: permutation max_rounds must be >= 1 or None, got {max_rounds}")
-    for side, on, outer, inner in (("row", rows, m1, m2), ("column", cols, n1, n2)):
-        if on and outer > 1 and inner not in SEARCHED_B_SIDES:
-            raise TensorLMError(f"{name}: the permutation search pairs {side}s, so it needs B {tuple(b_shape)} "
-                                f"to have 1, 2 or 4 {side}s; choose such a B or pass {side}s=False")
-    deadline = started + time_budget_s
     search = _Search(w.detach().to(torch.float64).cpu().numpy(), (m1, m2, n1, n2), rank, rows, cols)
-    rng = np.random.default_rng(seed)
-    ident_p, ident_q = np.arange(m1 * m2), np.arange(n1 * n2)
     _, base_energy = _projector(_gram(search.w, search.dims), rank)
-    best = (ident_p, ident_q, None, base_energy)
-    history: list[float] = []
-    starts = _start_subspaces(m2 * n2, rank, rng)
-    while search.sides and (max_rounds is None or len(history) < max_rounds):
-        if history:  # cold descent from the next start subspace
-            found = search.descend(ident_p, ident_q, next(starts), cold=True, deadline=deadline)
-        else:  # round 0: warm descent from the identity
-            found = search.descend(ident_p, ident_q, None, cold=False, deadline=deadline)
-        if found[3] > best[3]:
-            best = found
-        history.append(search.error(best[3]))
-        if time.perf_counter() > deadline or history[-1] < 1e-7:
-            break
-    p, q = best[0], best[1]
+    p, q, history = _search_rounds(search, base_energy, np.random.default_rng(seed), started + time_budget_s,
+                                   max_rounds)
     perm_w = w.detach()[torch.from_numpy(p)][:, torch.from_numpy(q)]
     factors = nearest_kronecker(perm_w, a_shape, b_shape, rank, name)
     return PermutationResult(

@@ -157,6 +157,37 @@ def rank_caps(shape: Sequence[int], ranks: Ranks) -> list[int]:
     return [min(r, b) for r, b in zip(caps, bound, strict=True)]
 
 
+def _check_rows(x: torch.Tensor, shape: Sequence[int], eps: float | None) -> list[int]:
+    """The checked mode sizes of :func:`tt_svd_rows` (its Raises, but for the ranks)."""
+    if x.dim() != 2:
+        raise TensorLMError(f"tt_svd_rows: x must be 2-D (rows, d), got shape {tuple(x.shape)}")
+    shape = [int(s) for s in shape]
+    if not shape or any(s < 1 for s in shape) or math.prod(shape) != x.shape[1]:
+        raise TensorLMError(
+            f"TT-SVD: tensorisation {tuple(shape)} has product {math.prod(shape)}, not d={x.shape[1]}; "
+            f"choose factors of {x.shape[1]}, e.g. {tensorizations(x.shape[1], 3)[:3]}"
+        )
+    _check_eps(eps)
+    if not torch.isfinite(x).all():
+        raise TensorLMError(f"TT-SVD: input {tuple(x.shape)} holds NaN or Inf")
+    return shape
+
+
+def _kept_ranks(s: torch.Tensor, cap: int, delta2: torch.Tensor | None) -> torch.Tensor:
+    """Each row's rank at one TT-SVD step: ``cap`` (clipped to the singular values there are), lowered to
+    the smallest rank whose discarded energy ``sum_{i >= rank} s_i^2`` is at most the row's ``delta2``.
+
+    ``s``: ``(B, q)`` singular values per row, descending; returns ``(B,)`` int64.
+    """
+    n_rows, q = s.shape
+    keep = torch.full((n_rows,), min(cap, q), dtype=torch.int64)
+    if delta2 is not None:
+        tail = s.pow(2).flip(1).cumsum(1).flip(1)  # (B, q): tail[j] = sum_{i >= j} s_i^2
+        ok = torch.cat([tail[:, 1:], s.new_zeros(n_rows, 1)], dim=1) <= delta2[:, None]  # rank j+1 suffices
+        keep = torch.minimum(keep, q + 1 - ok.sum(1))
+    return keep
+
+
 def tt_svd_rows(
     x: torch.Tensor, shape: Sequence[int], *, ranks: Ranks = None, eps: float | None = None
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -179,17 +210,7 @@ def tt_svd_rows(
     Raises:
         TensorLMError: ``x`` not 2-D, ``prod(shape) != d``, bad ranks, ``eps`` outside (0, 1), NaN/Inf in ``x``.
     """
-    if x.dim() != 2:
-        raise TensorLMError(f"tt_svd_rows: x must be 2-D (rows, d), got shape {tuple(x.shape)}")
-    shape = [int(s) for s in shape]
-    if not shape or any(s < 1 for s in shape) or math.prod(shape) != x.shape[1]:
-        raise TensorLMError(
-            f"TT-SVD: tensorisation {tuple(shape)} has product {math.prod(shape)}, not d={x.shape[1]}; "
-            f"choose factors of {x.shape[1]}, e.g. {tensorizations(x.shape[1], 3)[:3]}"
-        )
-    _check_eps(eps)
-    if not torch.isfinite(x).all():
-        raise TensorLMError(f"TT-SVD: input {tuple(x.shape)} holds NaN or Inf")
+    shape = _check_rows(x, shape, eps)
     caps = rank_caps(shape, ranks)
     n_rows, n_modes = x.shape[0], len(shape)
     work = x.detach().to(torch.float64)
@@ -204,12 +225,7 @@ def tt_svd_rows(
         unfolding = rest.reshape(n_rows, r_prev * shape[k], -1)  # (B, r_{k-1} I_k, I_{k+1}...I_N)
         with _one_thread():
             u, s, vh = torch.linalg.svd(unfolding, full_matrices=False)  # (B, p, q), (B, q), (B, q, n)
-        q = s.shape[1]
-        keep = torch.full((n_rows,), min(caps[k], q), dtype=torch.int64)
-        if delta2 is not None:
-            tail = s.pow(2).flip(1).cumsum(1).flip(1)  # (B, q): tail[j] = sum_{i >= j} s_i^2
-            ok = torch.cat([tail[:, 1:], s.new_zeros(n_rows, 1)], dim=1) <= delta2[:, None]  # rank j+1 suffices
-            keep = torch.minimum(keep, q + 1 - ok.sum(1))
+        keep = _kept_ranks(s, caps[k], delta2)
         r = int(keep.max())
         mask = (torch.arange(r) < keep[:, None]).to(work.dtype)  # (B, r)
         cores.append((u[:, :, :r] * mask[:, None, :]).reshape(n_rows, r_prev, shape[k], r))
