@@ -29,6 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from tensorlm.errors import TensorLMError
+from tensorlm.pooling import last_hidden, mean_pool
+
+__all__ = ["mean_pool"]  # re-exported: the one pooling of tensorlm.pooling
 
 TERMS = ("logit_kl", "ce", "hidden_mse", "attention_kl", "embedding_mse", "cosine")
 """Every loss term, by the name its weight goes under."""
@@ -217,29 +220,12 @@ def attention_kl(student_attn: tuple, teacher_attn: tuple, layer_map: Mapping[in
     return total
 
 
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mask-aware mean over tokens: ``(B, T, d) -> (B, d)`` (sentence-transformers mean pooling)."""
-    mask = _token_mask(attention_mask, hidden).unsqueeze(-1)  # (B, T, 1)
-    return (hidden.float() * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (B, d)
-
-
 def cosine_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``mean_batch (1 - cos(mean_pool(H_s), mean_pool(H_t)))``; hidden states ``(B, T, d)``."""
     e_s = mean_pool(student_hidden, attention_mask)  # (B, d)
     e_t = mean_pool(teacher_hidden, attention_mask)  # (B, d)
     return (1.0 - F.cosine_similarity(e_s, e_t, dim=-1)).mean()
-
-
-def _last_hidden(outputs) -> torch.Tensor:
-    """``last_hidden_state`` of an encoder, else the last of ``hidden_states`` (a causal LM's)."""
-    last = getattr(outputs, "last_hidden_state", None)
-    if last is not None:
-        return last
-    hidden = getattr(outputs, "hidden_states", None)
-    if not hidden:
-        raise TensorLMError("cosine loss: the model returned neither last_hidden_state nor hidden_states")
-    return hidden[-1]
 
 
 def distillation_loss(student_out, teacher_out, weights: Mapping[str, float], *,
@@ -290,7 +276,7 @@ def distillation_loss(student_out, teacher_out, weights: Mapping[str, float], *,
                 raise TensorLMError("embedding MSE: call the models with output_hidden_states=True")
             value = masked_mse(hidden_s[0], hidden_t[0], attention_mask)
         else:  # cosine
-            value = cosine_loss(_last_hidden(student_out), _last_hidden(teacher_out), attention_mask)
+            value = cosine_loss(last_hidden(student_out), last_hidden(teacher_out), attention_mask)
         total = total + weight * value
         parts[term] = float(value.detach())
     return total, parts

@@ -28,6 +28,35 @@ from tensorlm.evaluate.runtime import inference, model_device
 PROTOCOLS = ("sliding", "chunked")
 
 
+def _windowing(model: nn.Module, protocol: str, context: int, stride: int, batch_size: int,
+               max_tokens: int | None) -> tuple[int, int, int | None]:
+    """``(context, stride, limit)`` after the checks of :func:`perplexity`; ``limit`` is the model's
+    position count when it clipped ``context`` (``stride`` scaled by the same factor), else None.
+
+    Raises:
+        TensorLMError: unknown protocol, bad context / stride / batch_size / max_tokens.
+    """
+    if protocol not in PROTOCOLS:
+        raise TensorLMError(f"perplexity protocol {protocol!r} is unknown; choose one of {list(PROTOCOLS)}")
+    if protocol == "chunked":
+        stride = context
+    if not 1 <= stride <= context:
+        raise TensorLMError(f"perplexity stride {stride} must lie in [1, context={context}]")
+    limit = context_limit(model)
+    if limit is not None and context > limit:
+        stride = max(1, stride * limit // context)
+        context = limit
+    else:
+        limit = None
+    if context < 2:
+        raise TensorLMError(f"perplexity context {context} must be >= 2 tokens")
+    if batch_size < 1:
+        raise TensorLMError(f"perplexity batch_size {batch_size} must be >= 1")
+    if max_tokens is not None and max_tokens < 2:
+        raise TensorLMError(f"perplexity max_tokens {max_tokens} must be >= 2 (or None for the whole text)")
+    return context, stride, limit
+
+
 def perplexity(
     model: nn.Module,
     tokenizer,
@@ -65,23 +94,8 @@ def perplexity(
     Raises:
         TensorLMError: unknown protocol, bad context / stride / max_tokens, fewer than 2 tokens.
     """
-    if protocol not in PROTOCOLS:
-        raise TensorLMError(f"perplexity protocol {protocol!r} is unknown; choose one of {list(PROTOCOLS)}")
-    if protocol == "chunked":
-        stride = context
-    if not 1 <= stride <= context:
-        raise TensorLMError(f"perplexity stride {stride} must lie in [1, context={context}]")
-    limit = context_limit(model)
-    clipped = limit is not None and context > limit
-    if clipped:
-        stride = max(1, stride * limit // context)
-        context = limit
-    if context < 2:
-        raise TensorLMError(f"perplexity context {context} must be >= 2 tokens")
-    if batch_size < 1:
-        raise TensorLMError(f"perplexity batch_size {batch_size} must be >= 1")
-    if max_tokens is not None and max_tokens < 2:
-        raise TensorLMError(f"perplexity max_tokens {max_tokens} must be >= 2 (or None for the whole text)")
+    context, stride, limit = _windowing(model, protocol, context, stride, batch_size, max_tokens)
+    clipped = limit is not None
     ids = torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)  # (N,)
     if max_tokens is not None:
         ids = ids[:max_tokens]

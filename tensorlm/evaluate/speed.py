@@ -12,6 +12,20 @@ from tensorlm.errors import TensorLMError
 from tensorlm.evaluate.runtime import inference, model_device
 
 
+def _timed_calls(model: nn.Module, input_ids: torch.Tensor, device, warmup: int, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls after ``warmup`` untimed ones (eval mode, ``no_grad``)."""
+    times = []
+    with inference(model):
+        for i in range(warmup + repeats):
+            _synchronize(device)
+            start = time.perf_counter()
+            model(input_ids=input_ids)
+            _synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    return times
+
+
 def forward_latency(
     model: nn.Module,
     batch_size: int,
@@ -53,15 +67,7 @@ def forward_latency(
     device = model_device(model)
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator).to(device)  # (B, T)
-    times = []
-    with inference(model):
-        for i in range(warmup + repeats):
-            _synchronize(device)
-            start = time.perf_counter()
-            model(input_ids=input_ids)
-            _synchronize(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
+    times = _timed_calls(model, input_ids, device, warmup, repeats)
     median = statistics.median(times)
     return {
         "median_s": median,

@@ -20,6 +20,9 @@ from tqdm.auto import tqdm
 from tensorlm.data import load_sts
 from tensorlm.errors import TensorLMError
 from tensorlm.evaluate.runtime import inference, model_device
+from tensorlm.pooling import last_hidden, mean_pool
+
+__all__ = ["STS_PROTOCOL", "mean_pool", "sentence_embeddings", "sts_spearman"]
 
 STS_PROTOCOL = "cosine of mask-aware mean-pooled last hidden states, Spearman (fraction)"
 
@@ -75,22 +78,14 @@ def sentence_embeddings(
             inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
             if with_token_types:
                 inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
-            batch = mean_pool(_last_hidden_state(model, inputs), inputs["attention_mask"]).float().cpu()  # (B, d)
+            out = model(**inputs, output_hidden_states=True)
+            batch = mean_pool(last_hidden(out), inputs["attention_mask"]).cpu()  # (B, d) float32
             if pooled is None:
                 pooled = torch.empty(len(unique), batch.shape[1])  # (U, d)
             pooled[rows] = batch
             bar.update(len(rows))
     index = {sentence: i for i, sentence in enumerate(unique)}
     return pooled[[index[s] for s in sentences]]  # (N, d)
-
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``hidden (B, T, d)`` over the positions where ``attention_mask (B, T)`` is 1; ``(B, d)``.
-
-    A row with no unmasked position pools to zeros.
-    """
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # (B, d)
 
 
 def sts_spearman(
@@ -127,12 +122,3 @@ def sts_spearman(
     cosines = F.cosine_similarity(embeddings[:n], embeddings[n:], dim=-1)  # (n,)
     gold = [score for _, _, score in pairs]
     return float(spearmanr(cosines.numpy(), gold).statistic)
-
-
-def _last_hidden_state(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``(B, T, d)``: ``last_hidden_state`` when the model returns it, else the last of ``hidden_states``."""
-    out = model(**inputs, output_hidden_states=True)
-    hidden = getattr(out, "last_hidden_state", None)
-    if hidden is None:
-        hidden = out.hidden_states[-1]
-    return hidden
