@@ -304,6 +304,7 @@ def lm_calibration_batches(
 
     The blocks are :class:`tensorlm.distill.data.LMBlocks` training blocks (the ``held_out`` validation
     blocks of distillation stay out), drawn without replacement by a permutation seeded by ``seed``.
+    Tokenized shards are cached under ``cache_dir`` (default :func:`tensorlm.distill.data.default_cache_dir`).
 
     Returns:
         batches of ``(<= batch_size, seq_len)`` int64 token ids, in a fixed order.

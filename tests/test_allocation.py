@@ -77,6 +77,10 @@ def test_lowrank_curve_is_the_whitened_truncation_loss():
         assert curve.losses[r - 1] == pytest.approx(whitened_svd(w, x.T @ x, r).rel_error ** 2, abs=1e-12)
     assert curve.losses[-1] == pytest.approx(0.0, abs=1e-12)
     assert lowrank_curve("lin", f.singular_values, (8, 6), max_rank=2).ranks == (1, 2)
+    floored = lowrank_curve("lin", f.singular_values, (8, 6), min_rank=3)
+    assert floored.ranks == (3, 4, 5, 6) and floored.losses == curve.losses[2:]
+    with pytest.raises(TensorLMError, match="minimum rank 7"):
+        lowrank_curve("lin", f.singular_values, (8, 6), min_rank=7)
 
 
 def test_impossible_budget_names_the_minimum():

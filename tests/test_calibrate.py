@@ -135,16 +135,16 @@ def _write_text(folder: Path, n_docs: int) -> Path:
 def test_lm_calibration_text_is_deterministic_and_refuses_too_short(tmp_path):
     tokenizer = GPT2TokenizerFast.from_pretrained(TOKENIZER)
     text = _write_text(tmp_path / "lm_text", 200)
-    one = lm_calibration_batches(tokenizer, text, n_samples=5, seq_len=32, batch_size=2, held_out=4, cache_dir=None)
-    two = lm_calibration_batches(tokenizer, text, n_samples=5, seq_len=32, batch_size=2, held_out=4, cache_dir=None)
+    one = lm_calibration_batches(tokenizer, text, n_samples=5, seq_len=32, batch_size=2, held_out=4, cache_dir=tmp_path)
+    two = lm_calibration_batches(tokenizer, text, n_samples=5, seq_len=32, batch_size=2, held_out=4, cache_dir=tmp_path)
     assert [b.shape for b in one] == [(2, 32), (2, 32), (1, 32)]
     assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
     with pytest.raises(TensorLMError, match="too short") as info:
-        lm_calibration_batches(tokenizer, text, n_samples=500, seq_len=32, held_out=4, cache_dir=None)
+        lm_calibration_batches(tokenizer, text, n_samples=500, seq_len=32, held_out=4, cache_dir=tmp_path)
     assert "\n" not in str(info.value)
     with pytest.raises(TensorLMError, match="too short"):
         lm_calibration_batches(tokenizer, _write_text(tmp_path / "tiny", 2), n_samples=1, seq_len=32,
-                               cache_dir=None)
+                               cache_dir=tmp_path)
 
 
 def test_sentence_calibration_batches(tmp_path):

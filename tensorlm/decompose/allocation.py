@@ -68,7 +68,7 @@ class Allocation:
 
 def lowrank_curve(
     name: str, singular_values: torch.Tensor, shape: tuple[int, int], *, normalise: bool = True,
-    max_rank: int | None = None,
+    min_rank: int = 1, max_rank: int | None = None,
 ) -> RankCurve:
     """Rank curve of a whitened truncated SVD (:func:`tensorlm.decompose.whitening.whitened_svd`).
 
@@ -78,18 +78,24 @@ def lowrank_curve(
 
     Args:
         name: module name; singular_values: ``(k,)`` descending; shape: ``(m, n)`` of the weight.
+        min_rank: smallest rank offered (a floor, so that no matrix is cut to almost nothing).
         max_rank: largest rank offered (default ``min(m, n)``, at most ``len(singular_values)``).
+
+    Raises:
+        TensorLMError: ``min_rank`` outside ``1..max_rank``.
     """
     s2 = singular_values.detach().to(torch.float64).square()
     top = min(max_rank or min(shape), len(s2))
     tails = s2.flip(0).cumsum(0).flip(0)  # tails[r] = sum_{k>=r} s_k^2
     total = tails[0].item() if len(s2) else 0.0
     scale = 1.0 / total if normalise and total > 0 else 1.0
-    losses = [(tails[r].item() if r < len(s2) else 0.0) * scale for r in range(1, top + 1)]
+    if not 1 <= min_rank <= top:
+        raise TensorLMError(f"{name}: minimum rank {min_rank} must be in 1..{top}")
+    losses = [(tails[r].item() if r < len(s2) else 0.0) * scale for r in range(min_rank, top + 1)]
     # round-off can make a tail of zeros rise by an ulp; keep the curve non-increasing
     for i in range(1, len(losses)):
         losses[i] = min(losses[i], losses[i - 1])
-    return RankCurve(name, tuple(range(1, top + 1)), tuple(losses), shape[0] + shape[1])
+    return RankCurve(name, tuple(range(min_rank, top + 1)), tuple(losses), shape[0] + shape[1])
 
 
 def _hull(curve: RankCurve) -> list[int]:
