@@ -34,7 +34,8 @@ from torch import nn
 from tensorlm.data import resolve_data_dir
 from tensorlm.decompose.tt import tt_parameter_count, tt_rows_to_full, tt_svd_rows
 from tensorlm.evaluate.sts import sts_spearman
-from tensorlm.layers.tt import TTEmbedding, TTTiedHead
+from tensorlm.layers.base import TiedHead
+from tensorlm.layers.tt import TTEmbedding
 from tensorlm.models import load_model
 
 matplotlib.use("Agg")
@@ -159,7 +160,7 @@ def speed_and_memory(repeats: int = 20) -> dict:
     tt = TTEmbedding.from_dense(dense, (8, 6, 8), ranks=3)
     ids = torch.randint(0, dense.num_embeddings, (32, 128))
     hidden = torch.randn(4, 128, dense.embedding_dim)
-    head = TTTiedHead(tt, "embeddings.word_embeddings")
+    head = TiedHead(tt, "embeddings.word_embeddings")
 
     def per_call(fn) -> float:
         with torch.inference_mode():

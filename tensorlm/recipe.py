@@ -30,6 +30,7 @@ from pathlib import Path
 
 import yaml
 
+from tensorlm.distill.config import DistillConfig
 from tensorlm.errors import TensorLMError
 from tensorlm.methods import METHODS, options_from_dict
 
@@ -44,6 +45,23 @@ class Target:
 
     match: str
     layers: str | list[int] | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.match, str) or not self.match:
+            raise TensorLMError(f"target match must be a module name or 're:' + a regex, got {self.match!r}")
+        if self.match.startswith("re:"):
+            try:
+                re.compile(self.match[3:])
+            except re.error as err:
+                raise TensorLMError(f"target {self.match!r}: invalid regex ({err})") from None
+        layers = self.layers
+        ok = (layers is None or layers in ("odd", "even")
+              or (isinstance(layers, str) and re.fullmatch(r"\d+-\d+", layers))
+              or (isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                   for i in layers)))
+        if not ok:
+            raise TensorLMError(f"target {self.match!r}: layers {layers!r} must be odd, even, a list of indices "
+                                "or 'a-b'")
 
     def layer_ok(self, index: int | None) -> bool:
         if self.layers is None:
@@ -75,16 +93,42 @@ class Stage:
     options: object
     distill: dict | None = None
 
+    def __post_init__(self):
+        if not isinstance(self.name, str):
+            raise TensorLMError(f"stage name must be a string, got {self.name!r}")
+        if self.distill is not None:
+            where = f"stage {self.name!r} distill"
+            if not isinstance(self.distill, dict):
+                raise TensorLMError(f"{where}: must be a mapping of DistillConfig fields, got {self.distill!r}")
+            try:
+                DistillConfig.from_dict(self.distill)
+            except TypeError as err:
+                raise TensorLMError(f"{where}: {err}") from None
+            except TensorLMError as err:
+                raise TensorLMError(f"{where}: {err}") from None
+
     @classmethod
     def from_dict(cls, data: dict, index: int) -> Stage:
+        """The stage at ``index`` of a recipe's ``stages`` list.
+
+        Raises:
+            TensorLMError: not a mapping; an unknown method or key; ``targets`` not a non-empty list;
+                options, budget or distill block that do not validate (each names the stage and key).
+        """
+        if not isinstance(data, dict):
+            raise TensorLMError(f"stage {index}: must be a mapping with method, targets and options, got {data!r}")
         where = f"stage {index} ({data.get('name', 'unnamed')})"
         data = dict(data)
         method = data.pop("method", None)
-        if method not in METHODS:
+        if not isinstance(method, str) or method not in METHODS:
             raise TensorLMError(f"{where}: method {method!r} is not one of {sorted(METHODS)}")
         raw_targets = data.pop("targets", None)
-        if not raw_targets:
-            raise TensorLMError(f"{where}: 'targets' must list at least one module name or 're:' pattern")
+        if not raw_targets or not isinstance(raw_targets, list):
+            raise TensorLMError(f"{where}: 'targets' must be a list of at least one module name, 're:' pattern or "
+                                f"{{match, layers}} mapping, got {raw_targets!r}")
+        if not all(isinstance(t, str | dict) for t in raw_targets):
+            raise TensorLMError(f"{where}: each target is a module name, 're:' pattern or {{match, layers}} mapping; "
+                                f"got {raw_targets!r}")
         targets = [Target(t) if isinstance(t, str) else options_from_dict(Target, t, f"{where} target")
                    for t in raw_targets]
         options = options_from_dict(METHODS[method].options, data.pop("options", None), f"{where} {method} options")
@@ -117,11 +161,28 @@ class Recipe:
     model: str | None = None
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if self.extra:
+            valid = ["stages", *(f.name for f in dataclasses.fields(self) if f.name not in ("stages", "extra"))]
+            raise TensorLMError(f"recipe: unknown top-level key(s) {sorted(map(str, self.extra))}; valid: {valid}")
+        for key in ("name", "description"):
+            if not isinstance(getattr(self, key), str):
+                raise TensorLMError(f"recipe {key} must be a string, got {getattr(self, key)!r}")
+        if self.model is not None and not isinstance(self.model, str):
+            raise TensorLMError(f"recipe model must be a string, got {self.model!r}")
+
     @classmethod
     def from_dict(cls, data: dict) -> Recipe:
+        """Build and validate a recipe (every stage, target, option, budget and distill block).
+
+        Raises:
+            TensorLMError: anything invalid; the message names the stage, the key and the valid choices.
+        """
         if not isinstance(data, dict) or not data.get("stages"):
             raise TensorLMError("a recipe is a mapping with a non-empty 'stages' list")
         data = dict(data)
+        if not isinstance(data["stages"], list):
+            raise TensorLMError(f"recipe 'stages' must be a list of stages, got a {type(data['stages']).__name__}")
         stages = [Stage.from_dict(s, i) for i, s in enumerate(data.pop("stages"))]
         return cls(data.pop("name", "custom"), stages, data.pop("description", ""), data.pop("model", None), data)
 
@@ -150,6 +211,11 @@ class Recipe:
         except yaml.YAMLError as err:
             raise TensorLMError(f"recipe {path}: invalid YAML: {err}") from err
         return cls.from_dict(data)
+
+
+def recipe_path(name: str) -> Path:
+    """The YAML file of the built-in recipe ``name`` (it may not exist; see :func:`builtin_recipes`)."""
+    return RECIPE_DIR / f"{name}.yaml"
 
 
 def builtin_recipes() -> list[str]:

@@ -70,3 +70,26 @@ def test_my_modules_import_tensorlm_only_at_top_level():
     files += [PACKAGE / f for f in ("plan.py", "surgery.py", "recipe.py", "params.py", "io.py", "files.py")]
     hidden = {p.name: [(line, m) for line, m in imports(p)[1] if m.startswith("tensorlm")] for p in files}
     assert not {k: v for k, v in hidden.items() if v}, f"imports of tensorlm inside functions: {hidden}"
+
+
+LAZY_OPTIONAL = {"datasets", "matplotlib", "accelerate"}
+"""Optional heavy dependencies that may be imported inside the function that needs them (and nothing else)."""
+
+
+def test_no_import_inside_a_function_anywhere():
+    """No function in tensorlm/ imports a module, so none can dodge a cycle that way; only the optional heavy
+    dependencies of LAZY_OPTIONAL may be imported late."""
+    hidden = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        found = [(line, m) for line, m in imports(path)[1] if m.split(".")[0] not in LAZY_OPTIONAL]
+        if found:
+            hidden[str(path.relative_to(PACKAGE))] = found
+    assert not hidden, f"imports inside functions: {hidden}"
+
+
+def test_the_graph_sees_nested_imports(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os\n\n\ndef f():\n    from tensorlm import io\n    import datasets\n")
+    top, nested = imports(probe)
+    assert top == {"os"}
+    assert {m for _, m in nested} == {"tensorlm", "tensorlm.io", "datasets"}

@@ -27,6 +27,7 @@ from torch import nn
 
 from tensorlm.errors import TensorLMError
 from tensorlm.layers.base import TiedHead, is_conv1d
+from tensorlm.methods.checks import check_fields
 from tensorlm.plan import LayerPlan
 
 
@@ -103,14 +104,14 @@ def options_from_dict(cls, data: dict | None, where: str):
     """Build dataclass ``cls`` from ``data``, refusing unknown keys with the valid ones listed.
 
     Raises:
-        TensorLMError: unknown keys, or what ``cls.__post_init__`` raises.
+        TensorLMError: ``data`` not a mapping, unknown keys, values of the wrong type or range
+            (:func:`tensorlm.methods.checks.check_fields`), or what ``cls.__post_init__`` raises.
     """
-    data = dict(data or {})
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise TensorLMError(f"{where}: unknown option(s) {unknown}; valid: {sorted(names)}")
-    return cls(**data)
+    data = check_fields(cls, data, where)
+    try:
+        return cls(**data)
+    except TensorLMError as err:
+        raise TensorLMError(f"{where}: {err}") from None
 
 
 def is_linear(module: nn.Module) -> bool:
