@@ -69,8 +69,9 @@ def main() -> None:
                         ("distill_causal_lm", "Distillation: a small GPT-2 trained here, KnGPT2-style student")):
         if _load(name):
             parts += section(title, name, _table_of(name))
-    expected = ("causal_lm", "minilm_recipes", "model_latency", "kronecker_real_weights", "permutation_gain", "tensorgpt_sweep",
-                "tucker_bank", "distill_minilm", "distill_minilm-tucker-bank-1x7", "distill_causal_lm")
+    expected = ("causal_lm", "minilm_recipes", "model_latency", "kronecker_real_weights", "permutation_gain",
+                "tensorgpt_sweep", "tucker_bank", "distill_minilm", "distill_minilm-tucker-bank-1x7",
+                "distill_causal_lm")
     missing = [n for n in expected if not _load(n)]
     if missing:
         parts += [f"Not yet measured: {', '.join(missing)}.", ""]

@@ -4,7 +4,8 @@ Data-aware methods (DESIGN.md, "Data-aware objective") minimise ``||(W - W~) G^{
 ``G = sum_t x_t x_t^T`` over the inputs ``x_t (n,)`` that a linear module sees on calibration text
 (SVD-LLM, Wang et al., arXiv 2403.07378, Sec. 3.1). :func:`collect_second_moments` runs the text through
 the model once with forward hooks on the named ``nn.Linear`` / GPT-2 ``Conv1D`` modules and accumulates
-``G`` in float64 batch by batch (one ``x^T x`` per batch, never all activations), skipping padded
+``G`` in float64 batch by batch (one ``x^T x`` per batch, computed in float32 and added in float64;
+never all activations), skipping padded
 positions. Embeddings use token frequencies instead (:func:`token_counts`).
 
 Calibration text is never a test split: causal LMs take packed blocks of ``lm_text``
@@ -224,8 +225,9 @@ def collect_second_moments(
                 else:
                     raise TensorLMError(f"calibration: input of {name!r} has shape {tuple(x.shape)}, which does "
                                         f"not match the attention mask {tuple(mask.shape)}")
-                rows = rows.to(torch.float64)  # (tokens, n)
-                memo.update(x=x, xtx=rows.T @ rows, count=rows.shape[0])
+                rows = rows.float()  # (tokens, n)
+                # one batch's x^T x in float32 (its own sum of a few thousand terms), accumulated in float64
+                memo.update(x=x, xtx=(rows.T @ rows).to(torch.float64), count=rows.shape[0])
             if name in sums:
                 sums[name] += memo["xtx"]
             else:

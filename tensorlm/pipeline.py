@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from tensorlm.allocate import allocate
 from tensorlm.data import load_sts
 from tensorlm.distill import DistillConfig, distill
 from tensorlm.errors import TensorLMError
@@ -29,7 +30,7 @@ from tensorlm.models import LoadedModel, load_model
 from tensorlm.params import compression_summary, count_parameters
 from tensorlm.recipe import Recipe
 from tensorlm.report import render
-from tensorlm.surgery import compress
+from tensorlm.surgery import calibrate, compress, plan_recipe
 from tensorlm.version import __version__
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -56,7 +57,8 @@ class RunResults:
     ``metrics`` holds ``before``, ``after`` (same keys) and ``agreement``; ``protocols`` names the
     protocol of every metric; ``samples`` holds the greedy generation of both models (causal LMs);
     ``seconds`` the wall time of each step; ``params`` the accounting of both models
-    (:func:`tensorlm.params.count_parameters`).
+    (:func:`tensorlm.params.count_parameters`); ``plan`` the plan that was built (after any budget
+    allocation); ``calibration`` the cost of the calibration pass (tokens, seconds, memory), if any.
     """
 
     model: str
@@ -68,6 +70,8 @@ class RunResults:
     metrics: dict = field(default_factory=lambda: {"before": {}, "after": {}, "agreement": {}})
     protocols: dict = field(default_factory=dict)
     samples: dict = field(default_factory=dict)
+    plan: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
     replaced: list = field(default_factory=list)
     stages: list = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
@@ -134,14 +138,37 @@ def output_folder(out, recipe: Recipe, model: str, overwrite: bool) -> Path:
     return out
 
 
+def plan_and_calibrate(loaded: LoadedModel, recipe: Recipe, results: RunResults, data_dir):
+    """The recipe's plan on the model, after the calibration pass and budget allocation; printed before any
+    decomposition. Returns ``(plan, stats)``; fills ``results.plan``, ``results.calibration`` and the
+    ``calibrate`` / ``allocate`` seconds."""
+    plan = plan_recipe(loaded.model, recipe)
+    stats = None
+    if recipe.calibrated:
+        log("calibration pass (input second moments on training text)")
+        t0 = time.perf_counter()
+        stats = calibrate(loaded.model, recipe, plan, loaded.tokenizer, loaded.kind, data_dir)
+        results.seconds["calibrate"] = time.perf_counter() - t0
+        results.calibration = {"tokens": stats.tokens, "seconds": stats.seconds, "cached": stats.cached,
+                               "peak_rss_mb": stats.peak_rss_mb, "accumulator_mb": stats.accumulator_mb}
+    if any(s.budget is not None for s in recipe.stages):
+        t0 = time.perf_counter()
+        plan = allocate(loaded.model, plan, recipe, stats)
+        results.seconds["allocate"] = time.perf_counter() - t0
+    log("plan:\n" + plan.table())
+    results.plan = plan.to_dict()
+    return plan, stats
+
+
 def compress_and_heal(loaded: LoadedModel, recipe: Recipe, results: RunResults, work: Path, data_dir,
                       resume: bool):
     """Compress ``loaded.model`` by ``recipe`` (a copy), distilling after each stage with a ``distill:`` block.
 
     An iterative (distilled) recipe is evaluated after each stage on the quick protocol. Fills
     ``results.stages``, ``results.replaced`` and the ``compress`` / ``distill_and_stage_evaluation``
-    seconds (the decompositions alone count as compression).
+    seconds (the decompositions alone count as compression; calibration and allocation are timed apart).
     """
+    plan, stats = plan_and_calibrate(loaded, recipe, results, data_dir)
     per_stage = any(s.distill is not None for s in recipe.stages) and results.eval_mode != "none"
     results.seconds["distill_and_stage_evaluation"] = 0.0
 
@@ -156,7 +183,7 @@ def compress_and_heal(loaded: LoadedModel, recipe: Recipe, results: RunResults, 
         results.seconds["distill_and_stage_evaluation"] += time.perf_counter() - t_stage
 
     t0 = time.perf_counter()
-    small = compress(loaded.model, recipe, after_stage=after_stage)
+    small = compress(loaded.model, recipe, after_stage=after_stage, plan=plan, stats=stats)
     results.seconds["compress"] = time.perf_counter() - t0 - results.seconds["distill_and_stage_evaluation"]
     results.replaced = [n for s in results.stages for n in s["replaced"]]
     return small

@@ -12,7 +12,9 @@ A recipe is YAML::
           - "re:encoder\\.layer\\.\\d+\\.intermediate\\.dense"
           - {match: "re:encoder\\.layer\\.\\d+\\.output\\.dense", layers: odd}
         options: {shapes: {"1536x384": {a_shape: [768, 192], b_shape: [2, 2], rank: 2}}}
+        budget: {ratio: 0.5}          # optional: one parameter budget for all targets; ranks allocated
         distill: {...}                # optional; run after this stage by the distillation step
+    calibration: {samples: 128, length: 512, seed: 0}   # optional: the calibration text of calibrated stages
 
 Stages run in order on the already-compressed model. ``method`` names a method of the registry
 (:mod:`tensorlm.methods`); ``options`` are the keyword arguments of that method's options dataclass,
@@ -35,6 +37,57 @@ from tensorlm.errors import TensorLMError
 from tensorlm.methods import METHODS, options_from_dict
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
+
+
+@dataclass
+class Budget:
+    """One parameter budget for all targets of a stage (``budget: {ratio: r}`` or ``{params: N}``).
+
+    ``ratio``: the targets keep this fraction of their parameters, in (0, 1); ``params``: they keep at
+    most this many. Ranks are then allocated across the targets (:mod:`tensorlm.allocate`), not given
+    per matrix; ``normalise``: each matrix's loss is its relative (True) or absolute (False) weighted error;
+    ``floor``: every matrix keeps at least this fraction of its dense parameters (the allocator would
+    otherwise cut some matrices to rank 1).
+    """
+
+    ratio: float | None = None
+    params: int | None = None
+    normalise: bool = True
+    floor: float = 0.1
+
+    def __post_init__(self):
+        if (self.ratio is None) == (self.params is None):
+            raise TensorLMError("budget needs exactly one of ratio or params")
+        if self.ratio is not None and not (isinstance(self.ratio, int | float) and 0 < self.ratio < 1):
+            raise TensorLMError(f"budget ratio must be a number in (0, 1), got {self.ratio!r}")
+        if self.params is not None and not (isinstance(self.params, int) and self.params > 0):
+            raise TensorLMError(f"budget params must be a positive integer, got {self.params!r}")
+        if not (isinstance(self.floor, int | float) and 0 <= self.floor < 1):
+            raise TensorLMError(f"budget floor must be a number in [0, 1), got {self.floor!r}")
+
+    def limit(self, params_before: int) -> int:
+        """The parameters the targets may keep, given what they hold now."""
+        return int(self.ratio * params_before) if self.ratio is not None else self.params
+
+
+@dataclass
+class CalibrationSettings:
+    """The calibration text of a recipe's calibrated stages (``calibration:`` at the top of a recipe).
+
+    ``samples`` sequences of ``length`` tokens of ``lm_text`` for causal LMs (training blocks, never a test
+    split), or ``samples`` training sentences of at most ``length`` tokens for encoders; ``seed`` picks them.
+    Defaults: 128 x 512 (causal LMs), 1,024 sentences of 128 tokens (encoders).
+    """
+
+    samples: int | None = None
+    length: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        for key in ("samples", "length"):
+            value = getattr(self, key)
+            if value is not None and not (isinstance(value, int) and value > 0):
+                raise TensorLMError(f"calibration {key} must be a positive integer, got {value!r}")
 
 
 @dataclass
@@ -92,6 +145,7 @@ class Stage:
     targets: list[Target]
     options: object
     distill: dict | None = None
+    budget: Budget | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str):
@@ -132,16 +186,20 @@ class Stage:
         targets = [Target(t) if isinstance(t, str) else options_from_dict(Target, t, f"{where} target")
                    for t in raw_targets]
         options = options_from_dict(METHODS[method].options, data.pop("options", None), f"{where} {method} options")
-        stage = cls(data.pop("name", f"stage{index}"), method, targets, options, data.pop("distill", None))
+        budget = data.pop("budget", None)
+        budget = None if budget is None else options_from_dict(Budget, budget, f"{where} budget")
+        stage = cls(data.pop("name", f"stage{index}"), method, targets, options, data.pop("distill", None), budget)
         if data:
             raise TensorLMError(
-                f"{where}: unknown key(s) {sorted(data)}; valid: name, method, targets, options, distill"
+                f"{where}: unknown key(s) {sorted(data)}; valid: name, method, targets, options, budget, distill"
             )
         return stage
 
     def to_dict(self) -> dict:
         out = {"name": self.name, "method": self.method, "targets": [t.to_json() for t in self.targets],
                "options": _drop_none(dataclasses.asdict(self.options))}
+        if self.budget is not None:
+            out["budget"] = _drop_none(dataclasses.asdict(self.budget))
         if self.distill is not None:
             out["distill"] = self.distill
         return out
@@ -160,6 +218,7 @@ class Recipe:
     description: str = ""
     model: str | None = None
     extra: dict = field(default_factory=dict)
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
 
     def __post_init__(self):
         if self.extra:
@@ -184,11 +243,20 @@ class Recipe:
         if not isinstance(data["stages"], list):
             raise TensorLMError(f"recipe 'stages' must be a list of stages, got a {type(data['stages']).__name__}")
         stages = [Stage.from_dict(s, i) for i, s in enumerate(data.pop("stages"))]
-        return cls(data.pop("name", "custom"), stages, data.pop("description", ""), data.pop("model", None), data)
+        calibration = options_from_dict(CalibrationSettings, data.pop("calibration", None), "recipe calibration")
+        return cls(data.pop("name", "custom"), stages, data.pop("description", ""), data.pop("model", None), data,
+                   calibration)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "description": self.description, "model": self.model, **self.extra,
-                "stages": [s.to_dict() for s in self.stages]}
+        out = {"name": self.name, "description": self.description, "model": self.model, **self.extra}
+        if self.calibrated:
+            out["calibration"] = dataclasses.asdict(self.calibration)
+        return {**out, "stages": [s.to_dict() for s in self.stages]}
+
+    @property
+    def calibrated(self) -> bool:
+        """True when a stage asks for calibration statistics (a method option ``calibration``)."""
+        return any(getattr(s.options, "calibration", None) for s in self.stages)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

@@ -18,6 +18,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from tensorlm.allocate import allocate
+from tensorlm.calibrate import (
+    CalibrationResult,
+    collect_second_moments,
+    lm_calibration_batches,
+    sentence_calibration_batches,
+)
+from tensorlm.data import resolve_data_dir
 from tensorlm.errors import TensorLMError
 from tensorlm.layers.base import LAYERS
 from tensorlm.methods import Method, PlanContext, get_method
@@ -213,9 +221,44 @@ def apply_stage(model: nn.Module, stage: Stage, *, progress: bool = True, stage_
     return [e.name for e in entries]
 
 
+def calibrate(model: nn.Module, recipe: Recipe, plan: Plan, tokenizer, kind: str = "causal-lm",
+              data_dir=None, *, progress: bool = True) -> CalibrationResult | None:
+    """Second moments of the inputs of every target of the recipe's calibrated stages, on training text.
+
+    One pass of the recipe's calibration text (:class:`~tensorlm.recipe.CalibrationSettings`: ``lm_text``
+    blocks for causal LMs, training sentences for encoders; never a test split) through the uncompressed
+    ``model``, cached on disk (:mod:`tensorlm.calibrate`). None when no stage is calibrated.
+
+    Raises:
+        TensorLMError: no data folder, calibration text too short for the asked sample count, a target
+            that is not a linear map of ``model``, non-finite activations.
+    """
+    names = [e.name for stage, stage_plan in zip(recipe.stages, plan.stages, strict=True)
+             if getattr(stage.options, "calibration", None) for e in stage_plan.entries]
+    if not names:
+        return None
+    settings = recipe.calibration
+    text_dir = resolve_data_dir(data_dir) / "lm_text"
+    if kind == "causal-lm":
+        samples, length = settings.samples or 128, settings.length or 512
+        batches = lm_calibration_batches(tokenizer, text_dir, n_samples=samples, seq_len=length, seed=settings.seed)
+    else:
+        samples, length = settings.samples or 1024, settings.length or 128
+        batches = sentence_calibration_batches(tokenizer, text_dir, data_dir, n_samples=samples, max_length=length,
+                                               seed=settings.seed)
+    description = {"text": str(text_dir), "samples": samples, "length": length, "seed": settings.seed, "kind": kind}
+    return collect_second_moments(model, names, batches, progress, description=description)
+
+
 def compress(model: nn.Module, recipe: Recipe | str, *, progress: bool = True, inplace: bool = False,
-             after_stage=None, plan: Plan | None = None, stats: dict | None = None) -> nn.Module:
-    """Compress ``model`` by ``recipe``: plan every stage first, then build stage by stage.
+             after_stage=None, plan: Plan | None = None, stats: dict | None = None, tokenizer=None,
+             kind: str = "causal-lm", data_dir=None) -> nn.Module:
+    """Compress ``model`` by ``recipe``: plan every stage, calibrate and allocate if asked, then build.
+
+    ``match -> plan -> calibrate -> allocate -> build``: a recipe whose stages ask for ``calibration``
+    gets one calibration pass on the uncompressed model (:func:`calibrate`, needs ``tokenizer`` and the
+    data folder) unless ``stats`` are given; a stage with a ``budget`` has its ranks allocated
+    (:func:`tensorlm.allocate.allocate`) before anything is built.
 
     Args:
         model: a Hugging Face model (or any ``nn.Module``); left untouched unless ``inplace``.
@@ -225,23 +268,34 @@ def compress(model: nn.Module, recipe: Recipe | str, *, progress: bool = True, i
         after_stage: ``callable(model, stage, replaced_names)`` run after each stage (the
             distillation step of iterative compression). Without it, a stage's ``distill:`` block is
             recorded in the recipe and skipped with a message.
-        plan: the recipe's plan on this model (from :func:`tensorlm.plan`, perhaps with ranks an allocator
-            changed); default: planned here. Permutations found by a prepare step travel in it.
-        stats: per-module calibration statistics handed to every ``build``, or None.
+        plan: the recipe's plan on this model (from :func:`tensorlm.plan`); default: planned (and
+            allocated) here. Permutations found by a prepare step travel in it.
+        stats: per-module calibration statistics handed to every ``build``; default: computed here when
+            a stage asks for calibration.
+        tokenizer, kind, data_dir: the model's tokenizer, ``causal-lm`` or ``encoder``, and the data folder
+            (``lm_text``; default ``$TENSORLM_DATA``), for the calibration pass.
 
     Returns:
         The compressed model (eval mode unless it was training).
 
     Raises:
-        TensorLMError: invalid targets, shapes or options, or a plan of another recipe.
+        TensorLMError: invalid targets, shapes or options, a plan of another recipe, a calibrated recipe
+            without a tokenizer or statistics, an impossible budget.
     """
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
-    out = model if inplace else copy.deepcopy(model)
-    the_plan = plan or plan_recipe(out, recipe)
-    if [s.name for s in the_plan.stages] != [s.name for s in recipe.stages]:
-        raise TensorLMError(f"the plan's stages {[s.name for s in the_plan.stages]} are not the recipe's "
+    if plan is None:
+        plan = plan_recipe(model, recipe)
+        if stats is None and recipe.calibrated:
+            if tokenizer is None:
+                raise TensorLMError(f"recipe {recipe.name!r} is calibrated: pass tokenizer= (and data_dir=) to "
+                                    "tensorlm.compress, or use tensorlm run")
+            stats = calibrate(model, recipe, plan, tokenizer, kind, data_dir, progress=progress)
+        plan = allocate(model, plan, recipe, stats)
+    if [s.name for s in plan.stages] != [s.name for s in recipe.stages]:
+        raise TensorLMError(f"the plan's stages {[s.name for s in plan.stages]} are not the recipe's "
                             f"{[s.name for s in recipe.stages]}")
-    for stage, stage_plan in zip(recipe.stages, the_plan.stages, strict=True):
+    out = model if inplace else copy.deepcopy(model)
+    for stage, stage_plan in zip(recipe.stages, plan.stages, strict=True):
         replaced = apply_stage(out, stage, progress=progress, stage_plan=stage_plan, stats=stats)
         if after_stage is not None:
             after_stage(out, stage, replaced)

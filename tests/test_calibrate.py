@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DATA
 from torch import nn
 from transformers import GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
@@ -16,7 +17,7 @@ from tensorlm.calibrate import (
 )
 from tensorlm.errors import TensorLMError
 
-TOKENIZER = Path("/work/shared/data/gpt2-tokenizer")
+TOKENIZER = DATA / "gpt2-tokenizer"
 
 
 class Toy(nn.Module):
@@ -51,9 +52,9 @@ def test_hooks_give_exactly_xtx(tmp_path):
     res = collect_second_moments(model, ["first", "twin", "conv"], batches, progress=False, cache_dir=tmp_path)
     x = torch.cat([b.reshape(-1, 6) for b in batches]).double()  # (42, 6)
     hidden = torch.cat([torch.relu(model.first(b)).reshape(-1, 5) for b in batches]).detach().double()
-    assert torch.allclose(res["first"].second_moment, x.T @ x, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(res["first"].second_moment, x.T @ x, rtol=1e-6, atol=1e-6)  # float32 x^T x per batch
     assert torch.equal(res["first"].second_moment, res["twin"].second_moment)
-    assert torch.allclose(res["conv"].second_moment, hidden.T @ hidden, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(res["conv"].second_moment, hidden.T @ hidden, rtol=1e-6, atol=1e-6)  # float32 x^T x per batch
     assert res["first"].second_moment.dtype == torch.float64 and res["conv"].tokens == 42 == res.tokens
     assert res.seconds > 0 and res.peak_rss_mb > 0 and not res.cached
 
@@ -66,7 +67,7 @@ def test_attention_mask_skips_padded_positions(tmp_path):
                                  progress=False, cache=False)
     x = torch.cat([b[m] for b, m in zip(batches, masks, strict=True)]).double()
     assert res["first"].tokens == int(sum(m.sum() for m in masks))
-    assert torch.allclose(res["first"].second_moment, x.T @ x, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(res["first"].second_moment, x.T @ x, rtol=1e-6, atol=1e-6)  # float32 x^T x per batch
 
 
 def test_tiny_llama_padded_batch_equals_separate_runs(tmp_path):

@@ -43,6 +43,12 @@ class LowRankLinear(nn.Module):
         module = cls(w.shape[1], w.shape[0], rank, bias is not None, dtype=w.dtype, device=w.device)
         return fill(module, u=factors.u, v=factors.v, bias=bias)
 
+    @classmethod
+    def from_factors(cls, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> LowRankLinear:
+        """The layer holding copies of ``u: (out, r)``, ``v: (r, in)`` and ``bias: (out,)`` (e.g. a whitened SVD)."""
+        module = cls(v.shape[1], u.shape[0], u.shape[1], bias is not None, dtype=u.dtype, device=u.device)
+        return fill(module, u=u, v=v, bias=bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.v), self.u, self.bias)  # (..., in) -> (..., rank) -> (..., out)
 

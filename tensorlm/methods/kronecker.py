@@ -9,16 +9,19 @@ from torch import nn
 
 from tensorlm.decompose.kronecker import KroneckerShape, check_factor_shapes, choose_kronecker_shape
 from tensorlm.decompose.permutation import SEARCHED_B_SIDES, search_permutations
+from tensorlm.decompose.weighted_kronecker import permute_second_moment, weighted_kronecker
 from tensorlm.errors import TensorLMError
 from tensorlm.layers.base import dense_weight
 from tensorlm.layers.kronecker import KroneckerLinear
 from tensorlm.methods.registry import (
     Method,
     PlanContext,
+    check_calibration,
     is_linear,
     linear_shape,
     options_from_dict,
     register_method,
+    second_moment,
 )
 from tensorlm.plan import LayerPlan
 
@@ -47,6 +50,12 @@ class KroneckerConfig:
     ``shapes: {"OUTxIN": {a_shape, b_shape, rank}}``; or as ``ratio`` (fraction of the dense
     parameters, shapes chosen by :func:`tensorlm.decompose.kronecker.choose_kronecker_shape`).
     ``permute`` turns on the permutation search (TQCompressor).
+
+    ``calibration``: None (Van Loan-Pitsianis, minimises ``||W - W~||_F``) or ``whitened``: the data-aware
+    nearest Kronecker sum minimising ``||(W - W~) G^{1/2}||_F`` with ``G`` the second moment of the layer's
+    inputs (Kronecker-factored whitening, then ``als_sweeps`` sweeps of exact alternating least squares with
+    the full ``G``; :func:`tensorlm.decompose.weighted_kronecker.weighted_kronecker`). With ``permute``,
+    the permutations are searched first and ``G`` is permuted with the columns.
     """
 
     a_shape: list[int] | None = None
@@ -55,9 +64,14 @@ class KroneckerConfig:
     shapes: dict[str, dict] | None = None
     ratio: float | None = None
     permute: PermuteConfig | None = None
+    calibration: str | None = None
+    als_sweeps: int = 4
 
     def __post_init__(self):
         self.permute = permute_option(self.permute)
+        check_calibration(self.calibration, "kronecker")
+        if not isinstance(self.als_sweeps, int) or self.als_sweeps < 0:
+            raise TensorLMError(f"kronecker als_sweeps must be an integer >= 0, got {self.als_sweeps!r}")
         given = sum(x is not None for x in (self.a_shape, self.shapes, self.ratio))
         if given != 1:
             raise TensorLMError("kronecker options need exactly one of a_shape/b_shape, shapes, or ratio")
@@ -145,15 +159,29 @@ def prepare(module: nn.Module, entry: LayerPlan) -> None:
 
 
 def build(module: nn.Module, entry: LayerPlan, stats=None) -> KroneckerLinear:
-    """Nearest Kronecker sum of the (permuted) weight; with a search, its factors are used as they are."""
+    """Nearest Kronecker sum of the (permuted) weight; with a search, its factors are used as they are; with
+    ``calibration: whitened``, the data-aware sum of the (permuted) weight under its (permuted) ``G``."""
     cfg = entry.config
-    if entry.permute is None:
+    calibrated = entry.options.get("calibration")
+    if entry.permute is None and not calibrated:
         return KroneckerLinear.from_dense(module, cfg["a_shape"], cfg["b_shape"], cfg["rank"], name=entry.name)
-    prepare(module, entry)
-    found = entry.prepared
-    _, bias = dense_weight(module, entry.name)
-    return KroneckerLinear.from_factors(found.factors, bias, found.row_perm if cfg["row_perm"] else None,
-                                        found.col_perm if cfg["col_perm"] else None)
+    w, bias = dense_weight(module, entry.name)
+    row_perm = col_perm = None
+    factors = None
+    if entry.permute is not None:
+        prepare(module, entry)
+        factors = entry.prepared.factors
+        row_perm = entry.prepared.row_perm if cfg["row_perm"] else None
+        col_perm = entry.prepared.col_perm if cfg["col_perm"] else None
+    if calibrated:
+        g = second_moment(stats, entry)  # (in, in)
+        if row_perm is not None:
+            w = w[row_perm]
+        if col_perm is not None:
+            w, g = w[:, col_perm], permute_second_moment(g, col_perm)
+        factors = weighted_kronecker(w, g, cfg["a_shape"], cfg["b_shape"], cfg["rank"],
+                                     sweeps=entry.options.get("als_sweeps", 4), name=entry.name)
+    return KroneckerLinear.from_factors(factors, bias, row_perm, col_perm)
 
 
 register_method(Method("kronecker", KroneckerConfig, accepts=is_linear, plan=plan, build=build, prepare=prepare))

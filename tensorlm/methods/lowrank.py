@@ -1,28 +1,49 @@
-"""``lowrank``: truncated SVD ``W ~ U V``, the baseline every tensor method is compared with."""
+"""``lowrank``: truncated SVD ``W ~ U V``, the baseline every tensor method is compared with; with
+``calibration: whitened``, SVD-LLM's data-aware truncation of ``W G^{1/2}``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
+from tensorlm.decompose.allocation import RankCurve, lowrank_curve
 from tensorlm.decompose.lowrank import rank_for_ratio
+from tensorlm.decompose.whitening import psd_sqrt, whitened_svd
 from tensorlm.errors import TensorLMError
+from tensorlm.layers.base import dense_weight
 from tensorlm.layers.lowrank import LowRankLinear
-from tensorlm.methods.registry import Method, PlanContext, is_linear, linear_shape, register_method
+from tensorlm.methods.registry import (
+    Method,
+    PlanContext,
+    check_calibration,
+    is_linear,
+    linear_shape,
+    register_method,
+    second_moment,
+)
 from tensorlm.plan import LayerPlan
 
 
 @dataclass
 class LowRankConfig:
-    """``lowrank``: truncated SVD ``W ~ U V`` with a fixed ``rank`` or a parameter ``ratio``."""
+    """``lowrank``: truncated SVD ``W ~ U V`` with a fixed ``rank`` or a parameter ``ratio``.
+
+    ``calibration``: None (plain SVD, minimises ``||W - U V||_F``) or ``whitened`` (minimises
+    ``||(W - U V) G^{1/2}||_F`` with ``G`` the second moment of the layer's inputs on calibration text;
+    SVD-LLM, Wang et al., arXiv 2403.07378, Theorem 3.2). Under a stage ``budget`` the rank or ratio is
+    the starting point that ``tensorlm plan`` shows; the allocator then chooses every rank.
+    """
 
     rank: int | None = None
     ratio: float | None = None
+    calibration: str | None = None
 
     def __post_init__(self):
         if (self.rank is None) == (self.ratio is None):
             raise TensorLMError("lowrank options need exactly one of rank or ratio")
+        check_calibration(self.calibration, "lowrank")
 
 
 def plan(module: nn.Module, name: str, options: LowRankConfig, context: PlanContext) -> LayerPlan:
@@ -42,9 +63,36 @@ def plan(module: nn.Module, name: str, options: LowRankConfig, context: PlanCont
                      (in_features + bias) * out_features, rank * (in_features + out_features) + bias * out_features)
 
 
+def rerank(entry: LayerPlan, rank: int) -> LayerPlan:
+    """``entry`` at another rank (what the budget allocator chose)."""
+    out_features, in_features = entry.dense_shape
+    bias = entry.config["bias"]
+    return LayerPlan(entry.name, entry.method, entry.stage, entry.dense_shape, entry.layer,
+                     {**entry.config, "rank": rank}, {"u": [out_features, rank], "v": [rank, in_features]}, [rank],
+                     entry.params_before, rank * (in_features + out_features) + bias * out_features,
+                     options=entry.options)
+
+
+def rank_curve(module: nn.Module, entry: LayerPlan, stats, normalise: bool = True, floor: float = 0.0) -> RankCurve:
+    """Loss of every rank from ``floor`` of the dense parameters up: the tail energy of the singular values
+    of ``W G^{1/2}`` (whitened) or of ``W``."""
+    w, _ = dense_weight(module, entry.name)
+    w = w.to(torch.float64)
+    if entry.options.get("calibration"):
+        w = w @ psd_sqrt(second_moment(stats, entry), entry.name)  # (out, in) @ (in, in)
+    shape = tuple(entry.dense_shape)
+    min_rank = max(1, int(floor * shape[0] * shape[1] // (shape[0] + shape[1])))
+    return lowrank_curve(entry.name, torch.linalg.svdvals(w), shape, normalise=normalise, min_rank=min_rank)
+
+
 def build(module: nn.Module, entry: LayerPlan, stats=None) -> LowRankLinear:
-    """Truncated SVD at the planned rank."""
-    return LowRankLinear.from_dense(module, rank=entry.config["rank"], name=entry.name)
+    """Truncated SVD at the planned rank, whitened by the calibration statistics when the options ask."""
+    if not entry.options.get("calibration"):
+        return LowRankLinear.from_dense(module, rank=entry.config["rank"], name=entry.name)
+    w, bias = dense_weight(module, entry.name)
+    found = whitened_svd(w, second_moment(stats, entry), entry.config["rank"], entry.name)
+    return LowRankLinear.from_factors(found.u, found.v, bias)
 
 
-register_method(Method("lowrank", LowRankConfig, accepts=is_linear, plan=plan, build=build))
+register_method(Method("lowrank", LowRankConfig, accepts=is_linear, plan=plan, build=build, rank_curve=rank_curve,
+                       rerank=rerank))

@@ -62,6 +62,10 @@ class Method:
         joint: plan and build all targets of a stage at once (they share factors).
         tied_head: for methods that replace a token table: ``tied_head(new_table, name, options)`` returns
             the head that computes logits from the new table, or None to keep an untied dense head.
+        rank_curve: optional ``rank_curve(module, entry, stats, normalise, floor) -> RankCurve``: the loss of
+            every rank the entry may take from ``floor`` of its dense parameters up
+            (:mod:`tensorlm.decompose.allocation`), for a stage ``budget``.
+        rerank: optional ``rerank(entry, rank) -> LayerPlan``: the entry re-planned at another rank.
     """
 
     name: str
@@ -72,6 +76,8 @@ class Method:
     prepare: Callable[[nn.Module, LayerPlan], None] | None = None
     joint: bool = False
     tied_head: Callable[[nn.Module, str, Any], nn.Module | None] | None = None
+    rank_curve: Callable[..., Any] | None = None
+    rerank: Callable[[LayerPlan, int], LayerPlan] | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -128,6 +134,29 @@ def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
 def tie_by_option(new: nn.Module, name: str, options) -> nn.Module | None:
     """The tied-head rule of the embedding methods: ``options.head == "tie"`` ties logits to ``new``."""
     return TiedHead(new, name) if options.head == "tie" else None
+
+
+CALIBRATIONS = (None, "whitened")
+
+
+def check_calibration(value, method: str) -> None:
+    """Raise :class:`TensorLMError` unless ``value`` is a known ``calibration`` option (None or ``whitened``)."""
+    if value not in CALIBRATIONS:
+        raise TensorLMError(f"{method} calibration must be one of {list(CALIBRATIONS)}, got {value!r}")
+
+
+def second_moment(stats, entry: LayerPlan):
+    """The input second moment ``G (in, in)`` (float64) of ``entry``'s module from calibration ``stats``.
+
+    Raises:
+        TensorLMError: no statistics for this module (the recipe asks for calibration but none ran).
+    """
+    found = None if stats is None else stats.get(entry.name)
+    if found is None:
+        raise TensorLMError(f"{entry.name}: stage {entry.stage!r} asks for calibration, but no calibration "
+                            "statistics were given; pass tokenizer= and data_dir= to tensorlm.compress, or use "
+                            "tensorlm run")
+    return found.second_moment
 
 
 def check_head(head: str, method: str) -> None:

@@ -1,0 +1,98 @@
+"""Calibrated recipes end to end: whitened methods, budget allocation, the plan's totals, bad input."""
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from tensorlm import TensorLMError, compress, count_parameters
+from tensorlm.allocate import allocate
+from tensorlm.calibrate import collect_second_moments
+from tensorlm.decompose.whitening import psd_sqrt
+from tensorlm.layers.base import dense_weight
+from tensorlm.recipe import Recipe
+from tensorlm.surgery import plan_recipe
+
+MLP = "re:model\\.layers\\.\\d+\\.mlp\\.(gate|up|down)_proj"
+ALL = "re:model\\.layers\\.\\d+\\.(self_attn\\.(q|k|v|o)|mlp\\.(gate|up|down))_proj"
+
+
+def recipe(method: str, options: dict, budget: dict | None = None, targets=(MLP,)) -> Recipe:
+    stage = {"name": "s", "method": method, "targets": list(targets), "options": options}
+    if budget is not None:
+        stage["budget"] = budget
+    return Recipe.from_dict({"name": "t", "stages": [stage]})
+
+
+def stats_for(model, names):
+    """Second moments on 4 x 32 random token ids (the inputs the layers really see in this model)."""
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 256, (2, 32), generator=gen) for _ in range(2)]
+    return collect_second_moments(model, names, batches, progress=False, cache=False)
+
+
+def weighted(model, small, name, g) -> float:
+    """``||(W - W~) G^{1/2}||_F`` of one module."""
+    w, _ = dense_weight(model.get_submodule(name))
+    approx, _ = dense_weight(small.get_submodule(name).to_dense())
+    return float(((w - approx).double() @ psd_sqrt(g)).norm())
+
+
+@pytest.mark.parametrize("method, options", [("lowrank", {"rank": 8}),
+                                             ("kronecker", {"a_shape": [64, 32], "b_shape": [2, 2], "rank": 2})])
+def test_whitened_beats_plain_in_the_weighted_norm_on_every_module(method, options):
+    model = make_tiny_llama()
+    names = [e.name for e in plan_recipe(model, recipe("lowrank", {"rank": 1})).entries
+             if e.dense_shape == [128, 64]]  # gate_proj, up_proj
+    plain = recipe(method, options, targets=names)
+    calibrated = recipe(method, {**options, "calibration": "whitened"}, targets=names)
+    stats = stats_for(model, names)
+    a = compress(model, plain, progress=False)
+    b = compress(model, calibrated, progress=False, stats=stats)
+    for name in names:
+        g = stats[name].second_moment
+        assert weighted(model, b, name, g) < weighted(model, a, name, g)
+
+
+def test_budget_allocation_meets_the_budget_and_the_plan_is_the_model():
+    model = make_tiny_llama()
+    r = recipe("lowrank", {"ratio": 0.5, "calibration": "whitened"}, budget={"ratio": 0.4}, targets=(ALL,))
+    plan = plan_recipe(model, r)
+    stats = stats_for(model, [e.name for e in plan.entries])
+    before = sum(e.params_before for e in plan.entries)
+    plan = allocate(model, plan, r, stats)
+    assert sum(e.params_after for e in plan.entries) <= 0.4 * before
+    assert len({e.ranks[0] for e in plan.entries}) > 1  # the ranks differ across matrices
+    small = compress(model, r, plan=plan, stats=stats, progress=False)
+    assert count_parameters(small)["total"] == plan.params_after  # the printed total is the model's
+    assert all(small.get_submodule(e.name).rank == e.ranks[0] for e in plan.entries)
+    # the same through compress alone, with the statistics given
+    again = compress(model, r, stats=stats, progress=False)
+    assert count_parameters(again)["total"] == plan.params_after
+
+
+def test_more_budget_never_raises_the_total_whitened_loss():
+    model = make_tiny_llama()
+    losses = []
+    for ratio in (0.2, 0.3, 0.5):
+        r = recipe("lowrank", {"ratio": 0.5, "calibration": "whitened"}, budget={"ratio": ratio})
+        plan = plan_recipe(model, r)
+        stats = stats_for(model, [e.name for e in plan.entries])
+        small = compress(model, r, stats=stats, progress=False)
+        losses.append(sum(weighted(model, small, e.name, stats[e.name].second_moment) ** 2
+                          / float((dense_weight(model.get_submodule(e.name))[0].double()
+                                   @ psd_sqrt(stats[e.name].second_moment)).norm()) ** 2 for e in plan.entries))
+    assert losses[0] >= losses[1] >= losses[2]
+
+
+def test_bad_calibrated_input_is_one_line():
+    model = make_tiny_llama()
+    with pytest.raises(TensorLMError, match="is calibrated: pass tokenizer="):
+        compress(model, recipe("lowrank", {"rank": 4, "calibration": "whitened"}), progress=False)
+    with pytest.raises(TensorLMError, match="calibration must be one of"):
+        recipe("lowrank", {"rank": 4, "calibration": "whitend"})
+    with pytest.raises(TensorLMError, match="cannot allocate ranks to a budget; methods that can: lowrank"):
+        compress(model, recipe("kronecker", {"ratio": 0.5}, budget={"ratio": 0.5}), progress=False)
+    with pytest.raises(TensorLMError, match="below the minimum"):
+        compress(model, recipe("lowrank", {"rank": 4}, budget={"params": 100}), progress=False)
+    with pytest.raises(TensorLMError, match="budget needs exactly one of ratio or params"):
+        recipe("lowrank", {"rank": 4}, budget={})
