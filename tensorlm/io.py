@@ -29,6 +29,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer
 from transformers.models.auto import modeling_auto
+from transformers.pytorch_utils import Conv1D
 
 from tensorlm.errors import TensorLMError
 from tensorlm.files import MANIFEST, atomic_folder, file_sha256
@@ -134,6 +135,29 @@ def save_compressed(model: nn.Module, folder: str | os.PathLike, *, tokenizer=No
     return Path(folder)
 
 
+def _restore_conv1d(dense: nn.Module) -> None:
+    """Turn back into GPT-2 ``Conv1D`` (weight ``(in, out)``) every decompressed ``nn.Linear`` that the
+    architecture builds as a ``Conv1D``, so that transformers loads the saved weights in their own layout."""
+    with torch.device("meta"):
+        reference = type(dense)(dense.config)
+    for name, module in list(dense.named_modules()):
+        if type(module) is not nn.Linear:
+            continue
+        try:
+            original = reference.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(original, Conv1D):
+            conv = Conv1D(module.out_features, module.in_features)
+            with torch.no_grad():
+                conv.weight.copy_(module.weight.T)
+                if module.bias is not None:
+                    conv.bias.copy_(module.bias)
+                else:
+                    conv.bias.zero_()
+            dense.set_submodule(name, conv)
+
+
 def export_dense(loaded: LoadedModel, folder: str | os.PathLike, *, overwrite: bool = False,
                  inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """Write ``loaded`` as an ordinary Hugging Face folder: every factored layer replaced by its dense form.
@@ -148,6 +172,7 @@ def export_dense(loaded: LoadedModel, folder: str | os.PathLike, *, overwrite: b
     config = getattr(dense, "config", None)
     if config is None:
         raise TensorLMError("export --dense needs a transformers model (it has no config)")
+    _restore_conv1d(dense)
     head = dense.get_output_embeddings() if hasattr(dense, "get_output_embeddings") else None
     table = dense.get_input_embeddings() if hasattr(dense, "get_input_embeddings") else None
     if head is not None and table is not None and getattr(config, "tie_word_embeddings", False):
