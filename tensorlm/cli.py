@@ -189,6 +189,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     _add_common(p)
     p.set_defaults(func=cmd_distill)
+    _add_other_commands(sub)
+    return top
+
+
+def _add_other_commands(sub) -> None:
+    """The subcommands after ``run`` and ``distill``: compress, export, evaluate, inspect, plan, recipes."""
     p = sub.add_parser("compress", help="compress and save, without evaluation")
     p.add_argument("--recipe", required=True, help="built-in recipe name or YAML path")
     p.add_argument("--model", help="model folder, offline name or hub id (default: the recipe's model)")
@@ -222,7 +228,6 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recipes", help="list the built-in recipes")
     p.add_argument("--show", metavar="NAME", help="print the YAML of the built-in recipe NAME")
     p.set_defaults(func=cmd_recipes)
-    return top
 
 
 def _one_line(text: str) -> str:

@@ -57,6 +57,17 @@ def _windowing(model: nn.Module, protocol: str, context: int, stride: int, batch
     return context, stride, limit
 
 
+def _protocol_phrase(protocol: str, context: int, stride: int, limit: int | None) -> str:
+    """How the windows were laid, e.g. ``"sliding, context 1024, stride 512"``."""
+    if protocol == "sliding":
+        how = f"sliding, context {context}, stride {stride}"
+    else:
+        how = f"chunked, non-overlapping windows of {context}"
+    if limit is not None:
+        how += f" (clipped to the model's {limit:,} positions)"
+    return how
+
+
 def perplexity(
     model: nn.Module,
     tokenizer,
@@ -104,12 +115,7 @@ def perplexity(
     windows = sliding_windows(ids.numel(), context, stride)
     nll, scored = _score_windows(model, ids, windows, batch_size, progress)
     mean_nll = nll / scored
-    if protocol == "sliding":
-        how = f"sliding, context {context}, stride {stride}"
-    else:
-        how = f"chunked, non-overlapping windows of {context}"
-    if clipped:
-        how += f" (clipped to the model's {limit:,} positions)"
+    how = _protocol_phrase(protocol, context, stride, limit if clipped else None)
     return {
         "perplexity": math.exp(mean_nll),
         "nll": mean_nll,
