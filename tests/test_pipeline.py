@@ -83,3 +83,24 @@ def test_cli_compress_then_inspect(tiny_gpt2_folder, tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "c")]) == 0
     shown = capsys.readouterr().out
     assert "transformer.h.1.attn.c_proj: LowRankLinear" in shown and "tied" in shown
+
+
+def test_calibrated_budget_run_prints_and_records_the_allocated_plan(tiny_gpt2_folder, tmp_path, capsys):
+    data = tmp_path / "data"
+    (data / "lm_text").mkdir(parents=True)
+    (data / "lm_text" / "a.txt").write_text("\n\n".join(f"Document {i}. " + "A quick brown fox jumps over it. " * 30
+                                                        for i in range(40)))
+    recipe = Recipe.from_dict({"name": "tiny-calibrated", "calibration": {"samples": 8, "length": 64},
+                               "stages": [{"name": "linear", "method": "lowrank",
+                                           "targets": ["re:.*(attn|mlp)\\.c_(attn|proj|fc)"],
+                                           "options": {"ratio": 0.5, "calibration": "whitened"},
+                                           "budget": {"ratio": 0.4}}]})
+    results = run(str(tiny_gpt2_folder), recipe, tmp_path / "run", data_dir=data, eval_mode="none")
+    entries = [e for s in results.plan["stages"] for e in s["entries"]]
+    assert sum(e["params_after"] for e in entries) <= 0.4 * sum(e["params_before"] for e in entries)
+    assert results.plan["params_after"] == results.params["after"]["total"]  # the printed total is the model's
+    assert results.calibration["tokens"] == 8 * 64 and results.seconds["calibrate"] > 0
+    assert "model parameters:" in capsys.readouterr().err  # the plan was printed before decomposing
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["recipe"]["calibration"] == {"samples": 8, "length": 64, "seed": 0}
+    assert saved["recipe"]["stages"][0]["budget"]["ratio"] == 0.4

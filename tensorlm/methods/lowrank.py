@@ -74,15 +74,18 @@ def rerank(entry: LayerPlan, rank: int) -> LayerPlan:
 
 
 def rank_curve(module: nn.Module, entry: LayerPlan, stats, normalise: bool = True, floor: float = 0.0) -> RankCurve:
-    """Loss of every rank from ``floor`` of the dense parameters up: the tail energy of the singular values
-    of ``W G^{1/2}`` (whitened) or of ``W``."""
+    """Loss of every rank from ``floor`` of the dense parameters up to the break-even rank ``mn / (m + n)``
+    (past it the factors hold more than ``W``): the tail energy of the singular values of ``W G^{1/2}``
+    (whitened) or of ``W``."""
     w, _ = dense_weight(module, entry.name)
     w = w.to(torch.float64)
     if entry.options.get("calibration"):
         w = w @ psd_sqrt(second_moment(stats, entry), entry.name)  # (out, in) @ (in, in)
     shape = tuple(entry.dense_shape)
-    min_rank = max(1, int(floor * shape[0] * shape[1] // (shape[0] + shape[1])))
-    return lowrank_curve(entry.name, torch.linalg.svdvals(w), shape, normalise=normalise, min_rank=min_rank)
+    break_even = max(1, shape[0] * shape[1] // (shape[0] + shape[1]))  # beyond it U V holds more than W
+    min_rank = min(break_even, max(1, int(floor * break_even)))
+    return lowrank_curve(entry.name, torch.linalg.svdvals(w), shape, normalise=normalise, min_rank=min_rank,
+                         max_rank=break_even)
 
 
 def build(module: nn.Module, entry: LayerPlan, stats=None) -> LowRankLinear:

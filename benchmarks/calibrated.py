@@ -1,0 +1,195 @@
+"""Data-aware compression: whitened SVD (uniform and allocated ranks) and the data-aware Kronecker sum,
+against the data-blind methods at the same budgets, training-free.
+
+SmolLM2-135M protocol: as ``benchmarks/causal_lm.py`` (``wt2-16k`` perplexity: the first 16,384 tokens of
+WikiText-2 raw test, sliding windows of 1024, stride 512, token-level; LAMBADA accuracy on the first 1,000
+passages; teacher KL on held-out ``lm_text``). The dense model and the data-blind rows (``svd``,
+``kronecker``) are the rows of ``results/causal_lm.json``: the same code, harness, protocol and machine,
+measured earlier; this script measures the calibrated rows and reads those. Calibration: 32 x 512 tokens of
+``lm_text`` training blocks (never a test split). all-MiniLM-L6-v2: FFNs at half their parameters, STS-B
+and SICK-R test Spearman, calibrated on 1,024 training sentences (``lm_text`` sentences and STS-B/SICK
+train pairs), dense measured in this run.
+
+Run: ``python benchmarks/calibrated.py`` (resumable; rows are written as they finish, in the order of
+``SMOLLM2_ROWS``). ``--render-only`` rewrites the Markdown and PNG from the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from causal_lm import MODEL, Rows, compress_row, log, measure
+
+from tensorlm import count_parameters, load_model
+from tensorlm.evaluate import evaluate_model
+from tensorlm.pipeline import machine
+from tensorlm.recipe import Recipe
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+ATTN_MLP = "re:model\\.layers\\.\\d+\\.(self_attn\\.(q|k|v|o)|mlp\\.(gate|up|down))_proj"
+MLP = "re:model\\.layers\\.\\d+\\.mlp\\.(gate|up|down)_proj"
+KRON = {"1536x576": {"a_shape": [768, 288], "b_shape": [2, 2], "rank": 2},
+        "576x1536": {"a_shape": [288, 768], "b_shape": [2, 2], "rank": 2}}
+CALIBRATION = {"samples": 32, "length": 512, "seed": 0}
+# the share of the 210 attention and MLP parameters (106,168,320) that leaves the whole model 10/20/30% smaller
+WHOLE = {"-10%": 0.8733, "-20%": 0.7466, "-30%": 0.6199}
+
+
+def stage(method: str, targets: list[str], options: dict, budget: dict | None = None) -> dict:
+    out = {"name": "s", "method": method, "targets": targets, "options": options}
+    return {**out, "budget": budget} if budget else out
+
+
+def smollm2_rows() -> list[tuple[str, str, Recipe]]:
+    """``(method, budget, recipe)`` of every calibrated SmolLM2 row, most informative first."""
+    rows = [("svd-whitened-allocated", f"whole {cut}", stage("lowrank", [ATTN_MLP], {"ratio": keep, "calibration":
+                                                                                      "whitened"}, {"ratio": keep}))
+            for cut, keep in WHOLE.items()]
+    rows.insert(1, ("svd-whitened", "mlp 80%", stage("lowrank", [MLP], {"ratio": 0.8, "calibration": "whitened"})))
+    rows.insert(2, ("kronecker-whitened", "mlp 50%", stage("kronecker", [MLP], {"shapes": KRON,
+                                                                                "calibration": "whitened"})))
+    for share in (0.9, 0.5):
+        rows.append(("svd-whitened", f"mlp {share:.0%}", stage("lowrank", [MLP], {"ratio": share,
+                                                                                  "calibration": "whitened"})))
+    for share in (0.9, 0.8, 0.5):
+        rows.append(("svd-whitened-allocated", f"mlp {share:.0%}",
+                     stage("lowrank", [MLP], {"ratio": share, "calibration": "whitened"}, {"ratio": share})))
+    rows.append(("kronecker-whitened-permuted", "mlp 50%",
+                 stage("kronecker", [MLP], {"shapes": KRON, "calibration": "whitened",
+                                            "permute": {"time_budget_s": 5, "max_rounds": 2}})))
+    return [(m, b, Recipe.from_dict({"name": f"{m} {b}", "calibration": CALIBRATION, "stages": [s]}))
+            for m, b, s in rows]
+
+
+def data_blind_rows(causal: dict) -> list[dict]:
+    """The dense and data-blind SmolLM2 rows of ``causal_lm.json``, renamed into this benchmark's schema."""
+    named = {"dense": ("dense", "-"), "smollm2-lowrank-mlp-90": ("svd", "mlp 90%"),
+             "smollm2-lowrank-mlp-80": ("svd", "mlp 80%"), "smollm2-lowrank-mlp-50": ("svd", "mlp 50%"),
+             "smollm2-kronecker-mlp-50": ("kronecker", "mlp 50%")}
+    return [{**r, "model": MODEL, "method": named[r["recipe"]][0], "budget": named[r["recipe"]][1],
+             "source": "causal_lm.json"} for r in causal["rows"] if r["recipe"] in named]
+
+
+def run_smollm2(rows: Rows, data_dir, limit: int | None) -> None:
+    loaded = load_model(MODEL, data_dir=data_dir)
+    for method, budget, recipe in smollm2_rows()[:limit]:
+        if rows.get(recipe.name) is None:
+            log(f"{recipe.name}: calibrating and compressing")
+            small, fields = compress_row(loaded, recipe, data_dir)
+            log(f"{recipe.name}: {fields['params']:,} params; measuring")
+            metrics = measure(small, loaded.model, loaded.tokenizer, data_dir)
+            rows.put({"recipe": recipe.name, "model": MODEL, "method": method, "budget": budget, **fields,
+                      **metrics})
+            log(f"{recipe.name}: wt2-16k {metrics['wikitext2_ppl']:.2f}, LAMBADA {metrics['lambada_acc']:.3f}")
+
+
+def run_minilm(rows: Rows, data_dir) -> None:
+    """all-MiniLM-L6-v2 FFNs at half their parameters: plain and calibrated, STS-B and SICK-R test."""
+    loaded = load_model("all-MiniLM-L6-v2")
+    ffn = ["re:encoder\\.layer\\.\\d+\\.intermediate\\.dense", "re:encoder\\.layer\\.\\d+\\.output\\.dense"]
+    kron = {"1536x384": {"a_shape": [768, 192], "b_shape": [2, 2], "rank": 2},
+            "384x1536": {"a_shape": [192, 768], "b_shape": [2, 2], "rank": 2}}
+    variants = [("dense", None), ("svd", stage("lowrank", ffn, {"rank": 153})),
+                ("svd-whitened", stage("lowrank", ffn, {"rank": 153, "calibration": "whitened"})),
+                ("svd-whitened-allocated", stage("lowrank", ffn, {"rank": 153, "calibration": "whitened"},
+                                                 {"ratio": 0.498})),
+                ("kronecker", stage("kronecker", ffn, {"shapes": kron})),
+                ("kronecker-whitened", stage("kronecker", ffn, {"shapes": kron, "calibration": "whitened"}))]
+    for method, spec in variants:
+        name = f"minilm {method}"
+        if rows.get(name) is not None:
+            continue
+        log(f"{name}: compressing and measuring")
+        small, fields = loaded.model, {"params": count_parameters(loaded.model)["total"]}
+        if spec is not None:
+            recipe = Recipe.from_dict({"name": name, "calibration": {"samples": 1024, "length": 128}, "stages": [spec]})
+            small, fields = compress_row_encoder(loaded, recipe, data_dir)
+        metrics, protocols = evaluate_model(small, loaded.tokenizer, "encoder", data_dir=data_dir)
+        rows.put({"recipe": name, "model": "all-MiniLM-L6-v2", "method": method, "budget": "ffn 50%", **fields,
+                  "stsb": metrics["stsb_spearman"], "sickr": metrics["sickr_spearman"], "protocols": protocols})
+
+
+def compress_row_encoder(loaded, recipe: Recipe, data_dir):
+    from tensorlm.allocate import allocate
+    from tensorlm.surgery import calibrate, compress, plan_recipe
+
+    plan = plan_recipe(loaded.model, recipe)
+    t0 = time.perf_counter()
+    stats = calibrate(loaded.model, recipe, plan, loaded.tokenizer, "encoder", data_dir, progress=False)
+    calibrate_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    small = compress(loaded.model, recipe, plan=allocate(loaded.model, plan, recipe, stats), stats=stats,
+                     progress=False)
+    return small, {"params": count_parameters(small)["total"], "compress_seconds": time.perf_counter() - t0,
+                   "calibrate_seconds": calibrate_seconds}
+
+
+def render(data: dict, causal: dict) -> str:
+    rows = data_blind_rows(causal) + data["rows"]
+    smol = [r for r in rows if r["model"] == MODEL]
+    dense = next(r for r in smol if r["method"] == "dense")
+    lines = ["# Data-aware compression, training-free", "", data["protocol"], "", f"Machine: {data['machine']}.", "",
+             "## SmolLM2-135M", "",
+             "| method | budget | params | wt2-16k ppl | x dense | LAMBADA acc | teacher KL | calibrate s | "
+             "decompose s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(smol, key=lambda r: (r["method"] != "dense", -r["params"], r["method"])):
+        lines.append(f"| {r['method']} | {r['budget']} | {r['params']:,} | {r['wikitext2_ppl']:,.2f} | "
+                     f"{r['wikitext2_ppl'] / dense['wikitext2_ppl']:,.2f} | {r['lambada_acc']:.3f} | "
+                     f"{r['teacher_kl']:.3f} | {r.get('calibrate_seconds', 0):.0f} | "
+                     f"{r.get('compress_seconds', 0):.0f} |")
+    mini = [r for r in rows if r["model"] == "all-MiniLM-L6-v2"]
+    if mini:
+        lines += ["", "## all-MiniLM-L6-v2, FFNs at half", "", "| method | params | STS-B test | SICK-R test |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {r['method']} | {r['params']:,} | {r['stsb']:.4f} | {r['sickr']:.4f} |" for r in mini]
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict, causal: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data_blind_rows(causal) + data["rows"] if r["model"] == MODEL]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for method in sorted({r["method"] for r in rows}):
+        pts = sorted((r["params"] / 1e6, r["wikitext2_ppl"]) for r in rows if r["method"] == method)
+        ax.plot(*zip(*pts, strict=True), marker="*" if method == "dense" else "o", label=method)
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters (millions)")
+    ax.set_ylabel("WikiText-2 perplexity (wt2-16k, log scale)")
+    ax.set_title("SmolLM2-135M, training-free: data-blind vs data-aware")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=os.environ.get("TENSORLM_DATA", "../shared/data"))
+    parser.add_argument("--limit", type=int, help="measure only the first N SmolLM2 rows")
+    parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--render-only", action="store_true")
+    args = parser.parse_args()
+    path = RESULTS / "calibrated.json"
+    if not args.render_only:
+        rows = Rows(path, {"protocol": __doc__.split("Run:")[0].strip(), "machine": machine()})
+        if not args.skip_minilm:
+            run_minilm(rows, args.data_dir)
+        run_smollm2(rows, args.data_dir, args.limit)
+    data = json.loads(path.read_text())
+    causal = json.loads((RESULTS / "causal_lm.json").read_text())
+    (RESULTS / "calibrated.md").write_text(render(data, causal))
+    plot(data, causal, RESULTS / "calibrated.png")
+    print(render(data, causal))
+
+
+if __name__ == "__main__":
+    main()

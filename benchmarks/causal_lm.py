@@ -1,0 +1,228 @@
+"""SmolLM2-135M: every built-in SmolLM2 recipe, training-free, beside dense and beside truncated SVD at the
+same parameter count, in one harness.
+
+Protocol (``tensorlm.evaluate``): ``wt2-16k`` = the first 16,384 tokens of WikiText-2 raw test, sliding
+windows of 1024, stride 512, token-level perplexity; LAMBADA (OpenAI test) last-word accuracy on the first
+1,000 passages; teacher KL = KL(dense || compressed) in nats per token on held-out ``lm_text`` (the last
+2,000 characters of 16 shards, windows of 512). Dense is also measured on ``wt2-4k`` (the ``quick``
+protocol, the figure the slow test checks) and, with ``--full``, on ``wt2-full`` (the whole test set) and
+all 5,153 LAMBADA passages. The model is SmolLM2-135M-Instruct, GGUF Q4_1 weights dequantized to float32:
+the teacher is itself a 4-bit quantization of the released model.
+
+Run: ``python benchmarks/causal_lm.py [--full]`` (resumable: rows already in the JSON are kept; about
+6-10 minutes a row on 2 CPU cores). ``--render-only`` rewrites the Markdown and PNG from the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tensorlm import compress, count_parameters, load_model
+from tensorlm.allocate import allocate
+from tensorlm.evaluate import CAUSAL_PROTOCOLS, agreement, evaluate_model
+from tensorlm.evaluate.generation import greedy_sample
+from tensorlm.pipeline import machine
+from tensorlm.recipe import Recipe
+from tensorlm.surgery import calibrate, match_targets, plan_recipe
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+MODEL = "smollm2-135m"
+RECIPES = ["smollm2-lowrank-mlp-90", "smollm2-lowrank-mlp-80", "smollm2-lowrank-mlp-50", "smollm2-kronecker-mlp-50",
+           "smollm2-tq", "smollm2-tensorgpt-2x", "smollm2-tensorgpt-3x", "smollm2-tensorgpt-10x",
+           "smollm2-tucker-bank-1x7"]
+
+
+class Rows:
+    """The benchmark's JSON file: rows keyed by ``recipe``, rewritten atomically after every row."""
+
+    def __init__(self, path: Path, header: dict):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {**header, "rows": []}
+
+    def get(self, recipe: str) -> dict | None:
+        return next((r for r in self.data["rows"] if r["recipe"] == recipe), None)
+
+    def put(self, row: dict) -> None:
+        self.data["rows"] = [r for r in self.data["rows"] if r["recipe"] != row["recipe"]] + [row]
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2))
+        os.replace(tmp, self.path)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def measure(model, teacher, tokenizer, data_dir, mode: str = "sweep") -> dict:
+    """Perplexity, LAMBADA and teacher KL of ``model`` on the ``mode`` protocol (a benchmark row's metrics)."""
+    metrics, protocols = evaluate_model(model, tokenizer, "causal-lm", data_dir=data_dir, mode=mode)
+    kl, kl_protocol = agreement(model, teacher, tokenizer, "causal-lm", data_dir=data_dir, mode=mode)
+    return {"protocol": CAUSAL_PROTOCOLS[mode].name, "wikitext2_ppl": metrics["wikitext2_ppl"],
+            "lambada_acc": metrics["lambada_acc"], "lambada_ppl": metrics["lambada_ppl"],
+            "teacher_kl": kl["teacher_kl"], "protocols": {**protocols, **kl_protocol},
+            "sample": greedy_sample(model, tokenizer)}
+
+
+def targeted(model, recipe: Recipe) -> list[str]:
+    """Top-level module names the recipe's stages replace (matched on the dense model)."""
+    names = [n for stage in recipe.stages for n in match_targets(model, stage)]
+    return [n for n in names if not any(n.startswith(p + ".") for p in names)]
+
+
+def compress_row(loaded, recipe: Recipe, data_dir) -> tuple[torch.nn.Module, dict]:
+    """Compress the dense model by ``recipe`` (plan, calibrate, allocate, build); the row's parameter fields
+    and the seconds of calibration (0 for data-blind recipes) and of the decompositions."""
+    plan = plan_recipe(loaded.model, recipe)
+    t0 = time.perf_counter()
+    stats = calibrate(loaded.model, recipe, plan, loaded.tokenizer, "causal-lm", data_dir, progress=False)
+    calibrate_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plan = allocate(loaded.model, plan, recipe, stats)
+    small = compress(loaded.model, recipe, plan=plan, stats=stats, progress=False)
+    seconds = time.perf_counter() - t0
+    names = targeted(loaded.model, recipe)
+    before, after = count_parameters(loaded.model, names), count_parameters(small, names)
+    assert after["total"] == plan.params_after, "the plan's total is the model's"
+    return small, {"params": after["total"], "stored": after["stored"], "targeted_params_before": before["targeted"],
+                   "targeted_params_after": after["targeted"], "compress_seconds": seconds,
+                   "calibrate_seconds": calibrate_seconds, "calibration_tokens": stats.tokens if stats else 0,
+                   "ranks": {e.name: e.ranks for e in plan.entries} if recipe.stages[0].budget else None}
+
+
+def svd_twin(loaded, recipe: Recipe, params: int) -> Recipe | None:
+    """Truncated SVD of the recipe's linear targets at the same whole-model parameter count, or None.
+
+    Only for recipes whose targets are all linear maps and that are not SVD themselves; the rank of every
+    target is the one whose ``rank * (m + n)`` spends the same share of its dense parameters.
+    """
+    if any(s.method not in ("kronecker", "tucker_bank") for s in recipe.stages):
+        return None
+    names = targeted(loaded.model, recipe)
+    dense = sum(p.numel() for n in names for p in loaded.model.get_submodule(n).parameters())
+    total = count_parameters(loaded.model)["total"]
+    ratio = (dense - (total - params)) / dense
+    stages = [{"name": s.name, "method": "lowrank", "targets": [t.to_json() for t in s.targets],
+               "options": {"ratio": round(ratio, 6)}} for s in recipe.stages]
+    return Recipe.from_dict({"name": f"svd@{recipe.name}", "stages": stages,
+                             "description": f"truncated SVD of the targets of {recipe.name} at its parameter count"})
+
+
+def run_rows(rows: Rows, loaded, data_dir, recipes: list[str], twins: bool = True) -> None:
+    """Every recipe (and, with ``twins``, its SVD twin) not yet in ``rows``: compress, measure, write."""
+    for name in recipes:
+        recipe = Recipe.load(name)
+        todo = [recipe]
+        for current in todo:
+            if rows.get(current.name) is None:
+                log(f"{current.name}: compressing")
+                small, fields = compress_row(loaded, current, data_dir)
+                log(f"{current.name}: {fields['params']:,} params in {fields['compress_seconds']:.0f} s; measuring")
+                metrics = measure(small, loaded.model, loaded.tokenizer, data_dir)
+                rows.put({"recipe": current.name, **fields, **metrics, "description": current.description.strip()})
+                log(f"{current.name}: wt2-16k {metrics['wikitext2_ppl']:.2f}, LAMBADA {metrics['lambada_acc']:.3f}")
+                del small
+            if twins and current is recipe and (twin := svd_twin(loaded, recipe, rows.get(recipe.name)["params"])):
+                todo.append(twin)
+
+
+def run_dense(rows: Rows, loaded, data_dir, full: bool) -> None:
+    """The dense row: sweep and quick protocols, and with ``full`` the whole WikiText-2 test and LAMBADA."""
+    row = rows.get("dense") or {"recipe": "dense", "params": count_parameters(loaded.model)["total"]}
+    if "wikitext2_ppl" not in row:
+        log("dense: sweep protocol")
+        row.update(measure(loaded.model, loaded.model, loaded.tokenizer, data_dir))
+        rows.put(row)
+    if "quick" not in row:
+        metrics, protocols = evaluate_model(loaded.model, loaded.tokenizer, "causal-lm", data_dir=data_dir,
+                                            mode="quick")
+        row["quick"] = {"wikitext2_ppl": metrics["wikitext2_ppl"], "lambada_acc": metrics["lambada_acc"],
+                        "protocols": protocols}
+        rows.put(row)
+    if full and "full" not in row:
+        log("dense: full protocol (the whole WikiText-2 test set and all of LAMBADA)")
+        metrics, protocols = evaluate_model(loaded.model, loaded.tokenizer, "causal-lm", data_dir=data_dir,
+                                            mode="full")
+        row["full"] = {"wikitext2_ppl": metrics["wikitext2_ppl"], "lambada_acc": metrics["lambada_acc"],
+                       "lambada_ppl": metrics["lambada_ppl"], "protocols": protocols}
+        rows.put(row)
+
+
+def render(data: dict) -> str:
+    """The Markdown table of the JSON."""
+    dense = next(r for r in data["rows"] if r["recipe"] == "dense")
+    lines = ["# SmolLM2-135M: every recipe, training-free", "", data["protocol"], "",
+             f"Machine: {data['machine']}.", "",
+             "| recipe | params | vs dense | targeted params (before -> after) | wt2-16k ppl | x dense | "
+             "LAMBADA acc | teacher KL | compress s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(data["rows"], key=lambda r: (r["recipe"] != "dense", -r["params"])):
+        targets = "-" if r["recipe"] == "dense" else \
+            f"{r['targeted_params_before']:,} -> {r['targeted_params_after']:,}"
+        seconds = "-" if r["recipe"] == "dense" else f"{r['compress_seconds']:.0f}"
+        lines.append(f"| {r['recipe']} | {r['params']:,} | {r['params'] / dense['params']:.3f} | {targets} | "
+                     f"{r['wikitext2_ppl']:,.2f} | {r['wikitext2_ppl'] / dense['wikitext2_ppl']:,.1f} | "
+                     f"{r['lambada_acc']:.3f} | {r['teacher_kl']:.3f} | {seconds} |")
+    lines += ["", f"Dense on `wt2-4k` (the quick protocol): perplexity {dense['quick']['wikitext2_ppl']:.3f}."
+              if "quick" in dense else ""]
+    if "full" in dense:
+        lines += [f"Dense on `wt2-full`: perplexity {dense['full']['wikitext2_ppl']:.3f}; all 5,153 LAMBADA "
+                  f"passages: accuracy {dense['full']['lambada_acc']:.4f}."]
+    lines += ["", "Greedy continuations of 'The capital of France is':", ""]
+    lines += [f"- {r['recipe']}: {r['sample']!r}" for r in data["rows"] if "sample" in r]
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict, path: Path) -> None:
+    """Perplexity (log scale) against parameters, one point per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in data["rows"]:
+        marker = "*" if r["recipe"] == "dense" else "s" if r["recipe"].startswith("svd@") or "lowrank" in \
+            r["recipe"] else "o"
+        ax.scatter(r["params"] / 1e6, r["wikitext2_ppl"], marker=marker, s=80 if marker == "*" else 40)
+        ax.annotate(r["recipe"].replace("smollm2-", ""), (r["params"] / 1e6, r["wikitext2_ppl"]), fontsize=7,
+                    xytext=(4, 2), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters (millions)")
+    ax.set_ylabel("WikiText-2 perplexity (wt2-16k, log scale)")
+    ax.set_title("SmolLM2-135M, training-free: squares are truncated SVD, the star is dense")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=os.environ.get("TENSORLM_DATA", "../shared/data"))
+    parser.add_argument("--recipes", nargs="+", default=RECIPES)
+    parser.add_argument("--full", action="store_true", help="dense also on wt2-full and all of LAMBADA (slow)")
+    parser.add_argument("--render-only", action="store_true")
+    args = parser.parse_args()
+    path = RESULTS / "causal_lm.json"
+    if not args.render_only:
+        loaded = load_model(MODEL, data_dir=args.data_dir)
+        rows = Rows(path, {"protocol": __doc__.split("Run:")[0].strip(), "model": loaded.notes[0],
+                           "machine": machine()})
+        run_dense(rows, loaded, args.data_dir, full=False)
+        run_rows(rows, loaded, args.data_dir, args.recipes)
+        run_dense(rows, loaded, args.data_dir, full=args.full)
+    data = json.loads(path.read_text())
+    (RESULTS / "causal_lm.md").write_text(render(data))
+    plot(data, RESULTS / "causal_lm.png")
+    print(render(data))
+
+
+if __name__ == "__main__":
+    main()
