@@ -206,72 +206,110 @@ def collect_second_moments(
         hit = _load_cached(folder, key, names)
         if hit is not None:
             return hit
-
     start = time.perf_counter()
-    sums: dict[str, torch.Tensor] = {}
-    counts = dict.fromkeys(names, 0)
-    mask_now: list[torch.Tensor | None] = [None]
-    memo: dict[str, object] = {}  # the last input tensor seen and its x^T x, shared by modules fed alike
+    hooks = _MomentHooks(names)
+    _run_hooked(model, modules, hooks, batches, progress)
+    result = _result_from(hooks, names, key, time.perf_counter() - start)
+    if cache:
+        meta = {"version": CACHE_VERSION, "key": key, "model_fingerprint": model_fp, "data_fingerprint": data_fp,
+                "modules": {n: {"tokens": c.tokens, "features": c.second_moment.shape[0]} for n, c in result.items()},
+                "seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb,
+                "accumulator_mb": result.accumulator_mb, "tokens": result.tokens,
+                "description": dict(description or {})}
+        _store(folder, result, meta)
+    return result
 
-    def hook_for(name: str):
+
+class _MomentHooks:
+    """The forward hooks' state: running ``x^T x`` sums (float64) and position counts per module name.
+
+    ``memo`` holds the last input tensor seen and its ``x^T x``, shared by modules fed the same tensor in
+    one forward; ``mask`` is the current batch's boolean attention mask (or None).
+    """
+
+    def __init__(self, names: Sequence[str]):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts = dict.fromkeys(names, 0)
+        self.mask: torch.Tensor | None = None
+        self.memo: dict[str, object] = {}
+
+    def _rows(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The unpadded input rows ``(tokens, n)`` in float32.
+
+        Raises:
+            TensorLMError: the attention mask's shape does not match the input's leading dimensions.
+        """
+        if self.mask is None:
+            rows = x.detach().reshape(-1, x.shape[-1])
+        elif tuple(x.shape[:-1]) == tuple(self.mask.shape):
+            rows = x.detach()[self.mask.to(x.device)]
+        else:
+            raise TensorLMError(f"calibration: input of {name!r} has shape {tuple(x.shape)}, which does "
+                                f"not match the attention mask {tuple(self.mask.shape)}")
+        return rows.float()
+
+    def hook_for(self, name: str):
+        """A ``register_forward_hook(..., with_kwargs=True)`` hook adding the module input's ``x^T x``."""
         def hook(module, args, kwargs, output):
             x = args[0] if args else next(iter(kwargs.values()))
-            if memo.get("x") is not x:
-                mask = mask_now[0]
-                if mask is None:
-                    rows = x.detach().reshape(-1, x.shape[-1])
-                elif tuple(x.shape[:-1]) == tuple(mask.shape):
-                    rows = x.detach()[mask.to(x.device)]
-                else:
-                    raise TensorLMError(f"calibration: input of {name!r} has shape {tuple(x.shape)}, which does "
-                                        f"not match the attention mask {tuple(mask.shape)}")
-                rows = rows.float()  # (tokens, n)
+            if self.memo.get("x") is not x:
+                rows = self._rows(name, x)
                 # one batch's x^T x in float32 (its own sum of a few thousand terms), accumulated in float64
-                memo.update(x=x, xtx=(rows.T @ rows).to(torch.float64), count=rows.shape[0])
-            if name in sums:
-                sums[name] += memo["xtx"]
+                self.memo.update(x=x, xtx=(rows.T @ rows).to(torch.float64), count=rows.shape[0])
+            if name in self.sums:
+                self.sums[name] += self.memo["xtx"]
             else:
-                sums[name] = memo["xtx"].clone()
-            counts[name] += memo["count"]
+                self.sums[name] = self.memo["xtx"].clone()
+            self.counts[name] += self.memo["count"]
         return hook
 
-    handles = [m.register_forward_hook(hook_for(n), with_kwargs=True) for n, m in modules.items()]
+
+def _run_hooked(model: nn.Module, modules: Mapping[str, nn.Module], hooks: _MomentHooks,
+                batches: Sequence[Batch], progress: bool) -> None:
+    """Run every batch through ``model`` (eval mode, no grad) with ``hooks`` on ``modules``.
+
+    The hooks are removed and the model's training flag restored whatever happens.
+
+    Raises:
+        TensorLMError: a batch without ``input_ids`` or a mask that does not match a module's input.
+    """
+    handles = [m.register_forward_hook(hooks.hook_for(n), with_kwargs=True) for n, m in modules.items()]
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
+            for batch in tqdm(batches, desc="calibration", unit="batch", disable=None if progress else True):
                 kwargs = _as_kwargs(batch)
                 mask = kwargs.get("attention_mask")
-                mask_now[0] = None if mask is None else mask.bool()
+                hooks.mask = None if mask is None else mask.bool()
                 model(**kwargs)
-                memo.clear()
+                hooks.memo.clear()
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    seconds = time.perf_counter() - start
 
-    missing = [n for n in names if n not in sums]
+
+def _result_from(hooks: _MomentHooks, names: Sequence[str], key: str, seconds: float) -> CalibrationResult:
+    """The :class:`CalibrationResult` of a finished pass, with its key, time and memory figures.
+
+    Raises:
+        TensorLMError: a module that never ran, or a non-finite ``G``.
+    """
+    missing = [n for n in names if n not in hooks.sums]
     if missing:
         raise TensorLMError(f"calibration: modules {missing[:3]} never ran in the forward pass")
     result = CalibrationResult()
     for name in names:
-        g = sums[name].cpu()
+        g = hooks.sums[name].cpu()
         if not torch.isfinite(g).all():
             raise TensorLMError(f"calibration: input second moment of {name!r} holds NaN/Inf "
                                 "(the activations overflowed)")
-        result[name] = Calibration(g, counts[name])
+        result[name] = Calibration(g, hooks.counts[name])
     result.key, result.seconds = key, seconds
     result.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    result.accumulator_mb = sum(g.numel() * 8 for g in sums.values()) / 2**20
-    result.tokens = max(counts.values())
-    if cache:
-        meta = {"version": CACHE_VERSION, "key": key, "model_fingerprint": model_fp, "data_fingerprint": data_fp,
-                "modules": {n: {"tokens": c.tokens, "features": c.second_moment.shape[0]} for n, c in result.items()},
-                "seconds": seconds, "peak_rss_mb": result.peak_rss_mb, "accumulator_mb": result.accumulator_mb,
-                "tokens": result.tokens, "description": dict(description or {})}
-        _store(folder, result, meta)
+    result.accumulator_mb = sum(g.numel() * 8 for g in hooks.sums.values()) / 2**20
+    result.tokens = max(hooks.counts.values())
     return result
 
 

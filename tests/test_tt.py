@@ -1,4 +1,4 @@
-"""TT-SVD, matrix product states, TTEmbedding / TTTiedHead / TTLinear (TensorGPT issue)."""
+"""TT-SVD, matrix product states, TTEmbedding / TiedHead / TTLinear (TensorGPT issue)."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from tensorlm.decompose.tt import (
     tt_to_full,
 )
 from tensorlm.errors import TensorLMError
-from tensorlm.layers.base import LAYERS
-from tensorlm.layers.tt import TTEmbedding, TTLinear, TTTiedHead
+from tensorlm.layers.base import LAYERS, TiedHead
+from tensorlm.layers.tt import TTEmbedding, TTLinear
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -205,7 +205,7 @@ def test_embedding_id_out_of_range_raises_index_error(bad):
 
 def test_tied_head_logits_equal_hidden_times_table():
     tt = TTEmbedding.from_dense(nn.Embedding(101, 24), (2, 3, 4), ranks=2)
-    head = TTTiedHead(tt, "wte", block_rows=16)  # 101 rows: last block partial
+    head = TiedHead(tt, "wte", block_rows=16)  # 101 rows: last block partial
     hidden = torch.randn(2, 5, 24)
     table = tt.to_dense().weight
     torch.testing.assert_close(head(hidden), hidden @ table.T, rtol=1e-5, atol=1e-5)
@@ -268,7 +268,7 @@ def _rebuild(model: nn.Module) -> nn.Module:
 def test_state_dict_round_trip_through_safetensors(tmp_path):
     wte = TTEmbedding.from_dense(nn.Embedding(50, 24, padding_idx=0), (2, 3, 4), eps=0.5)
     model = _Tiny(wte, TTLinear.from_dense(nn.Linear(24, 24), (2, 3, 4), (2, 3, 4), ranks=3),
-                  TTTiedHead(wte, "wte", block_rows=20))
+                  TiedHead(wte, "wte", block_rows=20))
     path = os.path.join(tmp_path, "model.safetensors")
     save_model(model, path)
     fresh = _rebuild(model)
@@ -281,7 +281,7 @@ def test_state_dict_round_trip_through_safetensors(tmp_path):
 
 def test_tied_head_needs_its_embedding_rebuilt_first():
     with pytest.raises(TensorLMError, match="tied_to"):
-        TTTiedHead.from_tensorlm_config({"tied_to": "wte", "block_rows": 8}, {})
+        TiedHead.from_tensorlm_config({"tied_to": "wte", "block_rows": 8}, {})
 
 
 # --- the real embedding --------------------------------------------------------------------------

@@ -202,6 +202,31 @@ def weighted_kronecker(
         TensorLMError: shapes that do not divide ``w``, rank out of range, ``g`` not ``(n, n)``, NaN/Inf in
             ``w`` or ``g``, ``trace(G) <= 0``, or ``sweeps < 0``.
     """
+    g = _checked_inputs(w, g, a_shape, b_shape, rank, sweeps, name)
+    w64 = w.detach().to(torch.float64)
+    a, b = _balanced(*kronecker_factored_whitening(w64, g, a_shape, b_shape, rank, damp=damp, name=name))
+    rel_white = weighted_error(w64, kronecker_sum(a, b), g)
+    plain = nearest_kronecker(w64, a_shape, b_shape, rank, name)
+    rel_plain = weighted_error(w64, kronecker_sum(plain.a, plain.b), g)
+    start = "whitened" if rel_white <= rel_plain else "plain"
+    if start == "plain":
+        a, b = plain.a, plain.b
+    rel_start = min(rel_white, rel_plain)
+    a, b, history, sweeps_run = _alternate(_ALS(w64, g, a_shape, b_shape), a, b, rel_start, sweeps, tol)
+    rel = weighted_error(w64, kronecker_sum(a, b), g) if sweeps_run else rel_start
+    return WeightedKroneckerFactors(a.to(w.dtype).contiguous(), b.to(w.dtype).contiguous(), rel_plain, rel_white,
+                                    rel, start, history, sweeps_run)
+
+
+def _checked_inputs(
+    w: torch.Tensor, g: torch.Tensor, a_shape: tuple[int, int], b_shape: tuple[int, int], rank: int,
+    sweeps: int, name: str,
+) -> torch.Tensor:
+    """Check :func:`weighted_kronecker`'s arguments; returns ``g`` as checked by ``check_second_moment``.
+
+    Raises:
+        TensorLMError: as listed in :func:`weighted_kronecker`.
+    """
     check_factor_shapes(tuple(w.shape), a_shape, b_shape, name)
     shape = KroneckerShape(tuple(a_shape), tuple(b_shape), rank)
     if not 1 <= rank <= shape.max_rank:
@@ -213,16 +238,16 @@ def weighted_kronecker(
     if not torch.trace(g) > 0:
         raise TensorLMError(f"{name}: input second moment has trace {torch.trace(g).item():g}; "
                             "the module saw no nonzero input")
-    w64 = w.detach().to(torch.float64)
-    a, b = _balanced(*kronecker_factored_whitening(w64, g, a_shape, b_shape, rank, damp=damp, name=name))
-    rel_white = weighted_error(w64, kronecker_sum(a, b), g)
-    plain = nearest_kronecker(w64, a_shape, b_shape, rank, name)
-    rel_plain = weighted_error(w64, kronecker_sum(plain.a, plain.b), g)
-    start = "whitened" if rel_white <= rel_plain else "plain"
-    if start == "plain":
-        a, b = plain.a, plain.b
-    rel_start = min(rel_white, rel_plain)
-    als = _ALS(w64, g, a_shape, b_shape)
+    return g
+
+
+def _alternate(
+    als: _ALS, a: torch.Tensor, b: torch.Tensor, rel_start: float, sweeps: int, tol: float,
+) -> tuple[torch.Tensor, torch.Tensor, list[float], int]:
+    """Up to ``sweeps`` ALS sweeps from ``(a, b)``, keeping a half-step only when it does not raise the error.
+
+    Returns ``(a, b, history of relative errors after each half-step, sweeps run)``.
+    """
     err = als.total * rel_start**2
     history = [rel_start]
     sweeps_run = 0
@@ -240,6 +265,4 @@ def weighted_kronecker(
         sweeps_run += 1
         if before - err <= tol * before:
             break
-    rel = weighted_error(w64, kronecker_sum(a, b), g) if sweeps_run else rel_start
-    return WeightedKroneckerFactors(a.to(w.dtype).contiguous(), b.to(w.dtype).contiguous(), rel_plain, rel_white,
-                                    rel, start, history, sweeps_run)
+    return a, b, history, sweeps_run

@@ -26,9 +26,7 @@ from tensorlm.decompose.tt import (
     tt_svd_rows,
 )
 from tensorlm.errors import TensorLMError
-from tensorlm.layers.base import TiedHead, dense_linear, dense_weight, register_layer
-
-TTTiedHead = TiedHead  # the name TensorGPT code used; one tied head serves every factored table
+from tensorlm.layers.base import dense_linear, dense_weight, register_layer
 
 
 def _ranks_of(cores: Sequence[torch.Tensor]) -> list[int]:
