@@ -255,10 +255,11 @@ def test_a_folder_of_another_run_or_a_used_folder_is_refused(tmp_path):
     student, teacher = gpt2_pair()
     cfg = causal_config(text, steps=2, eval_every=2, save_every=2)
     distill(student, teacher, tok, cfg, tmp_path / "run", kind="causal-lm", progress=False)
-    with pytest.raises(TensorLMError, match="resume=True"):
+    with pytest.raises(TensorLMError, match="--resume") as refused:
         distill(student, teacher, tok, cfg, tmp_path / "run", kind="causal-lm", progress=False)
-    with pytest.raises(TensorLMError, match="another run"):
-        distill(student, teacher, tok, causal_config(text, steps=2, lr=1e-3), tmp_path / "run",
+    assert "resume=True" not in str(refused.value) and "--restart" in str(refused.value)
+    with pytest.raises(TensorLMError, match=r"another run \(config changed: lr: 0.003 -> 0.001\)") as refused:
+        distill(student, teacher, tok, causal_config(text, steps=5, eval_every=2, lr=1e-3), tmp_path / "run",
                 kind="causal-lm", resume=True, progress=False)
     other_student = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=64))
     with pytest.raises(TensorLMError, match="another run"):
@@ -268,6 +269,20 @@ def test_a_folder_of_another_run_or_a_used_folder_is_refused(tmp_path):
     (tmp_path / "stranger" / "notes.txt").write_text("someone else's")
     with pytest.raises(TensorLMError, match="not empty"):
         distill(student, teacher, tok, cfg, tmp_path / "stranger", kind="causal-lm", progress=False)
+
+
+def test_steps_can_be_raised_on_resume(tmp_path):
+    tok = tiny_tokenizer()
+    text = write_text(tmp_path / "text")
+    student, teacher = gpt2_pair()
+    first = distill(student, teacher, tok, causal_config(text, steps=4, eval_every=2, save_every=2),
+                    tmp_path / "run", kind="causal-lm", progress=False)
+    assert first.steps == 4
+    student, teacher = gpt2_pair()
+    more = distill(student, teacher, tok, causal_config(text, steps=6, eval_every=2, save_every=2),
+                   tmp_path / "run", kind="causal-lm", resume=True, progress=False)
+    assert more.stopped == "completed" and more.steps == 6
+    assert [r["step"] for r in more.history if "loss" in r][-1] == 6
 
 
 def test_a_corrupted_checkpoint_is_refused(tmp_path):

@@ -60,8 +60,10 @@ from tensorlm.errors import TensorLMError
 from tensorlm.files import atomic_file, file_sha256
 
 CHECKPOINT_FORMAT = 1
-RUN_ONLY_KEYS = ("time_budget_s", "save_every", "log_every", "data_dir", "text_dir")
-"""Config keys that do not change what is trained; a run may be resumed with other values."""
+RUN_ONLY_KEYS = ("time_budget_s", "save_every", "log_every", "data_dir", "text_dir", "steps")
+"""Config keys a run may be resumed with other values of: those that do not change what is trained, and
+``steps`` (a resumed run continues to the new count; the cosine schedule is then stretched to it from the
+checkpoint's step on)."""
 
 
 @dataclass
@@ -124,7 +126,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, tokenizer, config: Di
     accelerator = _accelerator(cfg, kind)
     out = Path(out_dir)
     fingerprint = _fingerprint(cfg, kind, student)
-    state = _open_run(out, fingerprint, resume)
+    state = _open_run(out, cfg, fingerprint, resume)
     accelerator.wait_for_everyone()  # every process has looked at the folder before anyone writes
     with accelerator.main_process_first():
         data = _training_data(cfg, kind, tokenizer)
@@ -246,7 +248,7 @@ class _Run:
         stopped = "completed"
         self._train_mode()
         bar = tqdm(total=cfg.steps, initial=at.step, desc="distill",
-                   disable=not (progress and acc.is_main_process))
+                   disable=None if (progress and acc.is_main_process) else True)  # bar only on a terminal
         window = [0, 0.0]  # tokens and seconds since the last log line
         while at.step < cfg.steps:
             start = time.perf_counter()
@@ -459,7 +461,8 @@ class _Run:
             with atomic_file(self.out / name) as tmp:
                 torch.save(state, tmp)
             index = {"format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "step": step,
-                     "file": name, "sha256": file_sha256(self.out / name), "best_step": best_step}
+                     "file": name, "sha256": file_sha256(self.out / name), "best_step": best_step,
+                     "settings": _settings(self.cfg)}
             _atomic_write(self.out / "checkpoint.json", json.dumps(index, indent=1).encode())
             _remove_stale(self.out, keep={name, _best_name(best_step)})
         self.acc.wait_for_everyone()
@@ -468,17 +471,22 @@ class _Run:
 # -- setup helpers ------------------------------------------------------------------------------------
 
 
-def _open_run(out: Path, fingerprint: str, resume: bool) -> dict | None:
-    """The checkpoint state to resume from, or ``None`` for a fresh start (after checking the folder)."""
+def _open_run(out: Path, cfg: DistillConfig, fingerprint: str, resume: bool) -> dict | None:
+    """The checkpoint state to resume from, or ``None`` for a fresh start (after checking the folder).
+
+    Raises:
+        TensorLMError: as listed in :func:`distill` (a used folder without ``resume``, another run's
+            checkpoint, naming the config keys that changed when the index records them, a corrupted one).
+    """
     index_path = out / "checkpoint.json"
     if not index_path.exists():
         if out.exists() and any(out.iterdir()) and not resume:
             raise TensorLMError(f"distill: out_dir {str(out)!r} is not empty and holds no checkpoint; "
-                                "choose a new folder (or pass resume=True to start over in it)")
+                                "choose a new folder (or pass --resume to start over in it)")
         return None
     if not resume:
-        raise TensorLMError(f"distill: out_dir {str(out)!r} holds a run's checkpoint; pass resume=True to "
-                            "continue it or choose a new folder")
+        raise TensorLMError(f"distill: out_dir {str(out)!r} holds a run's checkpoint; pass --resume to "
+                            "continue it, --restart to discard it, or choose a new folder")
     try:
         index = json.loads(index_path.read_text())
         name, digest = index["file"], index["sha256"]
@@ -486,9 +494,10 @@ def _open_run(out: Path, fingerprint: str, resume: bool) -> dict | None:
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise TensorLMError(f"distill: checkpoint index {str(index_path)!r} is corrupted ({exc})") from None
     if stored_fingerprint != fingerprint:
-        raise TensorLMError(f"distill: out_dir {str(out)!r} holds a checkpoint of another run (fingerprint "
-                            f"{stored_fingerprint[:12]} != {fingerprint[:12]}: the config or the student's "
-                            "structure differ); choose a new folder")
+        raise TensorLMError(f"distill: out_dir {str(out)!r} holds a checkpoint of another run "
+                            f"({_difference(index.get('settings'), _settings(cfg))}); --resume continues only "
+                            "the same run: restore the setting, pass --restart to discard the checkpoint, or "
+                            "choose a new folder")
     path = out / name
     if not path.is_file() or file_sha256(path) != digest:
         raise TensorLMError(f"distill: checkpoint {str(path)!r} is corrupted or missing (sha256 does not "
@@ -581,9 +590,26 @@ def _eager_attention(models):
             m.set_attn_implementation(impl)
 
 
+def _settings(cfg: DistillConfig) -> dict[str, Any]:
+    """The config keys that make a run (all but :data:`RUN_ONLY_KEYS`)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in RUN_ONLY_KEYS}
+
+
+def _difference(stored: dict | None, now: dict[str, Any]) -> str:
+    """Which config keys changed since the checkpoint, in words (the index of older runs has no settings)."""
+    if not isinstance(stored, dict):
+        return "the config or the student's structure differ"
+    now = json.loads(json.dumps(now))  # tuples as the stored JSON has them (lists)
+    changed = [f"{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(stored) | set(now))
+               if stored.get(k) != now.get(k)]
+    if not changed:
+        return "the config is the same but the student's structure or the model kind differ"
+    return "config changed: " + ", ".join(changed)
+
+
 def _fingerprint(cfg: DistillConfig, kind: str, student: nn.Module) -> str:
     """sha256 of what makes a run: training-relevant config, kind, the student's modules and tensors."""
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in RUN_ONLY_KEYS}
+    settings = _settings(cfg)
     structure = [(k, list(v.shape), str(v.dtype)) for k, v in student.state_dict().items()]
     modules = [type(m).__name__ for m in student.modules()]
     blob = json.dumps({"config": settings, "kind": kind, "tensors": structure, "modules": modules}, sort_keys=True)
