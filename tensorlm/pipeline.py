@@ -25,6 +25,7 @@ from tensorlm.errors import TensorLMError
 from tensorlm.evaluate import MODES, agreement, evaluate_model
 from tensorlm.evaluate.generation import SAMPLE_PROMPT, greedy_sample
 from tensorlm.files import refuse_existing
+from tensorlm.heal.stage import check_heal_plan, reconstruct_stage
 from tensorlm.io import atomic_folder, write_compressed
 from tensorlm.models import LoadedModel, load_model
 from tensorlm.params import compression_summary, count_parameters
@@ -169,12 +170,17 @@ def compress_and_heal(loaded: LoadedModel, recipe: Recipe, results: RunResults, 
     seconds (the decompositions alone count as compression; calibration and allocation are timed apart).
     """
     plan, stats = plan_and_calibrate(loaded, recipe, results, data_dir)
+    check_heal_plan(loaded.model, recipe, plan, loaded.kind)  # before any decomposition
     per_stage = any(s.distill is not None for s in recipe.stages) and results.eval_mode != "none"
     results.seconds["distill_and_stage_evaluation"] = 0.0
 
     def after_stage(student, stage, names):
         t_stage = time.perf_counter()
         record = {"name": stage.name, "method": stage.method, "replaced": names}
+        if stage.heal is not None and stage.heal.reconstruct is not None:
+            log(f"stage {stage.name}: block-wise reconstruction")
+            record["reconstruct"] = reconstruct_stage(student, loaded.model, loaded.tokenizer, loaded.kind, stage,
+                                                      recipe.calibration, data_dir, log=log)
         if stage.distill is not None:
             record["distill"] = distill_stage(loaded, student, stage, work, data_dir, resume)
         if per_stage:

@@ -13,6 +13,7 @@ A recipe is YAML::
           - {match: "re:encoder\\.layer\\.\\d+\\.output\\.dense", layers: odd}
         options: {shapes: {"1536x384": {a_shape: [768, 192], b_shape: [2, 2], rank: 2}}}
         budget: {ratio: 0.5}          # optional: one parameter budget for all targets; ranks allocated
+        heal: {reconstruct: {...}}    # optional: block-wise reconstruction after this stage (tensorlm.heal)
         distill: {...}                # optional; run after this stage by the distillation step
     calibration: {samples: 128, length: 512, seed: 0}   # optional: the calibration text of calibrated stages
 
@@ -34,6 +35,7 @@ import yaml
 
 from tensorlm.distill.config import DistillConfig
 from tensorlm.errors import TensorLMError
+from tensorlm.heal.config import HealConfig
 from tensorlm.methods import METHODS, options_from_dict
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
@@ -146,6 +148,7 @@ class Stage:
     options: object
     distill: dict | None = None
     budget: Budget | None = None
+    heal: HealConfig | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str):
@@ -167,7 +170,7 @@ class Stage:
 
         Raises:
             TensorLMError: not a mapping; an unknown method or key; ``targets`` not a non-empty list;
-                options, budget or distill block that do not validate (each names the stage and key).
+                options, budget, heal or distill block that do not validate (each names the stage and key).
         """
         if not isinstance(data, dict):
             raise TensorLMError(f"stage {index}: must be a mapping with method, targets and options, got {data!r}")
@@ -188,10 +191,13 @@ class Stage:
         options = options_from_dict(METHODS[method].options, data.pop("options", None), f"{where} {method} options")
         budget = data.pop("budget", None)
         budget = None if budget is None else options_from_dict(Budget, budget, f"{where} budget")
-        stage = cls(data.pop("name", f"stage{index}"), method, targets, options, data.pop("distill", None), budget)
+        heal = data.pop("heal", None)
+        heal = None if heal is None else HealConfig.from_dict(heal, f"{where} heal")
+        stage = cls(data.pop("name", f"stage{index}"), method, targets, options, data.pop("distill", None), budget,
+                    heal)
         if data:
             raise TensorLMError(
-                f"{where}: unknown key(s) {sorted(data)}; valid: name, method, targets, options, budget, distill"
+                f"{where}: unknown key(s) {sorted(data)}; valid: name, method, targets, options, budget, heal, distill"
             )
         return stage
 
@@ -200,6 +206,8 @@ class Stage:
                "options": _drop_none(dataclasses.asdict(self.options))}
         if self.budget is not None:
             out["budget"] = _drop_none(dataclasses.asdict(self.budget))
+        if self.heal is not None:
+            out["heal"] = self.heal.to_dict()
         if self.distill is not None:
             out["distill"] = self.distill
         return out

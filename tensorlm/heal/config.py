@@ -1,0 +1,98 @@
+"""The ``heal:`` block of a recipe stage: what to do to a stage's student right after it is built.
+
+::
+
+    heal:
+      reconstruct: {lr: 1.0e-3, max_steps: 200, val_fraction: 0.125}   # block-wise reconstruction
+
+``reconstruct`` is :class:`ReconstructConfig` (``{}`` or ``true``: the defaults). Unknown keys are refused
+with the valid ones listed, like a stage's ``budget``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from tensorlm.errors import TensorLMError
+from tensorlm.methods.registry import options_from_dict
+
+
+@dataclass
+class ReconstructConfig:
+    """Block-wise reconstruction (BRECQ, Li et al., ICLR 2021) of every transformer block, in order.
+
+    Attributes:
+        lr: Adam learning rate of the block's compressed factors.
+        max_steps: optimizer steps per block at most (one step: one mini-batch of cached activations).
+        batch_size: sequences per mini-batch (the pipeline draws calibration batches of this size).
+        val_fraction: fraction of the calibration mini-batches held out for early stopping, in (0, 1).
+        eval_every: steps between two held-out evaluations.
+        patience: evaluations without improvement before a block stops.
+        time_budget_s: wall seconds per block at most (None: no limit); checked after every step.
+        max_memory_mb: the cached activations (three float32 copies of every block's input) stay in memory
+            below this size, else go to numpy memmaps in a temporary folder.
+        train_dense: also train the block's dense parameters (norms, biases, unfactorized linears).
+        seed: order of the mini-batches.
+    """
+
+    lr: float = 1e-3
+    max_steps: int = 200
+    batch_size: int = 8
+    val_fraction: float = 0.125
+    eval_every: int = 10
+    patience: int = 3
+    time_budget_s: float | None = None
+    max_memory_mb: float = 2048.0
+    train_dense: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        for key in ("lr", "max_memory_mb"):
+            if not getattr(self, key) > 0:
+                raise TensorLMError(f"reconstruct {key} must be > 0, got {getattr(self, key)!r}")
+        for key in ("max_steps", "batch_size", "eval_every", "patience"):
+            if not getattr(self, key) >= 1:
+                raise TensorLMError(f"reconstruct {key} must be an integer >= 1, got {getattr(self, key)!r}")
+        if not 0 < self.val_fraction < 1:
+            raise TensorLMError(f"reconstruct val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise TensorLMError(f"reconstruct time_budget_s must be > 0 or null, got {self.time_budget_s!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict | bool | None, where: str = "reconstruct") -> ReconstructConfig:
+        """The config of a mapping (``True`` / ``None``: the defaults).
+
+        Raises:
+            TensorLMError: not a mapping, an unknown key (valid ones listed), a value of the wrong type or range.
+        """
+        return options_from_dict(cls, None if data is True else data, where)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class HealConfig:
+    """A stage's ``heal:`` block; ``reconstruct`` is None when the stage only names other steps."""
+
+    reconstruct: ReconstructConfig | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "heal") -> HealConfig:
+        """Parse ``{reconstruct: {...}}``.
+
+        Raises:
+            TensorLMError: not a mapping, an unknown key (valid: reconstruct), an invalid reconstruct block,
+                or a block that asks for nothing.
+        """
+        fields = options_from_dict(cls, data, where)
+        value = fields.reconstruct
+        if value is False or value is None:
+            raise TensorLMError(f"{where}: asks for nothing; give reconstruct: {{...}} or drop the heal block")
+        if isinstance(value, ReconstructConfig):
+            return cls(value)
+        return cls(ReconstructConfig.from_dict(value, f"{where} reconstruct"))
+
+    def to_dict(self) -> dict:
+        return {} if self.reconstruct is None else {"reconstruct": self.reconstruct.to_dict()}

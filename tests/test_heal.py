@@ -1,0 +1,255 @@
+"""Block-wise reconstruction (tensorlm.heal): it reduces every block's error, touches nothing it should not,
+refuses bad input in one line, and is deterministic; the recipe's ``heal:`` block and the pipeline step."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_gpt2, make_tiny_llama
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from tensorlm import Recipe, TensorLMError, compress
+from tensorlm.heal import ReconstructConfig, reconstruct_blocks
+from tensorlm.heal.blocks import find_blocks
+from tensorlm.heal.stage import check_heal_plan
+from tensorlm.pipeline import run
+from tensorlm.surgery import plan_recipe
+
+ATTN = "re:model\\.layers\\.\\d+\\.self_attn\\.(q|k|v|o)_proj"
+MLP = "re:model\\.layers\\.\\d+\\.mlp\\.(gate|up|down)_proj"
+STAGES = {
+    "lowrank": {"method": "lowrank", "targets": [ATTN, MLP], "options": {"rank": 8}},
+    "kronecker": {"method": "kronecker", "targets": [MLP], "options": {"shapes": {
+        "128x64": {"a_shape": [64, 32], "b_shape": [2, 2], "rank": 2},
+        "64x128": {"a_shape": [32, 64], "b_shape": [2, 2], "rank": 2}}, "permute": {"max_rounds": 1}}},
+    "tucker_bank": {"method": "tucker_bank", "targets": [ATTN, MLP], "options": {"ranks": [6, 24], "block_size": 32}},
+}
+CONFIG = ReconstructConfig(lr=3e-3, max_steps=40, batch_size=4, val_fraction=0.25, eval_every=5, patience=4)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The machine's two cores are shared: one thread makes these tiny runs fast and their timing stable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def token_batches(n: int, vocab: int, seed: int, shape=(4, 24)) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, shape, generator=g) for _ in range(n)]
+
+
+def compressed(teacher, stage: dict):
+    return compress(teacher, Recipe.from_dict({"name": "t", "stages": [{"name": "s", **stage}]}), progress=False)
+
+
+@torch.no_grad()
+def block_outputs(model, batches) -> list[torch.Tensor]:
+    """Every block's output hidden states ``(N, L, d)`` over ``batches`` (full forward passes)."""
+    _, blocks = find_blocks(model)
+    seen = [[] for _ in blocks]
+    hooks = [b.register_forward_hook(lambda m, a, out, i=i: seen[i].append(out[0] if isinstance(out, tuple) else out))
+             for i, b in enumerate(blocks)]
+    try:
+        for batch in batches:
+            model(**(batch if isinstance(batch, dict) else {"input_ids": batch}))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat(s) for s in seen]
+
+
+def per_block_mse(student, teacher, batches) -> list[float]:
+    return [float((s - t).pow(2).mean()) for s, t in zip(block_outputs(student, batches),
+                                                         block_outputs(teacher, batches), strict=True)]
+
+
+@pytest.mark.parametrize("method", sorted(STAGES))
+def test_reconstruction_reduces_every_blocks_error_on_held_out_and_fresh_inputs(method):
+    teacher = make_tiny_llama()
+    free = compressed(teacher, STAGES[method])
+    healed = copy.deepcopy(free)
+    buffers = {n: b.clone() for n, b in healed.named_buffers()}
+    bank = {n: p.clone() for n, p in healed.named_parameters() if ".bank." in n}
+    result = reconstruct_blocks(healed, teacher, token_batches(8, 256, seed=1), config=CONFIG, progress=False)
+    assert [b.index for b in result.blocks] == [0, 1] and result.storage == "memory"
+    assert all(b.trainable > 0 and b.val_mse_after < b.val_mse_before for b in result.blocks)
+    fresh = token_batches(3, 256, seed=2)
+    before, after = per_block_mse(free, teacher, fresh), per_block_mse(healed, teacher, fresh)
+    # a Tucker bank trains only its P rows and biases block by block (a few hundred parameters): a small gain
+    factor = 1.0 if method == "tucker_bank" else 0.95
+    assert all(a < factor * b for a, b in zip(after, before, strict=True)), (before, after)
+    # permutations (buffers) never move; a shared Tucker bank stays frozen, its per-block rows of P train
+    assert all(torch.equal(b, buffers[n]) for n, b in healed.named_buffers())
+    assert all(torch.equal(p, bank[n]) for n, p in healed.named_parameters() if ".bank." in n)
+    if method == "tucker_bank":
+        assert bank and result.shared_frozen > 0
+    # norms and other dense weights are frozen by default
+    dense = {n: p for n, p in free.named_parameters() if "norm" in n or "embed" in n}
+    assert dense and all(torch.equal(p, dense[n]) for n, p in healed.named_parameters() if n in dense)
+
+
+def test_gpt2_conv1d_and_bert_encoder_with_padding(tiny_bert):
+    teacher = make_tiny_gpt2()
+    student = compressed(teacher, {"method": "lowrank", "targets": ["re:transformer\\.h\\.\\d+\\.mlp\\.c_fc"],
+                                   "options": {"rank": 4}})
+    result = reconstruct_blocks(student, teacher, token_batches(8, 100, seed=3), config=CONFIG, progress=False)
+    assert result.blocks_path == "transformer.h"
+    assert all(b.val_mse_after < b.val_mse_before for b in result.blocks)
+    g = torch.Generator().manual_seed(4)
+    batches = []
+    for _ in range(8):
+        mask = torch.ones(4, 16, dtype=torch.long)
+        mask[1:, 10:] = 0  # padded sentences: their padding never enters the loss
+        batches.append({"input_ids": torch.randint(0, 64, (4, 16), generator=g), "attention_mask": mask})
+    free = compressed(tiny_bert, {"method": "lowrank", "options": {"rank": 4},
+                                  "targets": ["re:encoder\\.layer\\.\\d+\\.intermediate\\.dense"]})
+    student = copy.deepcopy(free)
+    result = reconstruct_blocks(student, tiny_bert, batches, config=CONFIG, progress=False)
+    assert result.blocks_path == "encoder.layer"
+    assert all(b.val_mse_after < b.val_mse_before for b in result.blocks)
+    for batch in batches:  # other tokens under the padding: the same result, bit for bit
+        batch["input_ids"][1:, 10:] = 7
+    again = copy.deepcopy(free)
+    second = reconstruct_blocks(again, tiny_bert, batches, config=CONFIG, progress=False)
+    assert [b.val_mse_after for b in second.blocks] == [b.val_mse_after for b in result.blocks]
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in again.state_dict().items())
+
+
+def test_an_uncompressed_student_is_left_bit_identical_without_any_forward_pass():
+    teacher = make_tiny_llama()
+    student = copy.deepcopy(teacher)
+    state = {k: v.clone() for k, v in student.state_dict().items()}
+
+    def refuse(*_):
+        raise AssertionError("no forward pass expected")
+
+    handles = [m.register_forward_pre_hook(refuse) for m in (teacher, student)]
+    result = reconstruct_blocks(student, teacher, token_batches(8, 256, seed=1), config=CONFIG, progress=False)
+    for h in handles:
+        h.remove()
+    assert all(b.trainable == 0 and b.stopped == "nothing to train" for b in result.blocks)
+    assert all(torch.equal(v, state[k]) for k, v in student.state_dict().items())
+
+
+def test_same_seed_same_result_bit_for_bit_in_memory_and_on_disk():
+    teacher = make_tiny_llama()
+    free = compressed(teacher, STAGES["lowrank"])
+    batches = token_batches(8, 256, seed=1)
+    runs = []
+    for max_memory_mb in (1024.0, 0.01, 1024.0):
+        student = copy.deepcopy(free)
+        config = ReconstructConfig(**{**CONFIG.to_dict(), "max_memory_mb": max_memory_mb, "max_steps": 15})
+        result = reconstruct_blocks(student, teacher, batches, config=config, progress=False)
+        runs.append((result, student.state_dict()))
+    assert [r.storage for r, _ in runs] == ["memory", "disk", "memory"]
+    for result, state in runs[1:]:
+        assert [b.val_mse_after for b in result.blocks] == [b.val_mse_after for b in runs[0][0].blocks]
+        assert all(torch.equal(v, runs[0][1][k]) for k, v in state.items())
+    other = copy.deepcopy(free)
+    reconstruct_blocks(other, teacher, batches, progress=False,
+                       config=ReconstructConfig(**{**CONFIG.to_dict(), "max_steps": 15, "seed": 1}))
+    assert not all(torch.equal(v, runs[0][1][k]) for k, v in other.state_dict().items())
+
+
+def test_time_budget_and_patience_stop_a_block_and_it_keeps_its_best_weights():
+    teacher = make_tiny_llama()
+    student = compressed(teacher, STAGES["lowrank"])
+    config = ReconstructConfig(lr=10.0, max_steps=50, batch_size=4, val_fraction=0.25, eval_every=1, patience=2)
+    state = {k: v.clone() for k, v in student.state_dict().items()}
+    result = reconstruct_blocks(student, teacher, token_batches(8, 256, seed=1), config=config, progress=False)
+    # an absurd learning rate never improves on the training-free weights: every block keeps them
+    assert all(b.stopped == "patience" and b.best_step == 0 and b.steps == 2 for b in result.blocks)
+    assert all(torch.equal(v, state[k]) for k, v in student.state_dict().items())
+    config = ReconstructConfig(max_steps=10_000, batch_size=4, val_fraction=0.25, time_budget_s=0.2, patience=10_000)
+    result = reconstruct_blocks(student, teacher, token_batches(8, 256, seed=1), config=config, progress=False)
+    assert all(b.stopped == "time_budget" and b.steps < 10_000 for b in result.blocks)
+
+
+def test_a_calibration_set_too_small_for_the_held_out_slice_is_refused_in_one_line():
+    teacher = make_tiny_llama()
+    student = compressed(teacher, STAGES["lowrank"])
+    state = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.raises(TensorLMError, match="no held-out batch at val_fraction 0.1") as err:
+        reconstruct_blocks(student, teacher, token_batches(4, 256, seed=1), progress=False,
+                           config=ReconstructConfig(val_fraction=0.1))
+    assert "\n" not in str(err.value)
+    assert all(torch.equal(v, state[k]) for k, v in student.state_dict().items())
+
+
+def test_recipe_heal_block_parses_validates_and_round_trips():
+    stage = {"name": "s", **STAGES["lowrank"], "heal": {"reconstruct": {"lr": 1e-3, "max_steps": 5}}}
+    recipe = Recipe.from_dict({"stages": [stage]})
+    assert recipe.stages[0].heal.reconstruct == ReconstructConfig(lr=1e-3, max_steps=5)
+    again = Recipe.from_dict(json.loads(recipe.to_json()))
+    assert again.stages[0].heal == recipe.stages[0].heal
+    assert Recipe.from_dict({"stages": [{**stage, "heal": {"reconstruct": True}}]}).stages[0].heal.reconstruct == \
+        ReconstructConfig()
+    bad = [({"reconstruct": {"learning_rate": 1}}, "unknown option.*learning_rate.*valid"),
+           ({"recon": {}}, "unknown option.*recon"),
+           ({"reconstruct": {"val_fraction": 1.5}}, "val_fraction must be in"),
+           ({"reconstruct": {"max_steps": "5"}}, "max_steps"),
+           ({}, "asks for nothing")]
+    for heal, message in bad:
+        with pytest.raises(TensorLMError, match=message) as err:
+            Recipe.from_dict({"stages": [{**stage, "heal": heal}]})
+        assert "\n" not in str(err.value) and "heal" in str(err.value)
+
+
+def test_check_heal_plan_refuses_a_stage_that_leaves_nothing_to_train_and_a_too_small_calibration_set():
+    teacher = make_tiny_llama()
+    embedding = {"name": "emb", "method": "kronecker_embedding", "targets": ["model.embed_tokens"],
+                 "options": {"factor": 2, "head": "tie"}, "heal": {"reconstruct": {}}}
+    recipe = Recipe.from_dict({"stages": [embedding]})
+    with pytest.raises(TensorLMError, match="'emb': heal reconstruct .* none") as err:
+        check_heal_plan(teacher, recipe, plan_recipe(teacher, recipe))
+    assert "\n" not in str(err.value)
+    # after a stage that compressed the blocks, an embedding stage's reconstruction has factors to train
+    recipe = Recipe.from_dict({"stages": [{"name": "s", **STAGES["lowrank"]}, embedding]})
+    check_heal_plan(teacher, recipe, plan_recipe(teacher, recipe))
+    small = Recipe.from_dict({"calibration": {"samples": 8}, "stages": [
+        {"name": "s", **STAGES["lowrank"], "heal": {"reconstruct": {"batch_size": 4}}}]})
+    with pytest.raises(TensorLMError, match="'s': reconstruct: 2 calibration batches leave no held-out"):
+        check_heal_plan(teacher, small, plan_recipe(teacher, small))
+
+
+@pytest.fixture
+def gpt2_folder_and_data(tmp_path, data_dir):
+    folder = tmp_path / "tiny-gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(data_dir / "gpt2-tokenizer").save_pretrained(folder)
+    data = tmp_path / "data"
+    (data / "lm_text").mkdir(parents=True)
+    (data / "lm_text" / "a.txt").write_text("\n\n".join(f"Document {i}. " + "The quick brown fox jumps over it. " * 30
+                                                       for i in range(40)))
+    return folder, data
+
+
+def heal_recipe(stages: list[dict]) -> Recipe:
+    return Recipe.from_dict({"name": "heal", "calibration": {"samples": 8, "length": 32}, "stages": stages})
+
+
+def test_run_reconstructs_after_the_stage_and_refuses_a_stage_with_nothing_to_train(gpt2_folder_and_data, tmp_path):
+    folder, data = gpt2_folder_and_data
+    mlp = {"name": "mlp", "method": "lowrank", "targets": ["re:.*mlp\\.c_fc"], "options": {"rank": 4},
+           "heal": {"reconstruct": {"max_steps": 10, "batch_size": 2, "val_fraction": 0.25, "eval_every": 2}}}
+    out = tmp_path / "run"
+    results = run(str(folder), heal_recipe([mlp]), out, data_dir=data, eval_mode="none")
+    record = results.stages[0]["reconstruct"]
+    assert record["train_batches"] == 3 and record["val_batches"] == 1 and record["storage"] == "memory"
+    assert all(b["val_mse_after"] < b["val_mse_before"] for b in record["blocks"])
+    assert json.loads((out / "results.json").read_text())["stages"][0]["reconstruct"] == record
+    embedding = {"name": "wte", "method": "kronecker_embedding", "targets": ["transformer.wte"],
+                 "options": {"factor": 2, "head": "tie"}, "heal": mlp["heal"]}
+    too_small = {**mlp, "heal": {"reconstruct": {}}}  # 8 samples in one batch of 8: no held-out slice
+    bad = tmp_path / "bad"
+    for stage, message in ((embedding, "'wte': heal reconstruct .* none"), (too_small, "'mlp': .* no held-out")):
+        with pytest.raises(TensorLMError, match=message) as err:
+            run(str(folder), heal_recipe([stage]), bad, data_dir=data, eval_mode="none")
+        assert "\n" not in str(err.value)
+        assert not bad.exists() and not Path(f"{bad}.partial").exists()
