@@ -14,6 +14,7 @@ from tensorlm import Recipe, TensorLMError, compress
 from tensorlm.heal import ReconstructConfig, reconstruct_blocks
 from tensorlm.heal.blocks import find_blocks
 from tensorlm.heal.stage import check_heal_plan
+from tensorlm.heal.teacher_store import TeacherStore, build_teacher_store, topk_kl
 from tensorlm.pipeline import run
 from tensorlm.surgery import plan_recipe
 
@@ -253,3 +254,51 @@ def test_run_reconstructs_after_the_stage_and_refuses_a_stage_with_nothing_to_tr
             run(str(folder), heal_recipe([stage]), bad, data_dir=data, eval_mode="none")
         assert "\n" not in str(err.value)
         assert not bad.exists() and not Path(f"{bad}.partial").exists()
+
+
+def full_kl(student_logits, teacher_logits) -> torch.Tensor:
+    logp, logq = teacher_logits.log_softmax(-1), student_logits.log_softmax(-1)
+    return (logp.exp() * (logp - logq)).sum(-1).mean()
+
+
+def test_topk_teacher_store_reproduces_the_full_kl_at_k_equal_vocab_and_bounds_it_below(data_dir, tmp_path):
+    teacher, student = make_tiny_llama(), make_tiny_llama(seed=1)
+    tokenizer = AutoTokenizer.from_pretrained(data_dir / "gpt2-tokenizer")
+    ids = torch.cat(token_batches(2, 256, seed=5))  # (8, 24)
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids).logits
+    s_logits = student(input_ids=ids).logits.detach().requires_grad_()
+    exact = full_kl(s_logits, t_logits)
+    store = build_teacher_store(teacher, tokenizer, ids, k=256, batch_size=3)
+    assert store.k == 256 and store.logprobs.shape == (8, 24, 256) and torch.equal(store.ids, ids)
+    approx = topk_kl(s_logits, store.indices, store.logprobs, store.rest)
+    torch.testing.assert_close(approx, exact, rtol=1e-5, atol=1e-7)  # stated tolerance: 1e-5 relative
+    (g_approx,) = torch.autograd.grad(approx, s_logits)
+    (g_exact,) = torch.autograd.grad(full_kl(s_logits, t_logits), s_logits)
+    torch.testing.assert_close(g_approx, g_exact, rtol=1e-4, atol=1e-8)
+    small = build_teacher_store(teacher, tokenizer, ids)  # k = 64 by default, plus the remaining mass
+    assert small.k == 64 and bool((small.rest < 0).all())
+    coarse = topk_kl(s_logits, small.indices, small.logprobs, small.rest)
+    assert 0 < coarse <= exact + 1e-6 and torch.isfinite(torch.autograd.grad(coarse, s_logits)[0]).all()
+
+
+def test_teacher_store_round_trips_and_refuses_another_model_or_tokenizer_in_one_line(data_dir, tmp_path):
+    teacher = make_tiny_llama()
+    tokenizer = AutoTokenizer.from_pretrained(data_dir / "gpt2-tokenizer")
+    store = build_teacher_store(teacher, tokenizer, torch.cat(token_batches(1, 256, seed=5)), k=8)
+    path = store.save(tmp_path / "teacher.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["teacher.safetensors"]
+    again = TeacherStore.load(path, teacher, tokenizer)
+    assert all(torch.equal(getattr(again, n), getattr(store, n)) for n in ("ids", "indices", "logprobs", "rest"))
+    other_tokenizer = AutoTokenizer.from_pretrained(data_dir / "gpt2-tokenizer")
+    other_tokenizer.add_tokens(["<extra>"])
+    (tmp_path / "junk.safetensors").write_text("not a store")
+    for args, message in (((path, make_tiny_llama(seed=1), tokenizer), "another model"),
+                          ((path, teacher, other_tokenizer), "another tokenizer"),
+                          ((tmp_path / "junk.safetensors", teacher, tokenizer), "not a safetensors"),
+                          ((tmp_path / "none.safetensors", teacher, tokenizer), "does not exist")):
+        with pytest.raises(TensorLMError, match=message) as err:
+            TeacherStore.load(*args)
+        assert "\n" not in str(err.value)
+    with pytest.raises(TensorLMError, match="k must be in"):
+        build_teacher_store(teacher, tokenizer, torch.cat(token_batches(1, 256, seed=5)), k=257)
