@@ -274,12 +274,13 @@ def _run_hooked(model: nn.Module, modules: Mapping[str, nn.Module], hooks: _Mome
         TensorLMError: a batch without ``input_ids`` or a mask that does not match a module's input.
     """
     handles = [m.register_forward_hook(hooks.hook_for(n), with_kwargs=True) for n, m in modules.items()]
+    device = next(iter(model.parameters())).device
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for batch in tqdm(batches, desc="calibration", unit="batch", disable=None if progress else True):
-                kwargs = _as_kwargs(batch)
+                kwargs = {k: v.to(device) for k, v in _as_kwargs(batch).items()}  # the batches stay on the CPU
                 mask = kwargs.get("attention_mask")
                 hooks.mask = None if mask is None else mask.bool()
                 model(**kwargs)

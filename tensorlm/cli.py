@@ -8,10 +8,11 @@ system error (an unwritable or impossible path) prints one line and exits 1; Ctr
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+import huggingface_hub
+import transformers
 import yaml
 from accelerate import PartialState
 
@@ -23,8 +24,9 @@ from tensorlm.io import export_dense, replaced_modules, save_compressed
 from tensorlm.models import load_model
 from tensorlm.params import count_parameters
 from tensorlm.pipeline import DEFAULT_RECIPE, run
+from tensorlm.preflight import accelerate_on, check_device, check_work_folder, seed_everything
 from tensorlm.recipe import Recipe, builtin_recipes, recipe_path
-from tensorlm.report import metrics_table, params_table, ratio_phrase
+from tensorlm.report import json_text, metrics_table, null_non_finite, params_table, ratio_phrase, results_dict
 from tensorlm.surgery import compress, plan_recipe
 from tensorlm.version import __version__
 
@@ -36,13 +38,29 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="benchmark data folder laid out like shared/data (default: $TENSORLM_DATA)")
 
 
+def _add_device(p: argparse.ArgumentParser, seed: str | None = None) -> None:
+    """``--device`` and, when ``seed`` says what it seeds, ``--seed``."""
+    p.add_argument("--device", help="where the model runs: cpu, cuda or cuda:N (default: where it loads, the CPU; "
+                                    "refused before loading when the machine lacks it)")
+    if seed:
+        p.add_argument("--seed", type=int, help=f"seed of Python, NumPy and torch ({seed})")
+
+
+def _moved(loaded, device):
+    """``loaded`` with its model on ``device`` (a checked ``torch.device`` or None: left where it is)."""
+    if device is not None:
+        loaded.model.to(device)
+    return loaded
+
+
 def cmd_run(args) -> None:
     results = run(args.model, args.recipe, args.out, data_dir=args.data_dir, eval_mode=args.eval,
-                  overwrite=args.overwrite, resume=args.resume, dtype=args.dtype)
-    metrics = results.metrics
+                  overwrite=args.overwrite, resume=args.resume, dtype=args.dtype, restart=args.restart,
+                  device=args.device, seed=args.seed)
+    metrics = results_dict(results)["metrics"]
     print(metrics_table(metrics["before"], {**metrics["after"]}) if metrics["before"] else "(not evaluated)")
     for key, value in metrics["agreement"].items():
-        print(f"{key}: {value:.4f}")
+        print(f"{key}: {'n/a (could not be computed)' if value is None else f'{value:.4f}'}")
     if results.samples:
         print(f"greedy {results.samples['prompt']!r} -> uncompressed {results.samples['before']!r}, "
               f"compressed {results.samples['after']!r}")
@@ -57,15 +75,19 @@ def cmd_compress(args) -> None:
     recipe = Recipe.load(args.recipe)
     model = args.model or recipe.model
     refuse_existing(args.out, args.overwrite, inputs=[model])  # before the compression, not after
-    loaded = load_model(model, data_dir=args.data_dir)
-    small = compress(loaded.model, recipe)
+    device = check_device(args.device)
+    seed_everything(args.seed)
+    loaded = _moved(load_model(model, data_dir=args.data_dir), device)
+    small = compress(loaded.model, recipe, progress=sys.stderr.isatty())
     save_compressed(small, args.out, tokenizer=loaded.tokenizer, kind=loaded.kind, recipe=recipe,
                     notes=loaded.notes, overwrite=args.overwrite, inputs=[model])
     print(f"wrote {args.out}")
 
 
-def distill_options(path: str | None, data_dir: str | None, steps: int | None) -> DistillConfig:
-    """The distillation config of ``tensorlm distill``: the YAML file ``path`` with ``--steps`` laid over it.
+def distill_options(path: str | None, data_dir: str | None, steps: int | None, seed: int | None = None
+                    ) -> DistillConfig:
+    """The distillation config of ``tensorlm distill``: the YAML file ``path`` with ``--steps`` and ``--seed``
+    laid over it.
 
     Raises:
         TensorLMError: a missing or unreadable file, invalid YAML, not a mapping, an unknown key or a bad
@@ -86,20 +108,25 @@ def distill_options(path: str | None, data_dir: str | None, steps: int | None) -
         if not isinstance(options, dict):
             raise TensorLMError(f"distill config {path} must be a mapping of DistillConfig fields, "
                                 f"got a {type(options).__name__}")
-    return DistillConfig.from_dict({"data_dir": data_dir, **options, **({} if steps is None else {"steps": steps})})
+    laid = {**({} if steps is None else {"steps": steps}), **({} if seed is None else {"seed": seed})}
+    return DistillConfig.from_dict({"data_dir": data_dir, **options, **laid})
 
 
 def cmd_distill(args) -> None:
     refuse_existing(args.out, args.overwrite, inputs=[args.student, args.teacher])
-    config = distill_options(args.config, args.data_dir, args.steps)
+    config = distill_options(args.config, args.data_dir, args.steps, args.seed)
+    device = check_device(args.device)
+    work = args.work or f"{args.out}.partial"
+    check_work_folder(work, args.resume, args.restart)
+    seed_everything(args.seed)
     student = load_model(args.student, data_dir=args.data_dir)
     teacher = load_model(args.teacher, data_dir=args.data_dir)
     if student.kind != teacher.kind:
         raise TensorLMError(f"student {args.student!r} is a {student.kind} but teacher {args.teacher!r} is a "
                             f"{teacher.kind}")
-    work = args.work or f"{args.out}.partial"
-    result = distill(student.model, teacher.model, teacher.tokenizer, config, work,
-                     kind=teacher.kind, resume=args.resume)
+    with accelerate_on(device):
+        result = distill(student.model, teacher.model, teacher.tokenizer, config, work,
+                         kind=teacher.kind, resume=args.resume, progress=sys.stderr.isatty())
     if not PartialState().is_main_process:  # under accelerate launch, one process saves
         return
     save_compressed(student.model, args.out, tokenizer=student.tokenizer, kind=student.kind,
@@ -118,18 +145,22 @@ def cmd_export(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    loaded = load_model(args.model, data_dir=args.data_dir)
+    device = check_device(args.device)
+    loaded = _moved(load_model(args.model, data_dir=args.data_dir), device)
     metrics, protocols = evaluate_model(loaded.model, loaded.tokenizer, loaded.kind, data_dir=args.data_dir,
                                         mode=args.eval)
-    print(json.dumps({"model": args.model, "metrics": metrics, "protocols": protocols}, indent=2))
+    metrics, reasons = null_non_finite(metrics)
+    print(json_text({"model": args.model, "kind": loaded.kind, "random_weights": loaded.random_weights,
+                     "metrics": metrics, "metrics_notes": reasons, "protocols": protocols, "notes": loaded.notes}))
 
 
 def cmd_inspect(args) -> None:
     loaded = load_model(args.model, data_dir=args.data_dir)
     table = count_parameters(loaded.model)
     if args.json:
-        print(json.dumps({"model": args.model, "kind": loaded.kind, "params": table,
-                          "modules": replaced_modules(loaded.model), "notes": loaded.notes}, indent=2))
+        print(json_text({"model": args.model, "kind": loaded.kind, "params": table,
+                         "modules": replaced_modules(loaded.model), "notes": loaded.notes,
+                         "random_weights": loaded.random_weights}))
         return
     width = max(len(k) for k in table["groups"]) + 8
     for key in ("total", "total_without_head", "stored"):
@@ -175,7 +206,11 @@ def parser() -> argparse.ArgumentParser:
                         "(wt2-4k, 100 passages; encoders: the full sets in every mode), none")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype the model is loaded in")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    p.add_argument("--resume", action="store_true", help="continue the distillation of an interrupted run")
+    p.add_argument("--resume", action="store_true", help="continue the distillation of an interrupted run (its "
+                                                         "<out>.partial folder); a distill block's steps may be raised")
+    p.add_argument("--restart", action="store_true", help="discard an interrupted run's <out>.partial folder "
+                                                          "and start afresh")
+    _add_device(p, "the permutation search and distillation")
     _add_common(p)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("distill", help="distill a compressed folder against its teacher and save the result")
@@ -185,8 +220,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML of distillation options (tensorlm.distill.DistillConfig fields)")
     p.add_argument("--steps", type=int, help="optimizer steps (overrides the config)")
     p.add_argument("--work", help="checkpoint folder (default: <out>.partial)")
-    p.add_argument("--resume", action="store_true", help="continue from the work folder's last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from the work folder's last checkpoint "
+                                                         "(--steps may be raised)")
+    p.add_argument("--restart", action="store_true", help="discard the work folder's checkpoints and start afresh")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    _add_device(p, "overrides the config's seed: data order and dropout")
     _add_common(p)
     p.set_defaults(func=cmd_distill)
     _add_other_commands(sub)
@@ -200,6 +238,7 @@ def _add_other_commands(sub) -> None:
     p.add_argument("--model", help="model folder, offline name or hub id (default: the recipe's model)")
     p.add_argument("--out", required=True, help="new output folder")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    _add_device(p, "the permutation search")
     _add_common(p)
     p.set_defaults(func=cmd_compress)
     p = sub.add_parser("export", help="write a compressed folder as an ordinary Hugging Face folder (dense weights)")
@@ -212,6 +251,7 @@ def _add_other_commands(sub) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--eval", choices=("full", "sweep", "quick"), default="full",
                    help="benchmark sets: full, sweep (wt2-16k, 1,000 LAMBADA passages) or quick (wt2-4k, 100)")
+    _add_device(p)
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("inspect", help="parameter table of a model or compressed folder")
@@ -237,6 +277,9 @@ def _one_line(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0, 1 file system error, 2 bad input, 130/143 interrupt)."""
     args = parser().parse_args(argv)
+    if not sys.stderr.isatty():  # progress bars only on a terminal
+        transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
     try:
         with raise_on_sigterm():
             args.func(args)

@@ -34,7 +34,7 @@ from transformers.pytorch_utils import Conv1D
 from tensorlm.errors import TensorLMError
 from tensorlm.files import MANIFEST, atomic_folder, file_sha256
 from tensorlm.layers.base import LAYERS
-from tensorlm.loaded import LoadedModel
+from tensorlm.loaded import LoadedModel, says_random
 from tensorlm.params import count_parameters
 from tensorlm.surgery import decompress
 from tensorlm.version import __version__
@@ -77,10 +77,11 @@ def write_compressed(model: nn.Module, folder: Path, *, tokenizer=None, kind: st
         "recipe": None if recipe is None else recipe.to_dict(),
         "params": count_parameters(model),
         "notes": notes or [],
+        "random_weights": says_random(notes or []),
         "sha256": file_sha256(folder / WEIGHTS),
     }
     (folder / "README.md").write_text(model_card(manifest))
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False))
 
 
 def _write_guarded_config(config, folder: Path) -> None:
@@ -90,11 +91,12 @@ def _write_guarded_config(config, folder: Path) -> None:
                "tensorlm_note": "compressed by tensorlm: load with tensorlm.load_compressed(folder), or write a "
                                 "plain Hugging Face folder with `tensorlm export FOLDER --dense OUT`",
                BASE_CONFIG_KEY: base}
-    (folder / "config.json").write_text(json.dumps(guarded, indent=2, sort_keys=True))
+    (folder / "config.json").write_text(json.dumps(guarded, indent=2, sort_keys=True, allow_nan=False))
 
 
-def model_card(manifest: dict) -> str:
-    """A short ``README.md`` for a compressed folder: what it is, its parameters, how to load it."""
+def model_card(manifest: dict, results: dict | None = None) -> str:
+    """A short ``README.md`` for a compressed folder: what it is, its recipe, parameters, how to load it, and
+    with ``results`` (a run's ``results.json``, non-finite values already ``null``) its metrics and protocols."""
     recipe = manifest.get("recipe") or {}
     params = manifest.get("params") or {}
     lines = ["---", "library_name: tensorlm", "tags: [tensorlm, compressed]", "---", "",
@@ -106,14 +108,40 @@ def model_card(manifest: dict) -> str:
     lines += [f"Parameters: {params.get('total', 0):,} unique ({params.get('stored', 0):,} stored); "
               f"{len(manifest['modules'])} factored modules.", ""]
     lines += [f"- {note}" for note in manifest.get("notes", [])]
-    lines += ["", "Metrics, with their protocols, are in `results.json` and `report.md` when the folder was written "
-              "by `tensorlm run`.", "", "## Loading", "",
+    lines += ["", *(_card_metrics(results) if results else [
+        "Metrics, with their protocols, are in `results.json` and `report.md` when the folder was written "
+        "by `tensorlm run`."]), "", "## Loading", "",
               "This folder is not a plain transformers folder: `AutoModel.from_pretrained` refuses it (its "
               "`config.json` names tensorlm). Load it with", "", "```python", "import tensorlm",
               "loaded = tensorlm.load_compressed(\"FOLDER\")  # .model, .tokenizer", "```", "",
               "or write an ordinary Hugging Face folder with the decompressed (dense) weights:", "", "```",
               "tensorlm export FOLDER --dense OUT", "```", ""]
     return "\n".join(lines)
+
+
+def _card_metrics(results: dict) -> list[str]:
+    """The metrics section of a model card: one row per metric with both models' values and its protocol."""
+    metrics, protocols = results.get("metrics") or {}, results.get("protocols") or {}
+    before, after, agree = metrics.get("before") or {}, metrics.get("after") or {}, metrics.get("agreement") or {}
+    if not (before or agree):
+        return ["Not evaluated (`--eval none`)."]
+    lines = [f"## Metrics (eval mode `{results.get('eval_mode')}`)", "",
+             "| metric | uncompressed | compressed | protocol |", "|---|---:|---:|---|"]
+    rows = [(k, before.get(k), after.get(k)) for k in before] + [(k, None, v) for k, v in agree.items()]
+    for key, b, a in rows:
+        lines.append(f"| {key} | {'-' if b is None else f'{b:.4f}'} | {'-' if a is None else f'{a:.4f}'} | "
+                     f"{protocols.get(key, '')} |")
+    lines += [f"- `{k}` is missing: {v}" for k, v in (results.get("metrics_notes") or {}).items()]
+    if results.get("random_weights"):
+        lines += ["", "The weights were partly random (no real checkpoint): the metrics describe the method, "
+                      "not the real model."]
+    return lines
+
+
+def add_results_to_card(folder: Path, results: dict) -> None:
+    """Rewrite ``folder``'s model card with a run's ``results`` (:func:`tensorlm.report.results_dict`)."""
+    folder = Path(folder)
+    (folder / "README.md").write_text(model_card(read_json(folder / MANIFEST), results))
 
 
 def save_compressed(model: nn.Module, folder: str | os.PathLike, *, tokenizer=None, kind: str | None = None,
@@ -163,7 +191,9 @@ def export_dense(loaded: LoadedModel, folder: str | os.PathLike, *, overwrite: b
     """Write ``loaded`` as an ordinary Hugging Face folder: every factored layer replaced by its dense form.
 
     ``transformers``' ``from_pretrained`` loads the result and computes what the compressed model computes
-    (up to float rounding). A head that no longer equals the input embedding is saved untied.
+    (up to float rounding). A head that no longer equals the input embedding is saved untied. An encoder
+    also gets sentence-transformers' ``modules.json``, ``sentence_bert_config.json`` and
+    ``1_Pooling/config.json`` (mean pooling, tensorlm's sentence embedding; :func:`sentence_transformers_files`).
 
     Raises:
         TensorLMError: what :func:`tensorlm.files.refuse_existing` raises; a model without a config.
@@ -183,13 +213,37 @@ def export_dense(loaded: LoadedModel, folder: str | os.PathLike, *, overwrite: b
         dense.save_pretrained(tmp)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
+        if loaded.kind == "encoder":
+            for relative, content in sentence_transformers_files(config).items():
+                (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / relative).write_text(json.dumps(content, indent=2, allow_nan=False))
         (tmp / "README.md").write_text(f"# {type(dense).__name__} (dense export of {loaded.name})\n\n"
                                        f"Decompressed by tensorlm {__version__} from a compressed folder; loads "
                                        "with `transformers.AutoModel.from_pretrained`.\n\n"
                                        + "".join(f"- {note}\n" for note in loaded.notes))
         (tmp / MANIFEST).write_text(json.dumps({"exported_dense_from": loaded.name, "kind": loaded.kind,
-                                                "tensorlm_version": __version__}, indent=2))
+                                                "tensorlm_version": __version__}, indent=2, allow_nan=False))
     return Path(folder)
+
+
+SENTENCE_MAX_LENGTH = 128
+"""The token limit of tensorlm's sentence embeddings (``tensorlm.evaluate.sts``), kept in an export."""
+
+
+def sentence_transformers_files(config) -> dict[str, object]:
+    """The files that make an encoder folder a sentence-transformers model: relative path -> JSON content.
+
+    A Transformer module at the folder's root followed by mean pooling over the attention mask, which is
+    how tensorlm embeds sentences (``tensorlm.pooling.mean_pool``; cosine similarity needs no normalisation).
+    """
+    pooling = {"word_embedding_dimension": int(config.hidden_size), "pooling_mode_cls_token": False,
+               "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+               "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+               "pooling_mode_lasttoken": False, "include_prompt": True}
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    return {"modules.json": modules, "1_Pooling/config.json": pooling,
+            "sentence_bert_config.json": {"max_seq_length": SENTENCE_MAX_LENGTH, "do_lower_case": False}}
 
 
 def architecture(name: str, model_type: str) -> type[nn.Module]:
@@ -320,4 +374,6 @@ def load_compressed(folder: str | os.PathLike) -> LoadedModel:
     with contextlib.suppress(OSError, ValueError):
         tokenizer = AutoTokenizer.from_pretrained(folder)
     kind = manifest.get("kind") or "encoder"
-    return LoadedModel(model.eval(), tokenizer, kind, str(folder), list(manifest.get("notes", [])))
+    notes = list(manifest.get("notes", []))
+    return LoadedModel(model.eval(), tokenizer, kind, str(folder), notes,
+                       random_weights=bool(manifest.get("random_weights", says_random(notes))))

@@ -21,6 +21,8 @@ class LoadedModel:
         kind: ``"encoder"`` (judged by sentence embeddings) or ``"causal-lm"``.
         name: what the user asked for.
         notes: facts a report must state (e.g. which tensors are random).
+        random_weights: some or all weights are random (an offline architecture without its checkpoint):
+            results.json and report.md say so.
     """
 
     model: nn.Module
@@ -28,3 +30,13 @@ class LoadedModel:
     kind: str
     name: str
     notes: list[str] = field(default_factory=list)
+    random_weights: bool = False
+
+
+RANDOM_WEIGHTS_NOTE = "random weights"
+"""The words every loader's note about random weights contains (read back from older manifests)."""
+
+
+def says_random(notes: list[str]) -> bool:
+    """Whether ``notes`` (a loader's or a manifest's) state that weights are random."""
+    return any(RANDOM_WEIGHTS_NOTE in str(note) for note in notes)

@@ -14,6 +14,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file
@@ -100,6 +101,32 @@ def model_kind(config) -> str:
     if "CausalLM" in archs or "LMHeadModel" in archs or getattr(config, "model_type", "") in causal_types:
         return "causal-lm"
     return "encoder"
+
+
+def expected_kind(name_or_path: str | os.PathLike) -> str | None:
+    """The kind :func:`load_model` will report, read without loading: from a folder's ``tensorlm.json`` or
+    ``config.json``, a ``.gguf`` suffix or a known offline name; ``None`` when it cannot tell (a hub id, an
+    unreadable config: the loader then says what is wrong)."""
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        for file, read in (("tensorlm.json", lambda d: d.get("kind")), ("config.json", _kind_of_config)):
+            try:
+                found = read(json.loads((path / file).read_text()))
+            except (OSError, ValueError, AttributeError, TypeError):
+                continue
+            if found in ("encoder", "causal-lm"):
+                return found
+        return None
+    if path.suffix == ".gguf" or name in (*GPT2_NAMES, *SMOLLM2_NAMES):
+        return "causal-lm"
+    return "encoder" if name in (*MINILM_NAMES, *BERT_NAMES) else None
+
+
+def _kind_of_config(config: dict) -> str:
+    """:func:`model_kind` of a ``config.json`` read as a dict (a compressed folder's base config inside)."""
+    config = config.get("tensorlm_base_config", config)
+    return model_kind(SimpleNamespace(architectures=config.get("architectures"), model_type=config.get("model_type")))
 
 
 def _dtype(dtype: str) -> torch.dtype:
@@ -201,7 +228,8 @@ def _offline_gpt2(name: str, data_dir: Path, partial: bool) -> LoadedModel:
                          if k in dict(model.named_parameters())})
         notes.append(f"real GPT-2 tensors loaded from {GPT2_PARTIAL} ({len(real)} tensors); "
                      f"random: {', '.join(random)}")
-    return LoadedModel(model.eval(), AutoTokenizer.from_pretrained(tok_dir), "causal-lm", name, notes)
+    return LoadedModel(model.eval(), AutoTokenizer.from_pretrained(tok_dir), "causal-lm", name, notes,
+                       random_weights=True)
 
 
 def _offline_bert(name: str) -> LoadedModel:
@@ -212,7 +240,8 @@ def _offline_bert(name: str) -> LoadedModel:
     torch.manual_seed(0)
     model = BertModel(BertConfig(), add_pooling_layer=False)
     notes = ["offline: bert-base-uncased architecture with random weights (seed 0); uncased WordPiece tokenizer"]
-    return LoadedModel(model.eval(), AutoTokenizer.from_pretrained(folder), "encoder", name, notes)
+    return LoadedModel(model.eval(), AutoTokenizer.from_pretrained(folder), "encoder", name, notes,
+                       random_weights=True)
 
 
 def load_model(name_or_path: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,

@@ -7,7 +7,6 @@ produce, written to ``results.json`` and rendered to ``report.md``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import shutil
@@ -26,11 +25,12 @@ from tensorlm.evaluate import MODES, agreement, evaluate_model
 from tensorlm.evaluate.generation import SAMPLE_PROMPT, greedy_sample
 from tensorlm.files import refuse_existing
 from tensorlm.heal.stage import check_heal_plan, reconstruct_stage
-from tensorlm.io import atomic_folder, write_compressed
+from tensorlm.io import add_results_to_card, atomic_folder, write_compressed
 from tensorlm.models import LoadedModel, load_model
 from tensorlm.params import compression_summary, count_parameters
+from tensorlm.preflight import check_run
 from tensorlm.recipe import Recipe
-from tensorlm.report import render
+from tensorlm.report import render, results_dict, results_json
 from tensorlm.surgery import calibrate, compress, plan_recipe
 from tensorlm.version import __version__
 
@@ -77,6 +77,8 @@ class RunResults:
     stages: list = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    random_weights: bool = False
+    metrics_notes: dict = field(default_factory=dict)
     machine: str = ""
     tensorlm_version: str = ""
     out: str = ""
@@ -189,7 +191,8 @@ def compress_and_heal(loaded: LoadedModel, recipe: Recipe, results: RunResults, 
         results.seconds["distill_and_stage_evaluation"] += time.perf_counter() - t_stage
 
     t0 = time.perf_counter()
-    small = compress(loaded.model, recipe, after_stage=after_stage, plan=plan, stats=stats)
+    small = compress(loaded.model, recipe, after_stage=after_stage, plan=plan, stats=stats,
+                     progress=sys.stderr.isatty())  # bars only on a terminal
     results.seconds["compress"] = time.perf_counter() - t0 - results.seconds["distill_and_stage_evaluation"]
     results.replaced = [n for s in results.stages for n in s["replaced"]]
     return small
@@ -208,7 +211,8 @@ def write_run(out: Path, small, loaded: LoadedModel, recipe: Recipe, results: Ru
     """The run folder, written atomically: compressed model, ``results.json``, ``report.md``, distill logs."""
     with atomic_folder(out, overwrite=overwrite, inputs=[loaded.name]) as tmp:
         write_compressed(small, tmp, tokenizer=loaded.tokenizer, kind=loaded.kind, recipe=recipe, notes=loaded.notes)
-        (tmp / "results.json").write_text(json.dumps(results.to_dict(), indent=2))
+        (tmp / "results.json").write_text(results_json(results))
+        add_results_to_card(tmp, results_dict(results))
         (tmp / "report.md").write_text(render(results))
         for log_file in work.glob("distill-*/metrics.jsonl"):
             (tmp / f"{log_file.parent.name}.jsonl").write_text(log_file.read_text())
@@ -218,7 +222,8 @@ def write_run(out: Path, small, loaded: LoadedModel, recipe: Recipe, results: Ru
 
 def run(model: str | None = None, recipe: str | Recipe = DEFAULT_RECIPE, out: str | os.PathLike | None = None, *,
         data_dir: str | os.PathLike | None = None, eval_mode: str = "full", overwrite: bool = False,
-        resume: bool = False, dtype: str = "float32") -> RunResults:
+        resume: bool = False, dtype: str = "float32", restart: bool = False, device: str | None = None,
+        seed: int | None = None) -> RunResults:
     """Compress ``model`` by ``recipe``, measure both models in one harness, and write a run folder.
 
     The folder ``out`` (default ``runs/<recipe>-<model>-<time>``) receives the compressed model
@@ -230,26 +235,34 @@ def run(model: str | None = None, recipe: str | Recipe = DEFAULT_RECIPE, out: st
     Args:
         eval_mode: ``full``, ``sweep``, ``quick`` (:data:`tensorlm.evaluate.CAUSAL_PROTOCOLS`) or ``none``.
         dtype: ``float32`` or ``bfloat16``, the dtype the model is loaded in.
+        restart: delete a stale ``<out>.partial`` work folder first (``resume`` continues it instead).
+        device: ``cpu``, ``cuda`` or ``cuda:N``, where the models run (default: where they load).
+        seed: seeds Python, NumPy and torch before compressing (the permutation search, distillation).
 
     Raises:
-        TensorLMError: an unknown model, recipe or eval mode, an existing output folder, bad recipe targets.
+        TensorLMError: an unknown model, recipe or eval mode, an existing output folder, bad recipe targets;
+            before loading: an unavailable device, a stale ``<out>.partial`` without ``resume`` or
+            ``restart``, a missing benchmark file of the eval mode.
     """
     if eval_mode not in EVAL_MODES:
         raise TensorLMError(f"eval mode {eval_mode!r} is not one of {', '.join(EVAL_MODES)}")
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
     model = model or recipe.model or DEFAULT_MODEL
     out = output_folder(out, recipe, model, overwrite)
+    work = Path(f"{out}.partial")
+    target = check_run(work, model, eval_mode, data_dir, resume=resume, restart=restart, device=device, seed=seed)
     log(f"loading {model}")
     loaded = load_model(model, data_dir=data_dir, dtype=dtype)
+    if target is not None:
+        loaded.model.to(target)
     results = RunResults(model, loaded.kind, recipe.to_dict(), eval_mode, notes=loaded.notes,
-                         tensorlm_version=__version__)
+                         random_weights=loaded.random_weights, tensorlm_version=__version__)
     log(f"evaluating the uncompressed model ({eval_mode})")
     t0 = time.perf_counter()
     results.metrics["before"], results.protocols = evaluate(loaded, loaded.model, data_dir, eval_mode)
     before_sample = sample(loaded, loaded.model, eval_mode)
     results.seconds["evaluate_before"] = time.perf_counter() - t0
     log(f"compressing with recipe {recipe.name}")
-    work = Path(f"{out}.partial")
     small = compress_and_heal(loaded, recipe, results, work, data_dir, resume)
     log(f"compressed {len(results.replaced)} modules in {results.seconds['compress']:.1f} s; "
         "evaluating the compressed model")

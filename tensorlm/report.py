@@ -1,8 +1,18 @@
-"""The Markdown report of a run, built from its :class:`~tensorlm.pipeline.RunResults`."""
+"""The Markdown report of a run, built from its :class:`~tensorlm.pipeline.RunResults`, and its JSON.
+
+JSON never holds ``NaN`` or ``Infinity``: a value that could not be computed (non-finite) is written as
+``null``, with the reason under ``metrics_notes`` keyed by its dotted path (:func:`null_non_finite`), and
+every writer uses ``allow_nan=False`` (:func:`json_text`), so a regression fails loudly.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+
 from tensorlm.params import GROUPS
+
+NOT_FINITE = "could not be computed: it came out {value} (non-finite; e.g. overflowing logits or an empty set)"
 
 
 def _fmt(value) -> str:
@@ -11,8 +21,50 @@ def _fmt(value) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
+        if not math.isfinite(value):
+            return "n/a"
         return f"{value:.4f}" if abs(value) < 100 else f"{value:,.2f}"
     return str(value)
+
+
+def null_non_finite(value, path: str = "") -> tuple[object, dict[str, str]]:
+    """``value`` (nested dicts and lists) with every NaN/Inf float replaced by ``None``, and the reasons.
+
+    Returns:
+        ``(clean copy, {dotted path: reason})``.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, {path: NOT_FINITE.format(value=value)}
+    notes: dict[str, str] = {}
+    if isinstance(value, dict):
+        clean = {}
+        for key, item in value.items():
+            clean[key], found = null_non_finite(item, f"{path}.{key}" if path else str(key))
+            notes.update(found)
+        return clean, notes
+    if isinstance(value, (list, tuple)):
+        items = [null_non_finite(item, f"{path}[{i}]") for i, item in enumerate(value)]
+        return [c for c, _ in items], {k: v for _, found in items for k, v in found.items()}
+    return value, notes
+
+
+def json_text(value, indent: int | None = 2) -> str:
+    """``json.dumps`` with ``allow_nan=False``: a NaN that escaped :func:`null_non_finite` raises ``ValueError``."""
+    return json.dumps(value, indent=indent, allow_nan=False)
+
+
+def results_dict(results) -> dict:
+    """``results.to_dict()`` (a :class:`~tensorlm.pipeline.RunResults`) with non-finite values ``null`` and
+    the reasons added to ``metrics_notes``."""
+    raw = results.to_dict()
+    clean, notes = null_non_finite(raw)
+    clean["metrics_notes"] = {**(clean.get("metrics_notes") or {}), **notes}
+    return clean
+
+
+def results_json(results) -> str:
+    """The text of ``results.json``: :func:`results_dict`, with ``allow_nan=False``."""
+    return json_text(results_dict(results))
 
 
 def metrics_table(before: dict, after: dict) -> str:
@@ -39,20 +91,26 @@ def params_table(before: dict, after: dict) -> str:
 
 
 def render(results) -> str:
-    """The full ``report.md`` of a run (a :class:`~tensorlm.pipeline.RunResults`)."""
+    """The full ``report.md`` of a run (a :class:`~tensorlm.pipeline.RunResults`).
+
+    Partly random weights, and the notes of the loaded model, stand in a **Notes** line under the title;
+    a metric that could not be computed shows as ``-`` with its reason under the quality table.
+    """
     params, ratios = results.params, results.compression
+    clean = results_dict(results)
+    metrics = clean["metrics"]
     lines = [
         f"# {results.recipe['name']} on {results.model}",
         "",
+        *_notes_line(results),
         results.recipe.get("description", "").strip(),
         "",
         "## Quality",
         "",
-        metrics_table(results.metrics["before"], results.metrics["after"]) if results.metrics["before"]
-        else "Not evaluated (`--eval none`).",
+        metrics_table(metrics["before"], metrics["after"]) if metrics["before"] else "Not evaluated (`--eval none`).",
         "",
-        *[f"Agreement with the uncompressed model, `{k}`: {_fmt(v)}." for k, v in
-          results.metrics.get("agreement", {}).items()],
+        *[f"Agreement with the uncompressed model, `{k}`: {_fmt(v)}." for k, v in metrics.get("agreement", {}).items()],
+        *[f"- `{k}` is missing: {v}" for k, v in clean["metrics_notes"].items()],
         *_sample_lines(results.samples),
         "",
         "## Parameters",
@@ -73,6 +131,15 @@ def render(results) -> str:
     lines += ["", f"Machine: {results.machine}. tensorlm {results.tensorlm_version}, eval mode "
               f"`{results.eval_mode}`.", ""]
     return "\n".join(lines)
+
+
+def _notes_line(results) -> list[str]:
+    """The **Notes** line under a report's title: random weights first, then the model's notes."""
+    notes = list(getattr(results, "notes", []) or [])
+    if getattr(results, "random_weights", False):
+        notes.insert(0, "the weights are partly or wholly RANDOM (no real checkpoint was available), so these "
+                        "metrics describe the method on this architecture, not the real model")
+    return [f"**Notes:** {'; '.join(notes)}.", ""] if notes else []
 
 
 def ratio_phrase(ratio: float) -> str:
