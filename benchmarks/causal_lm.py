@@ -100,19 +100,30 @@ def compress_row(loaded, recipe: Recipe, data_dir) -> tuple[torch.nn.Module, dic
 def svd_twin(loaded, recipe: Recipe, params: int) -> Recipe | None:
     """Truncated SVD of the recipe's linear targets at the same whole-model parameter count, or None.
 
-    Only for recipes whose targets are all linear maps and that are not SVD themselves; the rank of every
-    target is the one whose ``rank * (m + n)`` spends the same share of its dense parameters.
+    Embedding stages stay dense, so their savings too are taken from the linear targets (TQ's embedding);
+    every linear target keeps the same share of its dense parameters (``rank * (m + n)``). None for a recipe
+    without linear targets (TensorGPT: an SVD of the embedding is not a method yet) or of SVD itself.
     """
-    if any(s.method not in ("kronecker", "tucker_bank") for s in recipe.stages):
+    linear = [s for s in recipe.stages if s.method in ("kronecker", "tucker_bank")]
+    if not linear or any(s.method == "lowrank" for s in recipe.stages):
         return None
-    names = targeted(loaded.model, recipe)
+    names = [n for s in linear for n in match_targets(loaded.model, s)]
     dense = sum(p.numel() for n in names for p in loaded.model.get_submodule(n).parameters())
     total = count_parameters(loaded.model)["total"]
     ratio = (dense - (total - params)) / dense
+    if not 0 < ratio < 1:
+        return None
     stages = [{"name": s.name, "method": "lowrank", "targets": [t.to_json() for t in s.targets],
-               "options": {"ratio": round(ratio, 6)}} for s in recipe.stages]
+               "options": {"ratio": round(ratio, 6)}} for s in linear]
     return Recipe.from_dict({"name": f"svd@{recipe.name}", "stages": stages,
-                             "description": f"truncated SVD of the targets of {recipe.name} at its parameter count"})
+                             "description": f"truncated SVD of the linear targets of {recipe.name} at its "
+                                            f"whole-model parameter count ({ratio:.1%} of their parameters)"})
+
+
+def svd_row_near(rows: Rows, params: int, tolerance: float = 0.005) -> bool:
+    """True when a truncated-SVD row already sits within ``tolerance`` of ``params`` (no twin needed)."""
+    return any(abs(r["params"] - params) <= tolerance * params for r in rows.data["rows"]
+               if "lowrank" in r["recipe"] or r["recipe"].startswith("svd@"))
 
 
 def run_rows(rows: Rows, loaded, data_dir, recipes: list[str], twins: bool = True) -> None:
@@ -129,7 +140,9 @@ def run_rows(rows: Rows, loaded, data_dir, recipes: list[str], twins: bool = Tru
                 rows.put({"recipe": current.name, **fields, **metrics, "description": current.description.strip()})
                 log(f"{current.name}: wt2-16k {metrics['wikitext2_ppl']:.2f}, LAMBADA {metrics['lambada_acc']:.3f}")
                 del small
-            if twins and current is recipe and (twin := svd_twin(loaded, recipe, rows.get(recipe.name)["params"])):
+            params = rows.get(recipe.name)["params"]
+            if twins and current is recipe and not svd_row_near(rows, params) and \
+                    (twin := svd_twin(loaded, recipe, params)):
                 todo.append(twin)
 
 

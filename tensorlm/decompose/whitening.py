@@ -143,15 +143,32 @@ def whitened_svd(w: torch.Tensor, g: torch.Tensor, rank: int, name: str = "weigh
         TensorLMError: ``g`` not ``(n, n)`` or not finite, ``w`` not finite, rank out of range.
     """
     m, n = w.shape
-    check_finite(w, name)
     if not 1 <= rank <= min(m, n):
         raise TensorLMError(f"{name} {(m, n)}: SVD rank {rank} must be in 1..{min(m, n)}")
-    g = check_second_moment(g, n, name)
-    w64 = w.detach().to(torch.float64)
+    u, s = whitened_basis(w, g, name)
+    return truncate_basis(w, u, s, rank)
+
+
+def whitened_basis(w: torch.Tensor, g: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """The left singular vectors ``U (m, k)`` and singular values ``s (k,)`` of ``W G^{1/2}``, float64.
+
+    What :func:`whitened_svd` truncates; computed once, it serves every rank (a budget allocation reads
+    ``s`` and the build then calls :func:`truncate_basis` at the chosen rank).
+
+    Raises:
+        TensorLMError: ``g`` not ``(n, n)`` or not finite, ``w`` not finite.
+    """
+    check_finite(w, name)
+    g = check_second_moment(g, w.shape[1], name)
     root = psd_sqrt(g, name)  # (n, n)
-    u, s, _ = torch.linalg.svd(w64 @ root, full_matrices=False)  # (m, k), (k,)
+    u, s, _ = torch.linalg.svd(w.detach().to(torch.float64) @ root, full_matrices=False)  # (m, k), (k,)
+    return u, s
+
+
+def truncate_basis(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, rank: int) -> WhitenedFactors:
+    """``W~ = U_r (U_r^T W)`` from a :func:`whitened_basis` ``(u, s)`` of ``w (m, n)``; factors in ``w``'s dtype."""
     u = u[:, :rank]  # (m, r)
-    v = u.T @ w64  # (r, n)
+    v = u.T @ w.detach().to(torch.float64)  # (r, n)
     # balance each term: ||u_k|| = ||v_k|| (with G = I: u_k = sqrt(s_k) U_k, v_k = sqrt(s_k) V_k^T)
     scale = v.norm(dim=1).sqrt()  # (r,)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))

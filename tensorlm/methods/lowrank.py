@@ -10,7 +10,7 @@ from torch import nn
 
 from tensorlm.decompose.allocation import RankCurve, lowrank_curve
 from tensorlm.decompose.lowrank import rank_for_ratio
-from tensorlm.decompose.whitening import psd_sqrt, whitened_svd
+from tensorlm.decompose.whitening import truncate_basis, whitened_basis, whitened_svd
 from tensorlm.errors import TensorLMError
 from tensorlm.layers.base import dense_weight
 from tensorlm.layers.lowrank import LowRankLinear
@@ -70,30 +70,37 @@ def rerank(entry: LayerPlan, rank: int) -> LayerPlan:
     return LayerPlan(entry.name, entry.method, entry.stage, entry.dense_shape, entry.layer,
                      {**entry.config, "rank": rank}, {"u": [out_features, rank], "v": [rank, in_features]}, [rank],
                      entry.params_before, rank * (in_features + out_features) + bias * out_features,
-                     options=entry.options)
+                     options=entry.options, prepared=entry.prepared)
 
 
 def rank_curve(module: nn.Module, entry: LayerPlan, stats, normalise: bool = True, floor: float = 0.0) -> RankCurve:
     """Loss of every rank from ``floor`` of the dense parameters up to the break-even rank ``mn / (m + n)``
     (past it the factors hold more than ``W``): the tail energy of the singular values of ``W G^{1/2}``
-    (whitened) or of ``W``."""
+    (whitened) or of ``W``. A whitened basis is kept in ``entry.prepared`` for the build."""
     w, _ = dense_weight(module, entry.name)
-    w = w.to(torch.float64)
     if entry.options.get("calibration"):
-        w = w @ psd_sqrt(second_moment(stats, entry), entry.name)  # (out, in) @ (in, in)
+        basis, s = whitened_basis(w, second_moment(stats, entry), entry.name)  # (out, k), (k,)
+        entry.prepared = basis
+    else:
+        s = torch.linalg.svdvals(w.to(torch.float64))
     shape = tuple(entry.dense_shape)
-    break_even = max(1, shape[0] * shape[1] // (shape[0] + shape[1]))  # beyond it U V holds more than W
+    break_even = max(1, shape[0] * shape[1] // (shape[0] + shape[1]))
     min_rank = min(break_even, max(1, int(floor * break_even)))
-    return lowrank_curve(entry.name, torch.linalg.svdvals(w), shape, normalise=normalise, min_rank=min_rank,
-                         max_rank=break_even)
+    return lowrank_curve(entry.name, s, shape, normalise=normalise, min_rank=min_rank, max_rank=break_even)
 
 
 def build(module: nn.Module, entry: LayerPlan, stats=None) -> LowRankLinear:
-    """Truncated SVD at the planned rank, whitened by the calibration statistics when the options ask."""
+    """Truncated SVD at the planned rank, whitened by the calibration statistics when the options ask (from
+    the basis the allocation computed, when there was one)."""
     if not entry.options.get("calibration"):
         return LowRankLinear.from_dense(module, rank=entry.config["rank"], name=entry.name)
     w, bias = dense_weight(module, entry.name)
-    found = whitened_svd(w, second_moment(stats, entry), entry.config["rank"], entry.name)
+    if entry.prepared is not None:
+        u = entry.prepared  # (out, k) left singular vectors of W G^{1/2}
+        found = truncate_basis(w, u, torch.zeros(u.shape[1], dtype=u.dtype), entry.config["rank"])
+    else:
+        found = whitened_svd(w, second_moment(stats, entry), entry.config["rank"], entry.name)
+    entry.prepared = None  # the basis is used once; free it
     return LowRankLinear.from_factors(found.u, found.v, bias)
 
 
