@@ -4,7 +4,9 @@ Between planning and building (``match -> plan -> calibrate -> allocate -> build
 stage offers its method's rank curve (the loss of each rank it may take, whitened when the stage is
 calibrated), :func:`tensorlm.decompose.allocation.allocate_ranks` spends the budget where the loss falls
 most per parameter (SVD-LLM V2's idea, arXiv 2503.12340, Sec. 3.1), and the entries are re-planned at
-the chosen ranks. The plan's totals are updated, so the printed plan is what the build will produce.
+the chosen ranks. A matrix whose best rank would cost as much as the matrix itself is kept dense (dropped
+from the stage's entries and listed in ``StagePlan.kept_dense``). The plan's totals are updated, so the
+printed plan is what the build will produce.
 """
 
 from __future__ import annotations
@@ -57,7 +59,10 @@ def _allocate_stage(model: nn.Module, stage: Stage, stage_plan: StagePlan, stats
     before = sum(e.params_before for e in entries)
     limit = stage.budget.limit(before)
     chosen = allocate_ranks(curves, limit - fixed).ranks
-    new = [method.rerank(e, chosen[e.name]) for e in entries]
-    change = sum(n.params_after for n in new) - sum(e.params_after for e in entries)
-    stage_plan.entries[:] = new
+    new = {e.name: method.rerank(e, chosen[e.name]) for e in entries}
+    kept = [e for e in entries if new[e.name] is None]  # the allocation keeps them dense: not replaced
+    change = sum(n.params_after for n in new.values() if n is not None) + sum(e.params_before for e in kept) \
+        - sum(e.params_after for e in entries)
+    stage_plan.entries[:] = [n for n in new.values() if n is not None]
+    stage_plan.kept_dense = [e.name for e in kept]
     return change

@@ -68,21 +68,23 @@ class LayerPlan:
 
 @dataclass
 class StagePlan:
-    """The entries of one stage; ``shared``: parameters of objects built once per group (``{bank id: n}``)."""
+    """The entries of one stage; ``shared``: parameters of objects built once per group (``{bank id: n}``);
+    ``kept_dense``: targets a budget allocation left dense (their best rank cost as much as the module)."""
 
     name: str
     method: str
     entries: list[LayerPlan]
     shared: dict[str, int] = field(default_factory=dict)
+    kept_dense: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "method": self.method, "entries": [e.to_dict() for e in self.entries],
-                "shared": dict(self.shared)}
+                "shared": dict(self.shared), "kept_dense": list(self.kept_dense)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StagePlan:
         return cls(data["name"], data["method"], [LayerPlan.from_dict(e) for e in data["entries"]],
-                   dict(data.get("shared", {})))
+                   dict(data.get("shared", {})), list(data.get("kept_dense", [])))
 
 
 @dataclass
@@ -135,6 +137,7 @@ class Plan:
         for s in self.stages:
             lines += [f"{'  shared ' + key:<36} {s.name:<12} {s.method:<20} {'':>12} {'':<34} {'':<10} "
                       f"{'':>12} {count:>12,}" for key, count in s.shared.items()]
+        lines += [f"{name:<36} {s.name:<12} {'kept dense':<20}" for s in self.stages for name in s.kept_dense]
         lines.append(f"model parameters: {self.params_before:,} -> {self.params_after:,} "
                      f"({self.params_after_without_head:,} without the LM head; "
                      f"{self.params_before / self.params_after:.3f}x smaller)")

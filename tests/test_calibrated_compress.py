@@ -96,3 +96,17 @@ def test_bad_calibrated_input_is_one_line():
         compress(model, recipe("lowrank", {"rank": 4}, budget={"params": 100}), progress=False)
     with pytest.raises(TensorLMError, match="budget needs exactly one of ratio or params"):
         recipe("lowrank", {"rank": 4}, budget={})
+
+
+def test_a_generous_budget_keeps_matrices_dense_rather_than_at_a_lossy_break_even_rank():
+    model = make_tiny_llama()
+    r = recipe("lowrank", {"ratio": 0.5, "calibration": "whitened"}, budget={"ratio": 0.95}, targets=(ALL,))
+    plan = plan_recipe(model, r)
+    stats = stats_for(model, [e.name for e in plan.entries])
+    plan = allocate(model, plan, r, stats)
+    kept = plan.stages[0].kept_dense
+    assert kept and len(kept) + len(plan.entries) == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    small = compress(model, r, plan=plan, stats=stats, progress=False)
+    assert count_parameters(small)["total"] == plan.params_after <= count_parameters(model)["total"]
+    for name in kept:  # untouched: the same dense weights
+        assert torch.equal(small.get_submodule(name).weight, model.get_submodule(name).weight)

@@ -63,9 +63,12 @@ def plan(module: nn.Module, name: str, options: LowRankConfig, context: PlanCont
                      (in_features + bias) * out_features, rank * (in_features + out_features) + bias * out_features)
 
 
-def rerank(entry: LayerPlan, rank: int) -> LayerPlan:
-    """``entry`` at another rank (what the budget allocator chose)."""
+def rerank(entry: LayerPlan, rank: int) -> LayerPlan | None:
+    """``entry`` at another rank (what the budget allocator chose); None (keep the dense matrix) at a rank
+    whose factors would hold at least as many values as ``W``."""
     out_features, in_features = entry.dense_shape
+    if rank * (in_features + out_features) >= in_features * out_features:
+        return None
     bias = entry.config["bias"]
     return LayerPlan(entry.name, entry.method, entry.stage, entry.dense_shape, entry.layer,
                      {**entry.config, "rank": rank}, {"u": [out_features, rank], "v": [rank, in_features]}, [rank],
@@ -74,19 +77,21 @@ def rerank(entry: LayerPlan, rank: int) -> LayerPlan:
 
 
 def rank_curve(module: nn.Module, entry: LayerPlan, stats, normalise: bool = True, floor: float = 0.0) -> RankCurve:
-    """Loss of every rank from ``floor`` of the dense parameters up to the break-even rank ``mn / (m + n)``
-    (past it the factors hold more than ``W``): the tail energy of the singular values of ``W G^{1/2}``
-    (whitened) or of ``W``. A whitened basis is kept in ``entry.prepared`` for the build."""
+    """Loss of every rank from ``floor`` of the dense parameters up: the tail energy of the singular values of
+    ``W G^{1/2}`` (whitened) or of ``W``, and a last point of loss 0 at the first rank whose factors would
+    hold as many values as ``W`` itself, which stands for keeping ``W`` dense (its cost ``r (m + n) >= m n``
+    is charged, so the budget holds). A whitened basis is kept in ``entry.prepared`` for the build."""
     w, _ = dense_weight(module, entry.name)
     if entry.options.get("calibration"):
         basis, s = whitened_basis(w, second_moment(stats, entry), entry.name)  # (out, k), (k,)
         entry.prepared = basis
     else:
         s = torch.linalg.svdvals(w.to(torch.float64))
-    shape = tuple(entry.dense_shape)
-    break_even = max(1, shape[0] * shape[1] // (shape[0] + shape[1]))
-    min_rank = min(break_even, max(1, int(floor * break_even)))
-    return lowrank_curve(entry.name, s, shape, normalise=normalise, min_rank=min_rank, max_rank=break_even)
+    m, n = entry.dense_shape
+    dense = -(-m * n // (m + n))  # the smallest rank whose factors hold at least m n values: keep W itself
+    min_rank = min(dense - 1, max(1, int(floor * m * n / (m + n))))
+    tails = lowrank_curve(entry.name, s, (m, n), normalise=normalise, min_rank=min_rank, max_rank=dense - 1)
+    return RankCurve(entry.name, (*tails.ranks, dense), (*tails.losses, 0.0), m + n)
 
 
 def build(module: nn.Module, entry: LayerPlan, stats=None) -> LowRankLinear:

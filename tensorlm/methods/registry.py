@@ -65,7 +65,8 @@ class Method:
         rank_curve: optional ``rank_curve(module, entry, stats, normalise, floor) -> RankCurve``: the loss of
             every rank the entry may take from ``floor`` of its dense parameters up
             (:mod:`tensorlm.decompose.allocation`), for a stage ``budget``.
-        rerank: optional ``rerank(entry, rank) -> LayerPlan``: the entry re-planned at another rank.
+        rerank: optional ``rerank(entry, rank) -> LayerPlan | None``: the entry re-planned at another rank,
+            or None to keep the dense module (a rank that would cost as much as the module).
     """
 
     name: str
@@ -77,7 +78,7 @@ class Method:
     joint: bool = False
     tied_head: Callable[[nn.Module, str, Any], nn.Module | None] | None = None
     rank_curve: Callable[..., Any] | None = None
-    rerank: Callable[[LayerPlan, int], LayerPlan] | None = None
+    rerank: Callable[[LayerPlan, int], LayerPlan | None] | None = None
 
 
 METHODS: dict[str, Method] = {}
