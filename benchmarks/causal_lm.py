@@ -35,9 +35,10 @@ from tensorlm.surgery import calibrate, match_targets, plan_recipe
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 MODEL = "smollm2-135m"
-RECIPES = ["smollm2-lowrank-mlp-90", "smollm2-lowrank-mlp-80", "smollm2-lowrank-mlp-50", "smollm2-kronecker-mlp-50",
-           "smollm2-tq", "smollm2-tensorgpt-2x", "smollm2-tensorgpt-3x", "smollm2-tensorgpt-10x",
-           "smollm2-tucker-bank-1x7"]
+# one row of each method first, then the other budgets
+RECIPES = ["smollm2-lowrank-mlp-90", "smollm2-lowrank-mlp-80", "smollm2-kronecker-mlp-50", "smollm2-tensorgpt-3x",
+           "smollm2-tq", "smollm2-tucker-bank-1x7", "smollm2-lowrank-mlp-50", "smollm2-tensorgpt-2x",
+           "smollm2-tensorgpt-10x"]
 
 
 class Rows:
@@ -127,23 +128,33 @@ def svd_row_near(rows: Rows, params: int, tolerance: float = 0.005) -> bool:
 
 
 def run_rows(rows: Rows, loaded, data_dir, recipes: list[str], twins: bool = True) -> None:
-    """Every recipe (and, with ``twins``, its SVD twin) not yet in ``rows``: compress, measure, write."""
-    for name in recipes:
-        recipe = Recipe.load(name)
-        todo = [recipe]
-        for current in todo:
-            if rows.get(current.name) is None:
-                log(f"{current.name}: compressing")
-                small, fields = compress_row(loaded, current, data_dir)
-                log(f"{current.name}: {fields['params']:,} params in {fields['compress_seconds']:.0f} s; measuring")
-                metrics = measure(small, loaded.model, loaded.tokenizer, data_dir)
-                rows.put({"recipe": current.name, **fields, **metrics, "description": current.description.strip()})
-                log(f"{current.name}: wt2-16k {metrics['wikitext2_ppl']:.2f}, LAMBADA {metrics['lambada_acc']:.3f}")
-                del small
-            params = rows.get(recipe.name)["params"]
-            if twins and current is recipe and not svd_row_near(rows, params) and \
-                    (twin := svd_twin(loaded, recipe, params)):
-                todo.append(twin)
+    """Every recipe not yet in ``rows``, then (with ``twins``) the SVD twin of each: compress, measure, write."""
+    todo = [Recipe.load(name) for name in recipes]
+    if twins:
+        todo += [TwinOf(name) for name in recipes]
+    for item in todo:
+        recipe = item.recipe(loaded, rows) if isinstance(item, TwinOf) else item
+        if recipe is None or rows.get(recipe.name) is not None:
+            continue
+        log(f"{recipe.name}: compressing")
+        small, fields = compress_row(loaded, recipe, data_dir)
+        log(f"{recipe.name}: {fields['params']:,} params in {fields['compress_seconds']:.0f} s; measuring")
+        metrics = measure(small, loaded.model, loaded.tokenizer, data_dir)
+        rows.put({"recipe": recipe.name, **fields, **metrics, "description": recipe.description.strip()})
+        log(f"{recipe.name}: wt2-16k {metrics['wikitext2_ppl']:.2f}, LAMBADA {metrics['lambada_acc']:.3f}")
+
+
+class TwinOf:
+    """The SVD twin of a recipe, decided once that recipe's row (its parameter count) is in the file."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def recipe(self, loaded, rows: Rows) -> Recipe | None:
+        row = rows.get(self.name)
+        if row is None or svd_row_near(rows, row["params"]):
+            return None
+        return svd_twin(loaded, Recipe.load(self.name), row["params"])
 
 
 def run_dense(rows: Rows, loaded, data_dir, full: bool) -> None:
