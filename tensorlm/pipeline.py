@@ -146,6 +146,7 @@ def plan_and_calibrate(loaded: LoadedModel, recipe: Recipe, results: RunResults,
     decomposition. Returns ``(plan, stats)``; fills ``results.plan``, ``results.calibration`` and the
     ``calibrate`` / ``allocate`` seconds."""
     plan = plan_recipe(loaded.model, recipe)
+    check_heal_plan(loaded.model, recipe, plan, loaded.kind)  # a bad heal block is refused before calibration
     stats = None
     if recipe.calibrated:
         log("calibration pass (input second moments on training text)")
@@ -172,7 +173,6 @@ def compress_and_heal(loaded: LoadedModel, recipe: Recipe, results: RunResults, 
     seconds (the decompositions alone count as compression; calibration and allocation are timed apart).
     """
     plan, stats = plan_and_calibrate(loaded, recipe, results, data_dir)
-    check_heal_plan(loaded.model, recipe, plan, loaded.kind)  # before any decomposition
     per_stage = any(s.distill is not None for s in recipe.stages) and results.eval_mode != "none"
     results.seconds["distill_and_stage_evaluation"] = 0.0
 
