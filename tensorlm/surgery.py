@@ -266,8 +266,8 @@ def compress(model: nn.Module, recipe: Recipe | str, *, progress: bool = True, i
         progress: show a progress bar per stage.
         inplace: modify ``model`` itself instead of a deep copy.
         after_stage: ``callable(model, stage, replaced_names)`` run after each stage (the
-            distillation step of iterative compression). Without it, a stage's ``distill:`` block is
-            recorded in the recipe and skipped with a message.
+            healing and distillation of iterative compression). Without it, a stage's ``heal:`` and
+            ``distill:`` blocks are recorded in the recipe and skipped with a message.
         plan: the recipe's plan on this model (from :func:`tensorlm.plan`); default: planned (and
             allocated) here. Permutations found by a prepare step travel in it.
         stats: per-module calibration statistics handed to every ``build``; default: computed here when
@@ -299,8 +299,8 @@ def compress(model: nn.Module, recipe: Recipe | str, *, progress: bool = True, i
         replaced = apply_stage(out, stage, progress=progress, stage_plan=stage_plan, stats=stats)
         if after_stage is not None:
             after_stage(out, stage, replaced)
-        elif stage.distill is not None and progress:
-            print(f"stage {stage.name!r}: distill block recorded but not run here (use tensorlm run or distill)")
+        elif (stage.distill is not None or stage.heal is not None) and progress:
+            print(f"stage {stage.name!r}: heal/distill blocks recorded but not run here (use tensorlm run)")
     return out
 
 
