@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 from causal_lm import MODEL, Rows, compress_row, log, measure
@@ -108,25 +107,10 @@ def run_minilm(rows: Rows, data_dir) -> None:
         small, fields = loaded.model, {"params": count_parameters(loaded.model)["total"]}
         if spec is not None:
             recipe = Recipe.from_dict({"name": name, "calibration": {"samples": 1024, "length": 128}, "stages": [spec]})
-            small, fields = compress_row_encoder(loaded, recipe, data_dir)
+            small, fields = compress_row(loaded, recipe, data_dir, kind="encoder")
         metrics, protocols = evaluate_model(small, loaded.tokenizer, "encoder", data_dir=data_dir)
         rows.put({"recipe": name, "model": "all-MiniLM-L6-v2", "method": method, "budget": "ffn 50%", **fields,
                   "stsb": metrics["stsb_spearman"], "sickr": metrics["sickr_spearman"], "protocols": protocols})
-
-
-def compress_row_encoder(loaded, recipe: Recipe, data_dir):
-    from tensorlm.allocate import allocate
-    from tensorlm.surgery import calibrate, compress, plan_recipe
-
-    plan = plan_recipe(loaded.model, recipe)
-    t0 = time.perf_counter()
-    stats = calibrate(loaded.model, recipe, plan, loaded.tokenizer, "encoder", data_dir, progress=False)
-    calibrate_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    small = compress(loaded.model, recipe, plan=allocate(loaded.model, plan, recipe, stats), stats=stats,
-                     progress=False)
-    return small, {"params": count_parameters(small)["total"], "compress_seconds": time.perf_counter() - t0,
-                   "calibrate_seconds": calibrate_seconds}
 
 
 def render(data: dict, causal: dict) -> str:

@@ -78,12 +78,12 @@ def targeted(model, recipe: Recipe) -> list[str]:
     return [n for n in names if not any(n.startswith(p + ".") for p in names)]
 
 
-def compress_row(loaded, recipe: Recipe, data_dir) -> tuple[torch.nn.Module, dict]:
+def compress_row(loaded, recipe: Recipe, data_dir, kind: str = "causal-lm") -> tuple[torch.nn.Module, dict]:
     """Compress the dense model by ``recipe`` (plan, calibrate, allocate, build); the row's parameter fields
     and the seconds of calibration (0 for data-blind recipes) and of the decompositions."""
     plan = plan_recipe(loaded.model, recipe)
     t0 = time.perf_counter()
-    stats = calibrate(loaded.model, recipe, plan, loaded.tokenizer, "causal-lm", data_dir, progress=False)
+    stats = calibrate(loaded.model, recipe, plan, loaded.tokenizer, kind, data_dir, progress=False)
     calibrate_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     plan = allocate(loaded.model, plan, recipe, stats)
