@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2Model
+from transformers import AutoModel, AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2Model, LlamaConfig, LlamaForCausalLM
 
 from tensorlm.data import load_lambada, load_sts, load_wikitext2_test
 from tensorlm.errors import TensorLMError
@@ -183,6 +183,36 @@ def test_lambada_batching_changes_nothing(gpt2_tokenizer):
     assert one["target_tokens"] == many["target_tokens"] >= 12
     assert one["accuracy"] == many["accuracy"]
     assert many["nll"] == pytest.approx(one["nll"], rel=1e-5)
+
+
+
+class FullLogits(nn.Module):
+    """A causal LM whose ``forward`` has no ``logits_to_keep``: the harness must slice the full logits itself."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_projecting_only_the_scored_positions_changes_nothing(gpt2_tokenizer):
+    """logits_to_keep (the head on the scored positions only) against the full logits, on GPT-2 and GQA Llama."""
+    passages = load_lambada(DATA)[:12]
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                         num_hidden_layers=2, intermediate_size=64, vocab_size=50257,
+                                         max_position_embeddings=40, tie_word_embeddings=True)).eval()
+    for model in (tiny_gpt2(n_positions=40), llama):  # 40 positions: long passages are clipped too
+        sliced = last_word_scores(model, gpt2_tokenizer, passages, batch_size=5, progress=False)
+        full = last_word_scores(FullLogits(model), gpt2_tokenizer, passages, batch_size=5, progress=False)
+        assert sliced["accuracy"] == full["accuracy"]
+        assert sliced["nll"] == pytest.approx(full["nll"], rel=1e-6)
+        options = {"context": 16, "stride": 5, "batch_size": 3, "progress": False}
+        ppl = perplexity(model, gpt2_tokenizer, TEXT, **options)["perplexity"]
+        assert ppl == pytest.approx(perplexity(FullLogits(model), gpt2_tokenizer, TEXT, **options)["perplexity"],
+                                    rel=1e-6)
 
 
 # ---------------------------------------------------------------- embeddings and agreement

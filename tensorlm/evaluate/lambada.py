@@ -93,9 +93,12 @@ def last_word_scores(
             for row, (inputs, _) in enumerate(batch):
                 input_ids[row, : len(inputs)] = torch.tensor(inputs)
                 mask[row, : len(inputs)] = 1
-            logits = causal_logits(model, input_ids.to(device), mask.to(device))  # (B, T, V)
-            for row, (inputs, targets) in enumerate(batch):
-                predicting = logits[row, len(inputs) - len(targets) : len(inputs)].float()  # (k, V)
+            k = max(len(targets) for _, targets in batch)
+            ends = torch.tensor([len(inputs) for inputs, _ in batch])  # (B,)
+            keep = (ends[:, None] - k + torch.arange(k)).clamp(min=0)  # (B, k): the last k positions of each row
+            logits = causal_logits(model, input_ids.to(device), mask.to(device), keep=keep.to(device))  # (B, k, V)
+            for row, (_, targets) in enumerate(batch):
+                predicting = logits[row, k - len(targets) :].float()  # (len(targets), V)
                 target = torch.tensor(targets, device=predicting.device)  # (k,)
                 correct += int(bool((predicting.argmax(dim=-1) == target).all()))
                 nll += F.cross_entropy(predicting, target, reduction="sum").item()

@@ -15,6 +15,7 @@ model becomes 256/128), and the protocol string says so.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -159,11 +160,32 @@ def context_limit(model: nn.Module) -> int | None:
     return None
 
 
-def causal_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-    """``model(input_ids)`` logits ``(B, T, V)`` (``.logits`` of a Hugging Face output, or its first item)."""
+def causal_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    keep: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``model(input_ids)`` logits (``.logits`` of a Hugging Face output, or its first item).
+
+    Args:
+        input_ids: ``(B, T)`` token ids; ``attention_mask`` ``(B, T)`` or None.
+        keep: None for every position, ``(B, T, V)``; an int ``k`` for the last ``k`` positions, ``(B, k, V)``;
+            an integer tensor ``(B, k)`` of positions per row, ``(B, k, V)``. Models whose ``forward`` takes
+            transformers' ``logits_to_keep`` project only those positions onto the vocabulary (the head is a
+            fifth of SmolLM2's multiply-adds per token); others are sliced after the full forward.
+    """
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+    slices = keep is not None and "logits_to_keep" in inspect.signature(model.forward).parameters
+    if slices:
+        kwargs["logits_to_keep"] = keep
     out = model(input_ids=input_ids, **kwargs)
-    return out.logits if hasattr(out, "logits") else out[0]
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    if keep is None or slices:
+        return logits
+    if isinstance(keep, int):
+        return logits[:, -keep:]
+    return torch.take_along_dim(logits, keep[..., None], dim=1)  # (B, k, V)
 
 
 def _score_windows(
@@ -182,10 +204,10 @@ def _score_windows(
     with inference(model), tqdm(total=len(windows), desc="perplexity", disable=None if progress else True) as bar:
         for batch in batches:
             input_ids = torch.stack([ids[b:e] for b, e, _ in batch]).to(device)  # (B, T)
-            logits = causal_logits(model, input_ids)  # (B, T, V)
-            length = input_ids.shape[1]
+            keep = max(n_scored for _, _, n_scored in batch) + 1  # logits of the last `keep` positions
+            logits = causal_logits(model, input_ids, keep=keep)  # (B, keep, V)
             for row, (_, end, n_scored) in enumerate(batch):
-                predicting = logits[row, length - 1 - n_scored : length - 1].float()  # (n_scored, V)
+                predicting = logits[row, keep - 1 - n_scored : keep - 1].float()  # (n_scored, V)
                 targets = ids[end - n_scored : end].to(device)  # (n_scored,)
                 nll += F.cross_entropy(predicting, targets, reduction="sum").item()
                 scored += n_scored
