@@ -27,7 +27,7 @@ from tensorlm.pipeline import DEFAULT_RECIPE, run
 from tensorlm.preflight import accelerate_on, check_device, check_work_folder, seed_everything
 from tensorlm.recipe import Recipe, builtin_recipes, recipe_path
 from tensorlm.report import json_text, metrics_table, null_non_finite, params_table, ratio_phrase, results_dict
-from tensorlm.surgery import compress, plan_recipe
+from tensorlm.surgery import compress, plan_reads_weights, plan_recipe
 from tensorlm.version import __version__
 
 OVERWRITE_HELP = ("replace an existing output folder, only if tensorlm wrote it (never the input model, one of "
@@ -177,7 +177,7 @@ def cmd_inspect(args) -> None:
 
 def cmd_plan(args) -> None:
     recipe = Recipe.load(args.recipe)
-    loaded = load_model(args.model or recipe.model, data_dir=args.data_dir)
+    loaded = load_model(args.model or recipe.model, data_dir=args.data_dir, weights=plan_reads_weights(recipe))
     plan = plan_recipe(loaded.model, recipe)
     print(plan.to_json() if args.json else plan.table())
 

