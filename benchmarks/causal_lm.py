@@ -26,8 +26,11 @@ import torch
 
 from tensorlm import compress, count_parameters, load_model
 from tensorlm.allocate import allocate
+from tensorlm.data import load_wikitext2_test
 from tensorlm.evaluate import CAUSAL_PROTOCOLS, agreement, evaluate_model
 from tensorlm.evaluate.generation import greedy_sample
+from tensorlm.evaluate.lambada import lambada
+from tensorlm.evaluate.perplexity import perplexity
 from tensorlm.pipeline import machine
 from tensorlm.recipe import Recipe
 from tensorlm.surgery import calibrate, match_targets, plan_recipe
@@ -157,8 +160,9 @@ class TwinOf:
         return svd_twin(loaded, Recipe.load(self.name), row["params"])
 
 
-def run_dense(rows: Rows, loaded, data_dir, full: bool) -> None:
-    """The dense row: sweep and quick protocols, and with ``full`` the whole WikiText-2 test and LAMBADA."""
+def run_dense(rows: Rows, loaded, data_dir, full: tuple[str, ...] = ()) -> None:
+    """The dense row: sweep and quick protocols, and the ``full`` parts asked for (``wt2-full``: the whole
+    WikiText-2 test set; ``lambada-full``: all 5,153 LAMBADA passages), each stored as soon as it is measured."""
     row = rows.get("dense") or {"recipe": "dense", "params": count_parameters(loaded.model)["total"]}
     if "wikitext2_ppl" not in row:
         log("dense: sweep protocol")
@@ -170,12 +174,18 @@ def run_dense(rows: Rows, loaded, data_dir, full: bool) -> None:
         row["quick"] = {"wikitext2_ppl": metrics["wikitext2_ppl"], "lambada_acc": metrics["lambada_acc"],
                         "protocols": protocols}
         rows.put(row)
-    if full and "full" not in row:
-        log("dense: full protocol (the whole WikiText-2 test set and all of LAMBADA)")
-        metrics, protocols = evaluate_model(loaded.model, loaded.tokenizer, "causal-lm", data_dir=data_dir,
-                                            mode="full")
-        row["full"] = {"wikitext2_ppl": metrics["wikitext2_ppl"], "lambada_acc": metrics["lambada_acc"],
-                       "lambada_ppl": metrics["lambada_ppl"], "protocols": protocols}
+    done = row.setdefault("full", {})
+    if "wt2-full" in full and "wikitext2_ppl" not in done:
+        log("dense: wt2-full (the whole WikiText-2 test set)")
+        result = perplexity(loaded.model, loaded.tokenizer, load_wikitext2_test(data_dir),
+                            name="wt2-full: wikitext-2-raw test")
+        done.update(wikitext2_ppl=result["perplexity"], protocols={"wikitext2_ppl": result["protocol"]})
+        rows.put(row)
+    if "lambada-full" in full and "lambada_acc" not in done:
+        log("dense: all of LAMBADA")
+        result = lambada(loaded.model, loaded.tokenizer, data_dir=data_dir, limit=None)
+        done.update(lambada_acc=result["accuracy"], lambada_ppl=result["perplexity"])
+        done.setdefault("protocols", {})["lambada_acc"] = result["protocol"]
         rows.put(row)
 
 
@@ -196,9 +206,12 @@ def render(data: dict) -> str:
                      f"{r['lambada_acc']:.3f} | {r['teacher_kl']:.3f} | {seconds} |")
     lines += ["", f"Dense on `wt2-4k` (the quick protocol): perplexity {dense['quick']['wikitext2_ppl']:.3f}."
               if "quick" in dense else ""]
-    if "full" in dense:
-        lines += [f"Dense on `wt2-full`: perplexity {dense['full']['wikitext2_ppl']:.3f}; all 5,153 LAMBADA "
-                  f"passages: accuracy {dense['full']['lambada_acc']:.4f}."]
+    full = dense.get("full", {})
+    if "wikitext2_ppl" in full:
+        lines += [f"Dense on `wt2-full` (the whole test set): perplexity {full['wikitext2_ppl']:.3f}."]
+    if "lambada_acc" in full:
+        lines += [f"Dense on all 5,153 LAMBADA passages: accuracy {full['lambada_acc']:.4f}, target perplexity "
+                  f"{full['lambada_ppl']:.2f}."]
     lines += ["", "Greedy continuations of 'The capital of France is':", ""]
     lines += [f"- {r['recipe']}: {r['sample']!r}" for r in data["rows"] if "sample" in r]
     return "\n".join(lines) + "\n"
@@ -231,7 +244,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=os.environ.get("TENSORLM_DATA", "../shared/data"))
     parser.add_argument("--recipes", nargs="+", default=RECIPES)
-    parser.add_argument("--full", action="store_true", help="dense also on wt2-full and all of LAMBADA (slow)")
+    parser.add_argument("--full", action="store_true",
+                        help="dense also on wt2-full (after the recipes, before their SVD twins) and all of LAMBADA "
+                             "(last); slow")
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args()
     path = RESULTS / "causal_lm.json"
@@ -239,9 +254,11 @@ def main() -> None:
         loaded = load_model(MODEL, data_dir=args.data_dir)
         rows = Rows(path, {"protocol": __doc__.split("Run:")[0].strip(), "model": loaded.notes[0],
                            "machine": machine()})
-        run_dense(rows, loaded, args.data_dir, full=False)
+        run_dense(rows, loaded, args.data_dir)
+        run_rows(rows, loaded, args.data_dir, args.recipes, twins=False)
+        run_dense(rows, loaded, args.data_dir, full=("wt2-full",) if args.full else ())
         run_rows(rows, loaded, args.data_dir, args.recipes)
-        run_dense(rows, loaded, args.data_dir, full=args.full)
+        run_dense(rows, loaded, args.data_dir, full=("wt2-full", "lambada-full") if args.full else ())
     data = json.loads(path.read_text())
     (RESULTS / "causal_lm.md").write_text(render(data))
     plot(data, RESULTS / "causal_lm.png")
