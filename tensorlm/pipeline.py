@@ -24,6 +24,7 @@ from tensorlm.errors import TensorLMError
 from tensorlm.evaluate import MODES, agreement, evaluate_model
 from tensorlm.evaluate.generation import SAMPLE_PROMPT, greedy_sample
 from tensorlm.files import refuse_existing
+from tensorlm.heal.schedule import PhaseLog
 from tensorlm.heal.stage import check_heal_plan, reconstruct_stage
 from tensorlm.io import add_results_to_card, atomic_folder, write_compressed
 from tensorlm.models import LoadedModel, load_model
@@ -168,23 +169,27 @@ def compress_and_heal(loaded: LoadedModel, recipe: Recipe, results: RunResults, 
                       resume: bool):
     """Compress ``loaded.model`` by ``recipe`` (a copy), distilling after each stage with a ``distill:`` block.
 
-    An iterative (distilled) recipe is evaluated after each stage on the quick protocol. Fills
+    An iterative (distilled) recipe is evaluated after each stage on the quick protocol. Each finished heal
+    phase (reconstruct, distill) is recorded in ``work`` (:class:`tensorlm.heal.schedule.PhaseLog`); with
+    ``resume`` the recorded ones are restored instead of run, so a killed run resumes to the same weights. Fills
     ``results.stages``, ``results.replaced`` and the ``compress`` / ``distill_and_stage_evaluation``
     seconds (the decompositions alone count as compression; calibration and allocation are timed apart).
     """
     plan, stats = plan_and_calibrate(loaded, recipe, results, data_dir)
     per_stage = any(s.distill is not None for s in recipe.stages) and results.eval_mode != "none"
     results.seconds["distill_and_stage_evaluation"] = 0.0
+    phases = PhaseLog(work, recipe.to_dict(), resume=resume)
 
     def after_stage(student, stage, names):
         t_stage = time.perf_counter()
         record = {"name": stage.name, "method": stage.method, "replaced": names}
         if stage.heal is not None and stage.heal.reconstruct is not None:
             log(f"stage {stage.name}: block-wise reconstruction")
-            record["reconstruct"] = reconstruct_stage(student, loaded.model, loaded.tokenizer, loaded.kind, stage,
-                                                      recipe.calibration, data_dir, log=log)
+            record["reconstruct"] = phases.run(stage.name, "reconstruct", student, lambda: reconstruct_stage(
+                student, loaded.model, loaded.tokenizer, loaded.kind, stage, recipe.calibration, data_dir, log=log))
         if stage.distill is not None:
-            record["distill"] = distill_stage(loaded, student, stage, work, data_dir, resume)
+            record["distill"] = phases.run(stage.name, "distill", student, lambda: distill_stage(
+                loaded, student, stage, work, data_dir, resume))
         if per_stage:
             record["metrics"] = evaluate(loaded, student, data_dir, "quick")[0]
         results.stages.append(record)

@@ -5,6 +5,7 @@ import json
 import os
 import random
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,11 @@ import torch.multiprocessing as mp
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from tensorlm import Recipe, compress
 from tensorlm.distill import DistillConfig, distill
 from tensorlm.distill.data import LMBlocks, SentencePool, batch_indices, documents, split_sentences
 from tensorlm.errors import TensorLMError
+from tensorlm.heal.teacher_store import TeacherStore
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("TENSORLM_DATA", ROOT.parent / "shared" / "data"))
@@ -397,3 +400,133 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
                      save_every=4), tmp_path / "single", kind="causal-lm", progress=False)
     assert result.best_step > 0  # the compared weights are trained ones
     assert_same_training(params(student), ddp, start)
+
+
+# -- the top-k teacher store, gradient checkpointing, training only the factors (issue 11) ---------------
+
+
+def counted(model) -> list:
+    """Count ``model``'s forward calls (a list that grows by one per call)."""
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_topk_store_at_full_vocabulary_trains_as_the_full_kl_without_teacher_passes(tmp_path, monkeypatch):
+    """k = vocabulary size: the store-based loss equals the trainer's full-vocabulary KL at every step (stated
+    tolerance: 1e-5 relative on each logged loss, 3e-5 absolute on the weights after 6 steps), and during
+    training the teacher runs only for its one validation batch; a second run reuses the store (no rebuild)."""
+    monkeypatch.setenv("TENSORLM_CACHE", str(tmp_path / "cache"))
+    tok = tiny_tokenizer()
+    text = write_text(tmp_path / "text")
+    histories, weights = [], []
+    start = params(gpt2_pair()[0])
+    for name, k in (("full", 0), ("store", 64), ("again", 64)):
+        student, teacher = gpt2_pair()
+        calls = counted(teacher)
+        cfg = causal_config(text, steps=6, log_every=1, eval_every=3, save_every=3, teacher_topk=k,
+                            temperature=2.0)
+        result = distill(student, teacher, tok, cfg, tmp_path / name, kind="causal-lm", progress=False)
+        histories.append([r["loss"] for r in result.history if "loss" in r])
+        weights.append(params(student))
+        if name == "store":  # built once: one pass over the visited blocks in micro-batches of 4, + 1 val batch
+            stores = list((tmp_path / "cache" / "teacher-topk").iterdir())
+            assert len(stores) == 1 and len(calls) == -(-len(TeacherStore.load(stores[0], teacher, tok).ids) // 4) + 1
+            monkeypatch.setattr(sys.modules["tensorlm.distill.trainer"], "build_teacher_store", None)  # no rebuild
+        if name == "again":
+            assert len(calls) == 1  # the teacher's own validation only
+    torch.testing.assert_close(torch.tensor(histories[1]), torch.tensor(histories[0]), rtol=1e-5, atol=0)
+    assert_same_training(weights[0], weights[1], start)
+    assert all(torch.equal(weights[1][k], weights[2][k]) for k in weights[1])
+
+
+def test_a_few_steps_with_a_top64_store_reduce_the_loss_and_a_foreign_store_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("TENSORLM_CACHE", str(tmp_path / "cache"))
+    tok = tiny_tokenizer()
+    text = write_text(tmp_path / "text")
+    student, teacher = gpt2_pair(vocab=128)  # k = 16 of 128 tokens: the "rest" outcome carries real mass
+    store = tmp_path / "store.safetensors"
+    cfg = causal_config(text, teacher_topk=16, teacher_store=str(store))
+    result = distill(student, teacher, tok, cfg, tmp_path / "run", kind="causal-lm", progress=False)
+    losses = [r["loss/logit_kl"] for r in result.history if "loss" in r]
+    vals = [r["val_nll"] for r in result.history if "val_nll" in r]
+    assert losses[-1] < 0.5 * losses[0] and result.best_metric < vals[0]
+    assert TeacherStore.load(store, teacher, tok).k == 16
+    other_teacher = gpt2_pair(vocab=128)[0]
+    other_tok = tiny_tokenizer()
+    other_tok.add_tokens(["w999"])
+    student = gpt2_pair(vocab=128)[0]
+    for model, tokenizer, overrides, message in (
+            (other_teacher, tok, {}, "another model"), (teacher, other_tok, {}, "another tokenizer"),
+            (teacher, tok, {"teacher_topk": 8}, "holds k=16 .* needs k=8"),
+            (teacher, tok, {"steps": 20}, "other blocks")):
+        before = store.read_bytes()
+        with pytest.raises(TensorLMError, match=message) as err:
+            distill(student, model, tokenizer, causal_config(text, **{**cfg.to_dict(), **overrides}),
+                    tmp_path / "refused", kind="causal-lm", progress=False)
+        assert "\n" not in str(err.value) and not (tmp_path / "refused").exists() and store.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "store.safetensors", "text"]
+
+
+def test_teacher_topk_refuses_what_cannot_work_in_one_line(tmp_path):
+    tok = tiny_tokenizer()
+    text = write_text(tmp_path / "text")
+    student, teacher = gpt2_pair()
+    for overrides, model, message in (
+            ({"loss": "ilkd"}, teacher, r"forward pass, which \['attention_kl', 'embedding_mse', 'hidden_mse'\]"),
+            ({"weights": {"logit_kl": 0.0, "ce": 1.0}}, teacher, "logit_kl, whose weight is 0"),
+            ({"teacher_topk": 65}, teacher, r"exceeds the vocabulary \(64\)"),
+            ({"weights": {"logit_kl": 0.0, "ce": 1.0}}, None, "needs a causal LM and its teacher")):
+        with pytest.raises(TensorLMError, match=message) as err:
+            distill(student, model, tok, causal_config(text, **{"teacher_topk": 8, **overrides}), tmp_path / "x",
+                    kind="causal-lm", progress=False)
+        assert "\n" not in str(err.value) and not (tmp_path / "x").exists()
+
+
+def test_gradient_checkpointing_trains_as_without_it_and_is_switched_off_after(tmp_path):
+    """The config asks for dropout 0.1 but the run keeps dropout off: checkpointed blocks must not switch it on."""
+    tok = tiny_tokenizer()
+    text = write_text(tmp_path / "text")
+    start = params(gpt2_pair(dropout=0.1)[0])
+    final = []
+    for on in (False, True):
+        student, teacher = gpt2_pair(dropout=0.1)
+        cfg = causal_config(text, steps=4, eval_every=4, save_every=4, gradient_checkpointing=on)
+        distill(student, teacher, tok, cfg, tmp_path / f"gc{on}", kind="causal-lm", progress=False)
+        final.append(params(student))
+        assert not any(getattr(m, "gradient_checkpointing", False) for m in student.modules())
+    assert_same_training(final[0], final[1], start)
+
+
+def test_gradient_checkpointing_is_active_during_the_step(tmp_path, monkeypatch):
+    """Under checkpointing a block's insides run twice per micro-batch (forward, then recomputed in backward);
+    module hooks do not fire in the recomputation, so the MLP's forward method itself is counted."""
+    tok = tiny_tokenizer()
+    text = write_text(tmp_path / "text")
+    student, teacher = gpt2_pair()
+    mlp, calls = student.transformer.h[0].mlp, []
+    forward = mlp.forward
+    mlp.forward = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
+    cfg = causal_config(text, steps=2, eval_every=100, save_every=100, gradient_checkpointing=True)
+    distill(student, teacher, tok, cfg, tmp_path / "run", kind="causal-lm", progress=False)
+    val_passes = 2 * 1  # one validation batch at steps 0 and 2
+    assert len(calls) == 2 * 2 + val_passes
+
+
+def test_trainable_factors_moves_only_the_factorized_layers_and_restores_the_flags(tmp_path):
+    tok = tiny_tokenizer()
+    text = write_text(tmp_path / "text")
+    _, teacher = gpt2_pair()
+    recipe = Recipe.from_dict({"name": "t", "stages": [{"name": "mlp", "method": "lowrank",
+                                                         "targets": ["re:.*mlp\\.c_fc"], "options": {"rank": 4}}]})
+    student = compress(teacher, recipe, progress=False)
+    before = params(student)
+    cfg = causal_config(text, steps=4, eval_every=4, save_every=4, trainable="factors")
+    distill(student, teacher, tok, cfg, tmp_path / "run", kind="causal-lm", progress=False)
+    after = torch.load(tmp_path / "run" / "checkpoint-0000004.pt", weights_only=True)["student"]  # step 4's
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(".mlp.c_fc." in k for k in moved)
+    assert all(p.requires_grad for p in student.parameters())
+    with pytest.raises(TensorLMError, match="no factorized layer") as err:
+        distill(gpt2_pair()[0], teacher, tok, cfg, tmp_path / "dense", kind="causal-lm", progress=False)
+    assert "\n" not in str(err.value)

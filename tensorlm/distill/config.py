@@ -12,6 +12,7 @@ from tensorlm.errors import TensorLMError
 
 KINDS = ("encoder", "causal-lm")
 MIXED_PRECISION = ("auto", "no", "bf16")
+TRAINABLE = ("all", "factors")
 
 
 @dataclass
@@ -40,9 +41,32 @@ class DistillConfig:
         seed: seeds the data order and the RNG of every step (dropout).
         time_budget_s: stop (and checkpoint) once the steps and validations have taken this many seconds
             of wall time, summed over resumes (setup and checkpoint writing not counted).
-        mixed_precision: ``"auto"`` uses bf16 autocast on a CUDA GPU that supports it, else none.
+        mixed_precision: ``"auto"`` uses bf16 autocast on a CUDA GPU that supports it, else none; ``"bf16"``
+            asks for ``torch.autocast(dtype=torch.bfloat16)`` on any device, the CPU included (this is the
+            trainer's autocast option); ``"no"`` keeps float32. Measured on a 2-core x86-64 CPU (load ~2,
+            torch 2.13, tiny Llama d=256, 4 layers, vocab 8192, 4 x 128 tokens, logit KL): see the issue-11
+            note in the README; "auto" therefore stays float32 on a CPU.
         dropout: keep the student's dropout active while training (off by default: the student then
             matches a deterministic teacher, and attention KL needs undropped attention probabilities).
+        teacher_topk: ``k > 0`` replaces the teacher's forward pass of ``logit_kl`` by a top-k teacher store
+            (:mod:`tensorlm.heal.teacher_store`): the teacher's ``k`` largest log-probabilities (at
+            ``temperature``) and the remaining mass, computed once for every training block the run's
+            ``steps`` visit, written to ``teacher_store`` and reused by later runs whose teacher, tokenizer,
+            blocks, ``k`` and temperature match. The logit loss becomes ``T^2 KL_k``, the KL over the top k
+            plus "any other token", which never exceeds the full KL and equals it at ``k`` = vocabulary size.
+            Causal LMs with a teacher only, and only the ``logit_kl`` and ``ce`` terms (hidden-state and
+            attention terms need the teacher's forward pass every step, which the store exists to skip).
+            Size: ``12 k`` bytes per stored token (int64 ids, float32 log-probabilities). 0 (default): off.
+        teacher_store: the store's file (``.safetensors``); ``None``: ``<cache>/teacher-topk/<key>.safetensors``
+            under ``$TENSORLM_CACHE`` (or ``~/.cache/tensorlm``), the key hashing everything the store depends
+            on. An existing file written for another teacher, tokenizer, ``k``, temperature or other blocks is
+            refused, never overwritten.
+        gradient_checkpointing: recompute each transformer block's activations in the backward pass instead of
+            keeping them (transformers' activation checkpointing; memory for about one extra forward pass).
+            Refused for a model that does not support it. The gradients are those of the plain run.
+        trainable: ``"all"`` trains every parameter of the student; ``"factors"`` only the parameters of its
+            factorized layers (classes registered in :data:`tensorlm.layers.base.LAYERS`): norms, biases and
+            dense weights stay frozen (their flags are restored after the run).
     """
 
     loss: str = "auto"
@@ -68,6 +92,10 @@ class DistillConfig:
     time_budget_s: float | None = None
     mixed_precision: str = "auto"
     dropout: bool = False
+    teacher_topk: int = 0
+    teacher_store: str | None = None
+    gradient_checkpointing: bool = False
+    trainable: str = "all"
 
     def __post_init__(self) -> None:
         self._check()
@@ -115,7 +143,7 @@ class DistillConfig:
                          "eval_every", "save_every", "log_every")
         for name in positive_ints:
             _check_int(name, getattr(self, name), minimum=1)
-        for name in ("warmup", "seed"):
+        for name in ("warmup", "seed", "teacher_topk"):
             _check_int(name, getattr(self, name), minimum=0)
         if self.val_size is not None:
             _check_int("val_size", self.val_size, minimum=1)
@@ -134,11 +162,14 @@ class DistillConfig:
         if self.mixed_precision not in MIXED_PRECISION:
             raise TensorLMError(f"distill: mixed_precision {self.mixed_precision!r} is unknown; "
                                 f"choose one of {list(MIXED_PRECISION)}")
-        if not isinstance(self.dropout, bool):
-            raise TensorLMError(f"distill: dropout must be true or false, got {self.dropout!r}")
+        for name in ("dropout", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise TensorLMError(f"distill: {name} must be true or false, got {getattr(self, name)!r}")
+        if self.trainable not in TRAINABLE:
+            raise TensorLMError(f"distill: trainable {self.trainable!r} is unknown; choose one of {list(TRAINABLE)}")
         if self.layer_map is not None:
             self.layer_map = _int_map(self.layer_map)
-        for name in ("data_dir", "text_dir"):
+        for name in ("data_dir", "text_dir", "teacher_store"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 setattr(self, name, str(value))

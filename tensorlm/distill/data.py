@@ -165,6 +165,10 @@ class LMBlocks:
         idx = batch_indices(step, batch_size, len(self.train_index), seed)
         return torch.stack([self._block(self.train_index[i]) for i in idx])
 
+    def train_blocks(self, indices: list[int]) -> torch.Tensor:
+        """Training blocks by their index in the training split: ``(len(indices), seq_len)`` int64 token ids."""
+        return torch.stack([self._block(self.train_index[i]) for i in indices])
+
     def val_batches(self, batch_size: int) -> list[torch.Tensor]:
         """The validation blocks in fixed order, in batches of ``(<= batch_size, seq_len)``."""
         blocks = [self._block(pair) for pair in self.val_index]

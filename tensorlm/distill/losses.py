@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from tensorlm.errors import TensorLMError
+from tensorlm.heal.teacher_store import topk_kl
 from tensorlm.pooling import last_hidden, mean_pool
 
 __all__ = ["mean_pool"]  # re-exported: the one pooling of tensorlm.pooling
@@ -230,8 +231,9 @@ def cosine_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
 
 def distillation_loss(student_out, teacher_out, weights: Mapping[str, float], *,
                       input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      temperature: float = 1.0,
-                      layer_map: Mapping[int, int] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                      temperature: float = 1.0, layer_map: Mapping[int, int] | None = None,
+                      teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                      ) -> tuple[torch.Tensor, dict[str, float]]:
     """The weighted sum of the terms with a positive weight.
 
     Args:
@@ -241,6 +243,9 @@ def distillation_loss(student_out, teacher_out, weights: Mapping[str, float], *,
         input_ids: ``(B, T)`` (targets of ``ce``); attention_mask: ``(B, T)`` or ``None``.
         temperature: of ``logit_kl``.
         layer_map: student block -> teacher block; identity over the student's blocks when ``None``.
+        teacher_topk: ``(indices (B, T, k), logprobs (B, T, k), rest (B, T))`` of a top-k teacher store built
+            at ``temperature``; ``logit_kl`` is then ``T^2 topk_kl(z_s / T, ...)``
+            (:func:`tensorlm.heal.teacher_store.topk_kl`) and needs no ``teacher_out.logits``.
 
     Returns:
         ``(loss, parts)``: the scalar to minimise and each weighted term's unweighted value (floats).
@@ -263,7 +268,10 @@ def distillation_loss(student_out, teacher_out, weights: Mapping[str, float], *,
         if term in LOGIT_TERMS and getattr(student_out, "logits", None) is None:
             raise TensorLMError(f"distill loss term {term!r} needs logits; this model returns none "
                                 "(a sentence encoder): use the 'embedding' preset")
-        if term == "logit_kl":
+        if term == "logit_kl" and teacher_topk is not None:
+            value = topk_kl(student_out.logits / temperature, *teacher_topk,
+                            None if attention_mask is None else attention_mask.bool()) * temperature**2
+        elif term == "logit_kl":
             value = logit_kl(student_out.logits, teacher_out.logits, temperature, attention_mask)
         elif term == "ce":
             value = next_token_ce(student_out.logits, input_ids, attention_mask)

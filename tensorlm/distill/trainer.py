@@ -19,6 +19,12 @@ fingerprint) is replaced atomically, then older files are removed; a crash at an
 complete checkpoint in place. The fingerprint hashes the training-relevant config and the student's
 structure, so a folder of another run is refused, as is a checkpoint whose bytes do not match its sha256.
 
+Cheaper steps (issue 11). ``teacher_topk`` computes the teacher's top-k log-probabilities once for every
+block the run visits (:mod:`tensorlm.heal.teacher_store`, cached on disk and fingerprinted) and trains
+``logit_kl`` against them, with no teacher forward pass per step; ``trainable: factors`` freezes everything
+but the factorized layers; ``gradient_checkpointing`` recomputes block activations in the backward pass;
+``mixed_precision: bf16`` is bfloat16 autocast (CPU or GPU). See :class:`DistillConfig` for the measured costs.
+
 Out folder: ``checkpoint.json``, ``checkpoint-<step>.pt``, ``best-<step>.safetensors`` (the best
 weights so far, with the step and metric in its metadata) and ``metrics.jsonl`` (one JSON object per
 logged step or validation).
@@ -45,9 +51,10 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_lis
 from torch import nn
 from tqdm.auto import tqdm
 
+from tensorlm.calibrate import model_fingerprint
 from tensorlm.data import resolve_data_dir
 from tensorlm.distill.config import DistillConfig
-from tensorlm.distill.data import LMBlocks, SentencePool, default_cache_dir
+from tensorlm.distill.data import LMBlocks, SentencePool, batch_indices, default_cache_dir
 from tensorlm.distill.losses import (
     check_layer_map,
     distillation_loss,
@@ -58,9 +65,11 @@ from tensorlm.distill.losses import (
 )
 from tensorlm.errors import TensorLMError
 from tensorlm.files import atomic_file, file_sha256
+from tensorlm.heal.teacher_store import TeacherStore, build_teacher_store, tokenizer_fingerprint
+from tensorlm.layers.base import LAYERS
 
 CHECKPOINT_FORMAT = 1
-RUN_ONLY_KEYS = ("time_budget_s", "save_every", "log_every", "data_dir", "text_dir", "steps")
+RUN_ONLY_KEYS = ("time_budget_s", "save_every", "log_every", "data_dir", "text_dir", "steps", "teacher_store")
 """Config keys a run may be resumed with other values of: those that do not change what is trained, and
 ``steps`` (a resumed run continues to the new count; the cosine schedule is then stretched to it from the
 checkpoint's step on)."""
@@ -130,12 +139,16 @@ def distill(student: nn.Module, teacher: nn.Module | None, tokenizer, config: Di
     accelerator.wait_for_everyone()  # every process has looked at the folder before anyone writes
     with accelerator.main_process_first():
         data = _training_data(cfg, kind, tokenizer)
-    model, optimizer, scheduler = _prepare(accelerator, student, teacher, cfg, state)
-    run = _Run(acc=accelerator, model=model, teacher=teacher, tokenizer=tokenizer, cfg=cfg, kind=kind,
-               weights=weights, flags=flags, layer_map=layer_map, data=data, out=out, fingerprint=fingerprint,
-               eval_fn=eval_fn, optimizer=optimizer, scheduler=scheduler)
-    restore = _eager_attention((student, teacher)) if flags["output_attentions"] else contextlib.nullcontext()
-    with restore:
+        store = _teacher_store(cfg, data, teacher, tokenizer, accelerator) if cfg.teacher_topk else None
+    with contextlib.ExitStack() as restore:  # the student's flags and attention kind come back after the run
+        restore.enter_context(_trainable(student, cfg.trainable))
+        restore.enter_context(_checkpointing(student, cfg.gradient_checkpointing))
+        if flags["output_attentions"]:
+            restore.enter_context(_eager_attention((student, teacher)))
+        model, optimizer, scheduler = _prepare(accelerator, student, teacher, cfg, state)
+        run = _Run(acc=accelerator, model=model, teacher=teacher, tokenizer=tokenizer, cfg=cfg, kind=kind,
+                   weights=weights, flags=flags, layer_map=layer_map, data=data, out=out, fingerprint=fingerprint,
+                   eval_fn=eval_fn, optimizer=optimizer, scheduler=scheduler, store=store)
         return run.train(state, progress)
 
 
@@ -159,7 +172,33 @@ def _check_setup(cfg: DistillConfig, kind: str, student: nn.Module, teacher: nn.
     if flags["output_attentions"] and cfg.dropout:
         raise TensorLMError("distill: attention_kl needs dropout=False (transformers returns attention "
                             "probabilities after dropout)")
+    _check_topk(cfg, kind, weights, teacher if teacher is not student else None)
     return weights, flags, layer_map
+
+
+def _check_topk(cfg: DistillConfig, kind: str, weights: dict[str, float], teacher: nn.Module | None) -> None:
+    """Refuse a ``teacher_topk`` setting that cannot work (see :class:`DistillConfig`).
+
+    Raises:
+        TensorLMError: an encoder or no teacher; ``logit_kl`` weighing 0; a term that needs the teacher's
+            hidden states or attentions every step; ``k`` larger than the vocabulary.
+    """
+    k = cfg.teacher_topk
+    if not k:
+        return
+    if kind != "causal-lm" or teacher is None:
+        raise TensorLMError(f"distill: teacher_topk needs a causal LM and its teacher (got kind {kind!r}, "
+                            f"teacher {'none' if teacher is None else 'given'}); set teacher_topk: 0")
+    if weights["logit_kl"] <= 0:
+        raise TensorLMError("distill: teacher_topk stores the teacher for logit_kl, whose weight is 0; "
+                            "set teacher_topk: 0 or give logit_kl a weight")
+    others = sorted(t for t, w in weights.items() if w > 0 and t not in ("logit_kl", "ce"))
+    if others:
+        raise TensorLMError(f"distill: teacher_topk skips the teacher's forward pass, which {others} need every "
+                            "step; set teacher_topk: 0 or weigh only logit_kl and ce")
+    vocab = _vocab_size(teacher)
+    if k > vocab:
+        raise TensorLMError(f"distill: teacher_topk {k} exceeds the vocabulary ({vocab}); choose 1..{vocab}")
 
 
 def _accelerator(cfg: DistillConfig, kind: str) -> Accelerator:
@@ -226,6 +265,7 @@ class _Run:
     eval_fn: Callable[[nn.Module], float] | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    store: _Store | None = None  # the top-k teacher store that stands in for the teacher's logits
     student: nn.Module = field(init=False)
     micro: int = field(init=False)
     metric: str = field(init=False)
@@ -323,19 +363,15 @@ class _Run:
         batch = self.data.train_batch(step, cfg.batch_size, cfg.seed)  # the global batch
         per_process = cfg.batch_size // acc.num_processes
         local = batch[acc.process_index * per_process:(acc.process_index + 1) * per_process]
+        rows = None if self.store is None else self.store.rows(self.data, step, cfg)[
+            acc.process_index * per_process:(acc.process_index + 1) * per_process]
         total, parts_sum, tokens = 0.0, {}, 0
         for a in range(cfg.grad_accum):
             inputs = self._inputs(local[a * self.micro:(a + 1) * self.micro])
             sync = contextlib.nullcontext() if a == cfg.grad_accum - 1 else acc.no_sync(self.model)
             with sync:
-                t_out = None
-                if self.teacher is not None:
-                    with torch.no_grad(), acc.autocast():
-                        t_out = self.teacher(**inputs, **self.flags)
-                s_out = self.model(**inputs, **self.flags)
-                loss, parts = distillation_loss(s_out, t_out, self.weights, input_ids=inputs["input_ids"],
-                                                attention_mask=inputs.get("attention_mask"),
-                                                temperature=cfg.temperature, layer_map=self.layer_map)
+                micro_rows = None if rows is None else rows[a * self.micro:(a + 1) * self.micro]
+                loss, parts = self._loss(inputs, micro_rows)
                 acc.backward(loss / cfg.grad_accum)
             total += float(loss.detach()) / cfg.grad_accum
             for k, v in parts.items():
@@ -355,6 +391,19 @@ class _Run:
                                 f"lower lr (now {cfg.lr}) or max_grad_norm, or check the student")
         return mean_loss, parts_sum, tokens * acc.num_processes, grad_norm, lr
 
+    def _loss(self, inputs: dict[str, torch.Tensor], rows: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        """The loss of one micro-batch: the teacher's forward pass, or the store's rows ``(b,)`` when there is one."""
+        t_out, topk = None, None
+        if self.store is not None:
+            topk = self.store.slice(rows, self.acc.device)
+        elif self.teacher is not None:
+            with torch.no_grad(), self.acc.autocast():
+                t_out = self.teacher(**inputs, **self.flags)
+        s_out = self.model(**inputs, **self.flags)
+        return distillation_loss(s_out, t_out, self.weights, input_ids=inputs["input_ids"],
+                                 attention_mask=inputs.get("attention_mask"), temperature=self.cfg.temperature,
+                                 layer_map=self.layer_map, teacher_topk=topk)
+
     def _inputs(self, samples) -> dict[str, torch.Tensor]:
         """Model inputs of a micro-batch: packed blocks as they are, sentences tokenized with padding."""
         if self.kind == "causal-lm":
@@ -364,7 +413,13 @@ class _Run:
         return {k: v.to(self.acc.device) for k, v in enc.items()}
 
     def _train_mode(self) -> None:
+        """Dropout on only if asked; with gradient checkpointing, the checkpointed blocks themselves are marked
+        training (transformers checkpoints only then) while their submodules stay in eval mode (no dropout)."""
         self.model.train(self.cfg.dropout)
+        if self.cfg.gradient_checkpointing and not self.cfg.dropout:
+            for module in self.student.modules():
+                if getattr(module, "gradient_checkpointing", False) is True:
+                    module.training = True
 
     def _better(self, value: float, best: float) -> bool:
         if math.isnan(best):
@@ -469,6 +524,116 @@ class _Run:
 
 
 # -- setup helpers ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Store:
+    """A loaded top-k teacher store and where each training block sits in it.
+
+    Attributes:
+        store: the :class:`TeacherStore` over the blocks a run visits; row_of: ``(n_train,)`` int64, the store
+            row of every training block of :class:`LMBlocks` (-1 for blocks the run never visits).
+    """
+
+    store: TeacherStore
+    row_of: torch.Tensor
+
+    def rows(self, data: LMBlocks, step: int, cfg: DistillConfig) -> torch.Tensor:
+        """Store rows ``(batch_size,)`` of optimizer step ``step``'s global batch (same order as its blocks)."""
+        return self.row_of[batch_indices(step, cfg.batch_size, len(data.train_index), cfg.seed)]
+
+    def slice(self, rows: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(indices (b, L, k), logprobs (b, L, k), rest (b, L))`` of ``rows``, on ``device``."""
+        s = self.store
+        return s.indices[rows].to(device), s.logprobs[rows].to(device), s.rest[rows].to(device)
+
+
+def _teacher_store(cfg: DistillConfig, data: LMBlocks, teacher: nn.Module, tokenizer, acc: Accelerator) -> _Store:
+    """The top-k store of every training block that steps ``0 .. cfg.steps - 1`` visit: loaded from
+    ``cfg.teacher_store`` (or the cache) when it is there, else computed once (main process) and saved.
+
+    Raises:
+        TensorLMError: the file is not a store, or holds another teacher, tokenizer, k, temperature or blocks.
+    """
+    n = len(data.train_index)
+    needed = sorted({i for s in range(cfg.steps) for i in batch_indices(s, cfg.batch_size, n, cfg.seed)})
+    ids = data.train_blocks(needed)  # (N, L)
+    path = Path(cfg.teacher_store) if cfg.teacher_store else _store_path(cfg, teacher, tokenizer, ids)
+    if path.exists():
+        store = TeacherStore.load(path, teacher, tokenizer)
+        if store.k != cfg.teacher_topk or store.temperature != cfg.temperature or not torch.equal(store.ids, ids):
+            raise TensorLMError(f"distill: teacher store {path} holds k={store.k} at temperature {store.temperature} "
+                                f"over {len(store.ids)} other blocks; this run needs k={cfg.teacher_topk} at "
+                                f"{cfg.temperature} over its {len(ids)} training blocks: delete it or name another "
+                                "teacher_store")
+    else:
+        teacher.to(acc.device).eval()
+        micro = cfg.batch_size // (acc.num_processes * cfg.grad_accum)
+        with acc.autocast():  # the teacher's logits as the trainer's own teacher pass would give them
+            store = build_teacher_store(teacher, tokenizer, ids, k=cfg.teacher_topk, batch_size=micro,
+                                        temperature=cfg.temperature)
+        if acc.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            store.save(path)
+    row_of = torch.full((n,), -1, dtype=torch.int64)
+    row_of[needed] = torch.arange(len(needed))
+    return _Store(store, row_of)
+
+
+def _store_path(cfg: DistillConfig, teacher: nn.Module, tokenizer, ids: torch.Tensor) -> Path:
+    """``<cache>/teacher-topk/<key>.safetensors``, the key hashing teacher, tokenizer, blocks, k and temperature."""
+    h = hashlib.sha256(f"{model_fingerprint(teacher)}|{tokenizer_fingerprint(tokenizer)}|{cfg.teacher_topk}|"
+                       f"{float(cfg.temperature)!r}|{tuple(ids.shape)}|".encode())
+    h.update(ids.numpy().tobytes())
+    return default_cache_dir() / "teacher-topk" / f"{h.hexdigest()[:32]}.safetensors"
+
+
+@contextlib.contextmanager
+def _trainable(student: nn.Module, which: str):
+    """With ``which == "factors"``, freeze every parameter outside the factorized layers; restore on exit.
+
+    Raises:
+        TensorLMError: ``"factors"`` on a student without any factorized layer.
+    """
+    if which == "all":
+        yield
+        return
+    factors = {id(p) for m in student.modules() if type(m).__name__ in LAYERS for p in m.parameters()}
+    if not factors:
+        raise TensorLMError("distill: trainable 'factors' but the student has no factorized layer (nothing "
+                            "compressed); use trainable: all")
+    saved = [(p, p.requires_grad) for p in student.parameters()]
+    try:
+        for p, flag in saved:
+            p.requires_grad_(flag and id(p) in factors)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def _checkpointing(student: nn.Module, on: bool):
+    """Transformers' activation (gradient) checkpointing on ``student`` while training; off again on exit.
+
+    Raises:
+        TensorLMError: ``on`` for a model that does not support it.
+    """
+    if not on:
+        yield
+        return
+    if not getattr(student, "supports_gradient_checkpointing", False):
+        raise TensorLMError(f"distill: gradient_checkpointing is not supported by {type(student).__name__}; "
+                            "set gradient_checkpointing: false")
+    enable = getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable
+    disable = getattr(student, "activation_checkpointing_disable", None) or student.gradient_checkpointing_disable
+    enable()
+    try:
+        yield
+    finally:
+        disable()
+        if getattr(student, "_require_grads_hook", None) is not None:  # set by enable() for input_ids models
+            student.disable_input_require_grads()
 
 
 def _open_run(out: Path, cfg: DistillConfig, fingerprint: str, resume: bool) -> dict | None:

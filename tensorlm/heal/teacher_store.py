@@ -53,7 +53,8 @@ class TeacherStore:
 
     Attributes:
         ids: ``(N, L)`` int64 training sequences; indices: ``(N, L, k)`` int64; logprobs: ``(N, L, k)`` float32;
-        rest: ``(N, L)`` float32 log of the mass outside the top k; model, tokenizer: the fingerprints.
+        rest: ``(N, L)`` float32 log of the mass outside the top k; model, tokenizer: the fingerprints;
+        temperature: the softmax temperature ``T`` of the log-probabilities (``log_softmax(z / T)``).
     """
 
     ids: torch.Tensor
@@ -62,6 +63,7 @@ class TeacherStore:
     rest: torch.Tensor
     model: str
     tokenizer: str
+    temperature: float = 1.0
 
     @property
     def k(self) -> int:
@@ -72,9 +74,13 @@ class TeacherStore:
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp")
         tensors = {"ids": self.ids, "indices": self.indices, "logprobs": self.logprobs, "rest": self.rest}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"format": STORE_FORMAT, "model": self.model, "tokenizer": self.tokenizer, "k": str(self.k)})
-        os.replace(tmp, path)
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                      metadata={"format": STORE_FORMAT, "model": self.model, "tokenizer": self.tokenizer,
+                                "k": str(self.k), "temperature": repr(float(self.temperature))})
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # nothing half-written stays behind
         return path
 
     @classmethod
@@ -100,7 +106,7 @@ class TeacherStore:
                 raise TensorLMError(f"teacher store {path} was written for another {what} (fingerprint "
                                     f"{str(saved)[:12]}, this {what} {now[:12]}); rebuild it with build_teacher_store")
         return cls(tensors["ids"], tensors["indices"], tensors["logprobs"], tensors["rest"], meta["model"],
-                   meta["tokenizer"])
+                   meta["tokenizer"], float(meta.get("temperature", "1.0")))
 
 
 def _topk(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -112,8 +118,10 @@ def _topk(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch
 
 @torch.no_grad()
 def build_teacher_store(teacher: nn.Module, tokenizer, sequences: Sequence[torch.Tensor] | torch.Tensor, *,
-                        k: int = 64, batch_size: int = 8) -> TeacherStore:
-    """Run ``teacher`` once over ``sequences`` (``(N, L)`` token ids, training text only) and keep its top ``k``.
+                        k: int = 64, batch_size: int = 8, temperature: float = 1.0) -> TeacherStore:
+    """Run ``teacher`` once over ``sequences`` (``(N, L)`` token ids, training text only) and keep its top ``k``
+    of ``log_softmax(logits / temperature)``, in batches of ``batch_size`` sequences, on the teacher's device
+    (the store itself is kept on the CPU).
 
     Raises:
         TensorLMError: ``k`` outside ``[1, vocabulary size]``, or sequences that are not ``(N, L)`` token ids.
@@ -123,12 +131,20 @@ def build_teacher_store(teacher: nn.Module, tokenizer, sequences: Sequence[torch
         raise TensorLMError(f"teacher store: sequences must be (N, L) token ids, got {tuple(ids.shape)} {ids.dtype}")
     parts = []
     for start in range(0, len(ids), batch_size):
-        logits = teacher(input_ids=ids[start:start + batch_size].long()).logits.float()  # (B, L, V)
+        batch = ids[start:start + batch_size].long().to(_device(teacher))
+        logits = teacher(input_ids=batch).logits.float() / temperature  # (B, L, V)
         if not 1 <= k <= logits.shape[-1]:
             raise TensorLMError(f"teacher store: k must be in [1, {logits.shape[-1]}] (the vocabulary), got {k}")
-        parts.append(_topk(F.log_softmax(logits, -1), k))
+        parts.append(tuple(t.cpu() for t in _topk(F.log_softmax(logits, -1), k)))
     values, indices, rest = (torch.cat(p) for p in zip(*parts, strict=True))
-    return TeacherStore(ids.long(), indices, values, rest, model_fingerprint(teacher), tokenizer_fingerprint(tokenizer))
+    return TeacherStore(ids.long().cpu(), indices, values, rest, model_fingerprint(teacher),
+                        tokenizer_fingerprint(tokenizer), float(temperature))
+
+
+def _device(model: nn.Module) -> torch.device:
+    """Where ``model``'s first parameter lives (the CPU for a model without parameters)."""
+    first = next(model.parameters(), None)
+    return torch.device("cpu") if first is None else first.device
 
 
 def topk_kl(student_logits: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor,
