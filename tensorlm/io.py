@@ -33,7 +33,7 @@ from transformers.pytorch_utils import Conv1D
 
 from tensorlm.errors import TensorLMError
 from tensorlm.files import MANIFEST, atomic_folder, file_sha256
-from tensorlm.layers.base import LAYERS
+from tensorlm.layers.base import LAYERS, prepare_reconstructed
 from tensorlm.loaded import LoadedModel, says_random
 from tensorlm.params import count_parameters
 from tensorlm.surgery import decompress
@@ -345,14 +345,45 @@ def base_config(folder: Path):
     return CONFIG_MAPPING[model_type].from_dict(base)
 
 
-def load_compressed(folder: str | os.PathLike) -> LoadedModel:
+def place(model: nn.Module, device=None, dtype: torch.dtype | None = None, name: str = "model") -> nn.Module:
+    """Move ``model`` to ``device`` and cast its floating-point parameters and buffers to ``dtype``, in place.
+
+    Integer buffers (Kronecker permutations, ragged TT indices) keep their dtype. For inference: bfloat16 on
+    CPU, float16 or bfloat16 on a GPU (float16 matmuls on CPU are slow or unsupported in older torch).
+
+    Raises:
+        TensorLMError: ``dtype`` is not a floating-point ``torch.dtype``, or ``device`` is not a device torch
+            knows (or one this machine lacks).
+    """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TensorLMError(f"{name}: dtype {dtype!r} is not a floating-point torch.dtype "
+                            "(e.g. torch.bfloat16, torch.float16, torch.float32)")
+    try:
+        target = None if device is None else torch.device(device)
+        return model.to(device=target, dtype=dtype)
+    except (RuntimeError, AssertionError) as err:  # unknown device string; CUDA missing (AssertionError)
+        raise TensorLMError(f"{name}: cannot place the model on device {device!r}: {str(err).splitlines()[0]}"
+                            ) from err
+
+
+def load_compressed(folder: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None) -> LoadedModel:
     """Load a folder written by :func:`save_compressed`; no decomposition is run, no pickle is read.
+
+    Args:
+        folder: the saved folder.
+        device: where to place the model (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``); default
+            the CPU, where the weights are read.
+        dtype: cast the floating-point tensors (:func:`place`), e.g. ``torch.bfloat16``; default as saved.
+
+    Every layer keeps the forward choice saved with it (``"factorized"`` for folders saved before the
+    choice existed); layers that use the reconstructed path build their dense weight here, after the
+    cast, in the target dtype and on the target device.
 
     Raises:
         TensorLMError: a missing file, a weights file whose SHA-256 differs from the manifest
             (corrupted), an architecture transformers does not register for the config's model_type,
             tensors that do not fit the rebuilt modules (mismatched), or an unknown layer class or
-            format version.
+            format version; a bad ``device`` or ``dtype``.
     """
     folder = Path(folder)
     manifest = _read_manifest(folder)
@@ -375,5 +406,7 @@ def load_compressed(folder: str | os.PathLike) -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     kind = manifest.get("kind") or "encoder"
     notes = list(manifest.get("notes", []))
+    model = place(model, device, dtype, str(folder))
+    prepare_reconstructed(model)
     return LoadedModel(model.eval(), tokenizer, kind, str(folder), notes,
                        random_weights=bool(manifest.get("random_weights", says_random(notes))))

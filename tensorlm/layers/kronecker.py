@@ -45,6 +45,41 @@ def _unpermute(y: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     return torch.zeros_like(y).index_copy(-1, perm, y)
 
 
+def _contract_b_first(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``Y = sum_k A_k (X B_k^T)``: one GEMM with all ``B_k`` (thin), then one GEMM with all ``A_k``.
+
+    ``a: (r, m1, n1)``, ``b: (r, m2, n2)``, ``x: (N, n1, n2)`` -> ``(N, m1, m2)``; copies the
+    intermediate ``(N, n1, r, m2)`` once to bring ``(k, j1)`` next to each other.
+    """
+    (r, m1, n1), (_, m2, n2), n = a.shape, b.shape, x.shape[0]
+    t = x.reshape(n * n1, n2) @ b.permute(2, 0, 1).reshape(n2, r * m2)  # (N*n1, r*m2)
+    t = t.reshape(n, n1, r, m2).permute(2, 1, 0, 3).reshape(r * n1, n * m2)  # (r*n1, N*m2)
+    y = a.permute(1, 0, 2).reshape(m1, r * n1) @ t  # (m1, N*m2)
+    return y.reshape(m1, n, m2).transpose(0, 1)  # (N, m1, m2)
+
+
+def _contract_a_first(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``Y = sum_k (A_k X) B_k^T``: one large GEMM with all ``A_k`` on ``X`` laid out ``(n1, N*n2)`` (a copy
+    of the input), then one thin GEMM with all ``B_k``. Shapes as :func:`_contract_b_first`."""
+    (r, m1, n1), (_, m2, n2), n = a.shape, b.shape, x.shape[0]
+    t = a.reshape(r * m1, n1) @ x.transpose(0, 1).reshape(n1, n * n2)  # (r*m1, N*n2)
+    t = t.reshape(r, m1, n, n2).permute(2, 1, 0, 3).reshape(n * m1, r * n2)  # (N*m1, r*n2)
+    return (t @ b.permute(0, 2, 1).reshape(r * n2, m2)).reshape(n, m1, m2)  # (N, m1, m2)
+
+
+def _contract_a_batched(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``Y = sum_k (A_k X) B_k^T`` with the ``A`` side as one batched matmul over the ``N`` inputs, reading
+    ``x`` in place (no copy of the input; fastest for few tokens). Shapes as :func:`_contract_b_first`."""
+    (r, m1, n1), (_, m2, n2), n = a.shape, b.shape, x.shape[0]
+    t = torch.matmul(a.reshape(r * m1, n1), x)  # (N, r*m1, n2)
+    t = t.reshape(n, r, m1, n2).permute(0, 2, 1, 3).reshape(n * m1, r * n2)  # (N*m1, r*n2)
+    return (t @ b.permute(0, 2, 1).reshape(r * n2, m2)).reshape(n, m1, m2)  # (N, m1, m2)
+
+
+CONTRACTIONS = {"b_first": _contract_b_first, "a_first": _contract_a_first, "a_batched": _contract_a_batched}
+"""The factored forwards of :class:`KroneckerLinear` by name; all compute the same ``(N, m1, m2)``."""
+
+
 @register_layer
 class KroneckerLinear(nn.Module):
     """Linear map whose weight is a (row/column-permuted) sum of Kronecker products.
@@ -52,20 +87,32 @@ class KroneckerLinear(nn.Module):
     ``W (m x n) = P^T (sum_k A_k (x) B_k) Q^T``: with integer permutations ``row_perm = p`` (m,) and
     ``col_perm = q`` (n,), ``W[p][:, q] = sum_k A_k (x) B_k``. Forward never forms ``W``:
     ``x_q = x[..., q]`` reshaped to ``X (..., n1, n2)``, ``Y = sum_k A_k X B_k^T (..., m1, m2)``,
-    flattened and scattered back to ``y[..., p] = Y``. The contraction order (``B`` first or ``A``
-    first) is chosen at construction by flop count.
+    flattened and scattered back to ``y[..., p] = Y``. The contraction ``order`` (one of
+    :data:`CONTRACTIONS`: ``B`` first, ``A`` first, or ``A`` first batched over tokens) defaults to the
+    smaller multiply-add count; :func:`tensorlm.layers.base.choose_forward` replaces it by the measured
+    fastest, and ``tensorlm_config`` stores it.
+
+    Multiply-adds per token: ``B`` first ``r n1 m2 (n2 + m1)``, ``A`` first ``r m1 n2 (n1 + m2)``, dense
+    ``m1 m2 n1 n2``: about ``r / n2`` and ``r / m2`` of dense, so a rank-``r`` sum saves time only when
+    ``r < max(m2, n2)`` (rank 2 with 2 x 2 ``B`` costs as much as dense).
 
     Args:
         a_shape: ``(m1, n1)``; b_shape: ``(m2, n2)``; rank: number of terms.
         bias: keep a bias of shape ``(m,)``.
         row_perm, col_perm: optional int64 permutations (validated as bijections).
+        order: contraction order (default: the fewer multiply-adds).
+
+    Raises:
+        TensorLMError: an unknown ``order``; what :class:`KroneckerShape` and :func:`check_permutation` raise.
 
     Parameters: ``a (rank, m1, n1)``, ``b (rank, m2, n2)``, ``bias (m,)``; buffers ``row_perm (m,)``,
     ``col_perm (n,)`` (int64, never trained).
     """
 
+    FACTORED_ORDERS = tuple(CONTRACTIONS)
+
     def __init__(self, a_shape, b_shape, rank: int = 1, bias: bool = True, row_perm=None, col_perm=None,
-                 dtype=None, device=None):
+                 dtype=None, device=None, order: str | None = None):
         super().__init__()
         self.shape = KroneckerShape(tuple(a_shape), tuple(b_shape), int(rank))
         (m1, n1), (m2, n2), r = self.shape.a_shape, self.shape.b_shape, self.shape.rank
@@ -78,7 +125,10 @@ class KroneckerLinear(nn.Module):
             value = None if perm is None else check_permutation(perm, length, f"KroneckerLinear.{attr}")
             self.register_buffer(attr, value)
         # flops per token: B first = r*n1*n2*m2 + r*m1*n1*m2; A first = r*m1*n1*n2 + r*m1*n2*m2
-        self.b_first = n1 * n2 * m2 + m1 * n1 * m2 <= m1 * n1 * n2 + m1 * n2 * m2
+        b_first = n1 * n2 * m2 + m1 * n1 * m2 <= m1 * n1 * n2 + m1 * n2 * m2
+        self.order = order or ("b_first" if b_first else "a_first")
+        if self.order not in CONTRACTIONS:
+            raise TensorLMError(f"KroneckerLinear: order {self.order!r} is not one of {tuple(CONTRACTIONS)}")
 
     @classmethod
     def from_dense(cls, layer: nn.Module, a_shape, b_shape, rank: int = 1, row_perm=None, col_perm=None,
@@ -120,21 +170,12 @@ class KroneckerLinear(nn.Module):
         return fill(module, a=factors.a, b=factors.b, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        (m1, n1), (m2, n2), r = self.shape.a_shape, self.shape.b_shape, self.shape.rank
+        """``x (..., in) -> (..., out)`` by the contraction :attr:`order`, never forming ``W``."""
+        (m1, n1), (m2, n2) = self.shape.a_shape, self.shape.b_shape
         lead = x.shape[:-1]
         if self.col_perm is not None:
             x = x.index_select(-1, self.col_perm)
-        x = x.reshape(-1, n1, n2)  # (N, n1, n2)
-        n = x.shape[0]
-        if self.b_first:  # Y = sum_k A_k (X B_k^T): a thin GEMM with B, then one large GEMM with A
-            t = x.reshape(n * n1, n2) @ self.b.permute(2, 0, 1).reshape(n2, r * m2)  # (N*n1, r*m2)
-            t = t.reshape(n, n1, r, m2).permute(2, 1, 0, 3).reshape(r * n1, n * m2)  # (r*n1, N*m2)
-            y = self.a.permute(1, 0, 2).reshape(m1, r * n1) @ t  # (m1, N*m2)
-            y = y.reshape(m1, n, m2).transpose(0, 1)  # (N, m1, m2)
-        else:  # Y = sum_k (A_k X) B_k^T: one large GEMM with A, then a thin GEMM with B
-            t = self.a.reshape(r * m1, n1) @ x.transpose(0, 1).reshape(n1, n * n2)  # (r*m1, N*n2)
-            t = t.reshape(r, m1, n, n2).permute(2, 1, 0, 3).reshape(n * m1, r * n2)  # (N*m1, r*n2)
-            y = (t @ self.b.permute(0, 2, 1).reshape(r * n2, m2)).reshape(n, m1, m2)  # (N, m1, m2)
+        y = CONTRACTIONS[self.order](self.a, self.b, x.reshape(-1, n1, n2))  # (N, m1, m2)
         y = _unpermute(y.reshape(*lead, m1 * m2), self.row_perm)
         return y if self.bias is None else y + self.bias
 
@@ -151,14 +192,16 @@ class KroneckerLinear(nn.Module):
     def tensorlm_config(self) -> dict:
         return {"a_shape": list(self.shape.a_shape), "b_shape": list(self.shape.b_shape), "rank": self.shape.rank,
                 "bias": self.bias is not None, "row_perm": self.row_perm is not None,
-                "col_perm": self.col_perm is not None}
+                "col_perm": self.col_perm is not None, "order": self.order}
 
     @classmethod
     def from_tensorlm_config(cls, cfg: dict, shared: dict) -> KroneckerLinear:
+        """An uninitialised layer of ``cfg``'s shapes; ``order`` absent (older folders): the default."""
         (m1, _), (m2, _) = cfg["a_shape"], cfg["b_shape"]
         n = cfg["a_shape"][1] * cfg["b_shape"][1]
         return cls(cfg["a_shape"], cfg["b_shape"], cfg["rank"], cfg["bias"],
-                   torch.arange(m1 * m2) if cfg["row_perm"] else None, torch.arange(n) if cfg["col_perm"] else None)
+                   torch.arange(m1 * m2) if cfg["row_perm"] else None, torch.arange(n) if cfg["col_perm"] else None,
+                   order=cfg.get("order"))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for attr, length in (("row_perm", self.out_features), ("col_perm", self.in_features)):
@@ -170,7 +213,7 @@ class KroneckerLinear(nn.Module):
         s = self.shape
         return (f"in={self.in_features}, out={self.out_features}, A={s.a_shape}, B={s.b_shape}, rank={s.rank}, "
                 f"bias={self.bias is not None}, permuted rows={self.row_perm is not None}, "
-                f"cols={self.col_perm is not None}")
+                f"cols={self.col_perm is not None}, order={self.order}")
 
 
 @register_layer
