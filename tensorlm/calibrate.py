@@ -6,7 +6,8 @@ Data-aware methods (DESIGN.md, "Data-aware objective") minimise ``||(W - W~) G^{
 the model once with forward hooks on the named ``nn.Linear`` / GPT-2 ``Conv1D`` modules and accumulates
 ``G`` in float64 batch by batch (one ``x^T x`` per batch, computed in float32 and added in float64;
 never all activations), skipping padded
-positions. Embeddings use token frequencies instead (:func:`token_counts`).
+positions. Embeddings use token frequencies instead (:func:`token_counts`, :func:`embedding_token_counts`;
+smoothed by :func:`frequency_weights`).
 
 Calibration text is never a test split: causal LMs take packed blocks of ``lm_text``
 (:func:`lm_calibration_batches`, default 128 x 512 tokens), encoders the distillation training sentences
@@ -335,6 +336,58 @@ def token_counts(ids_batches: Iterable[Batch], vocab_size: int) -> torch.Tensor:
                                 f"outside a vocabulary of {vocab_size}")
         counts += torch.bincount(ids, minlength=vocab_size)
     return counts
+
+
+def embedding_token_counts(model: nn.Module, names: Sequence[str], batches: Sequence[Batch]) -> CalibrationResult:
+    """Token counts ``(V,)`` float64 of the input embedding tables ``names`` on ``batches`` (no forward pass).
+
+    A name below the input embedding (``model.embed_tokens.table``, a table an earlier stage builds inside
+    it) counts the same tokens: its rows are the token ids. The result maps each name to its counts; it is
+    not cached (counting is instant), and its ``key`` is the sha256 of the names and the data fingerprint.
+
+    Raises:
+        TensorLMError: no batches, a name that is not (under) the model's input token embedding (e.g. a
+            position table), ids outside the vocabulary.
+    """
+    if not batches:
+        raise TensorLMError("calibration: no batches given")
+    get_inputs = getattr(model, "get_input_embeddings", None)
+    table = get_inputs() if get_inputs is not None else None
+    modules = dict(model.named_modules())
+    start = time.perf_counter()
+    result = CalibrationResult()
+    for name in names:
+        parts = name.split(".")
+        found = next((modules[p] for p in (".".join(parts[:i]) for i in range(len(parts), 0, -1)) if p in modules),
+                     None)
+        if table is None or found is not table:
+            raise TensorLMError(f"calibration: frequency weights count input tokens, but {name!r} is not the "
+                                "model's input token embedding (nor inside it)")
+        result[name] = token_counts(batches, table.num_embeddings).to(torch.float64)  # (V,)
+    data_fp = data_fingerprint(batches)
+    result.key = hashlib.sha256(json.dumps({"counts": sorted(names), "data": data_fp}).encode()).hexdigest()[:32]
+    result.seconds = time.perf_counter() - start
+    result.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    result.tokens = int(max((c.sum().item() for c in result.values()), default=0))
+    return result
+
+
+def frequency_weights(stats, name: str, vocab: int) -> torch.Tensor:
+    """Smoothed token frequency ``f_t = (c_t + 1) / (sum_s c_s + V)`` (add-one, Laplace) of table ``name``:
+    ``(V,)`` float64, every entry > 0, summing to 1; ``c`` are its token counts in calibration ``stats``.
+
+    Raises:
+        TensorLMError: no counts for ``name`` (the recipe asks for calibration but none ran), or counts that
+            are not ``(vocab,)``, finite and >= 0.
+    """
+    counts = None if stats is None else stats.get(name)
+    if counts is None:
+        raise TensorLMError(f"{name}: calibration 'frequency' needs token counts, but no calibration statistics "
+                            "were given; pass tokenizer= and data_dir= to tensorlm.compress, or use tensorlm run")
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    if counts.shape != (vocab,) or not (torch.isfinite(counts).all() and (counts >= 0).all()):
+        raise TensorLMError(f"{name}: token counts {tuple(counts.shape)} must be ({vocab},), finite and >= 0")
+    return (counts + 1) / (counts.sum() + vocab)
 
 
 def lm_calibration_batches(

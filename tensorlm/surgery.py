@@ -22,6 +22,7 @@ from tensorlm.allocate import allocate
 from tensorlm.calibrate import (
     CalibrationResult,
     collect_second_moments,
+    embedding_token_counts,
     lm_calibration_batches,
     sentence_calibration_batches,
 )
@@ -237,15 +238,21 @@ def calibrate(model: nn.Module, recipe: Recipe, plan: Plan, tokenizer, kind: str
 
     One pass of the recipe's calibration text (:class:`~tensorlm.recipe.CalibrationSettings`: ``lm_text``
     blocks for causal LMs, training sentences for encoders; never a test split) through the uncompressed
-    ``model``, cached on disk (:mod:`tensorlm.calibrate`). None when no stage is calibrated.
+    ``model``, cached on disk (:mod:`tensorlm.calibrate`). Targets of stages with ``calibration: frequency``
+    (token tables) get their token counts ``(V,)`` float64 on the same text instead
+    (:func:`~tensorlm.calibrate.embedding_token_counts`, no forward pass, not cached). None when no stage
+    is calibrated.
 
     Raises:
         TensorLMError: no data folder, calibration text too short for the asked sample count, a target
-            that is not a linear map of ``model``, non-finite activations.
+            that is not a linear map of ``model`` (or, for ``frequency``, not its input token embedding),
+            non-finite activations.
     """
-    names = [e.name for stage, stage_plan in zip(recipe.stages, plan.stages, strict=True)
-             if getattr(stage.options, "calibration", None) for e in stage_plan.entries]
-    if not names:
+    chosen = [(getattr(stage.options, "calibration", None), e.name)
+              for stage, stage_plan in zip(recipe.stages, plan.stages, strict=True) for e in stage_plan.entries]
+    names = [name for how, name in chosen if how and how != "frequency"]
+    tables = [name for how, name in chosen if how == "frequency"]
+    if not names and not tables:
         return None
     settings = recipe.calibration
     text_dir = resolve_data_dir(data_dir) / "lm_text"
@@ -257,7 +264,12 @@ def calibrate(model: nn.Module, recipe: Recipe, plan: Plan, tokenizer, kind: str
         batches = sentence_calibration_batches(tokenizer, text_dir, data_dir, n_samples=samples, max_length=length,
                                                seed=settings.seed)
     description = {"text": str(text_dir), "samples": samples, "length": length, "seed": settings.seed, "kind": kind}
-    return collect_second_moments(model, names, batches, progress, description=description)
+    counts = embedding_token_counts(model, tables, batches) if tables else None
+    if not names:
+        return counts
+    result = collect_second_moments(model, names, batches, progress, description=description)
+    result.update(counts or {})  # after the cache write: the cached file holds the G matrices only
+    return result
 
 
 def compress(model: nn.Module, recipe: Recipe | str, *, progress: bool = True, inplace: bool = False,

@@ -323,3 +323,179 @@ def tt_parameter_count(shape: Sequence[int], ranks: Sequence[int]) -> int:
     """Entries of the cores of one MPS: ``sum_k r_{k-1} I_k r_k`` with ``ranks = (r_1..r_{N-1})``."""
     full = [1, *ranks, 1]
     return sum(full[k] * shape[k] * full[k + 1] for k in range(len(shape)))
+
+
+# --- ragged TT-ranks: one rank class per row under a total parameter budget -------------------------------
+
+
+def rank_ladder(shape: Sequence[int]) -> list[list[int]]:
+    """Uniform rank classes of an MPS of ``shape``: class ``r`` has internal ranks ``min(r, cap_k)``.
+
+    ``r = 1 .. max(max_ranks(shape))``; the costs :func:`tt_parameter_count` strictly increase along the
+    ladder and its last class is :func:`max_ranks` (TT-SVD exact). E.g. ``(8, 8, 9)``: ``[1, 1], ..., [8, 8],
+    [8, 9]``, costing 25 .. 721 values per row.
+    """
+    caps = max_ranks(shape)
+    return [[min(r, cap) for cap in caps] for r in range(1, max(caps, default=1) + 1)]
+
+
+def tt_row_errors(x: torch.Tensor, shape: Sequence[int], classes: Sequence[Sequence[int]],
+                  *, chunk: int = 8192) -> torch.Tensor:
+    """Squared TT-SVD error of every row of ``x`` at every rank class: ``||x_v - TT_c(x_v)||^2``.
+
+    Args:
+        x: ``(B, d)``, ``d = prod(shape)``; shape: ``(I_1, ..., I_N)``; classes: ``C`` lists of ``N-1``
+            internal ranks (e.g. :func:`rank_ladder`); chunk: rows decomposed at a time (bounds memory).
+
+    Returns:
+        ``(B, C)`` float64. Cost: ``C`` TT-SVD passes over the rows (Oseledets 2011, Alg. 1).
+
+    Raises:
+        TensorLMError: as :func:`tt_svd_rows`.
+    """
+    _check_rows(x, shape, None)
+    work = x.detach().to(torch.float64)
+    out = work.new_zeros(work.shape[0], len(classes))  # (B, C)
+    for start in range(0, work.shape[0], chunk):
+        rows = work[start:start + chunk]  # (b, d)
+        for c, ranks in enumerate(classes):
+            cores, _ = tt_svd_rows(rows, shape, ranks=list(ranks))
+            out[start:start + chunk, c] = (rows - tt_rows_to_full(cores)).pow(2).sum(dim=1)
+    return out
+
+
+def _lagrangian_choice(errors: torch.Tensor, costs: torch.Tensor, budget: int) -> torch.Tensor:
+    """Each row's class minimising ``errors[v, c] + lam * costs[c]`` for the smallest ``lam`` (bisection)
+    whose total cost is within ``budget``; ties go to the cheaper class. ``errors: (B, C)``, ``costs: (C,)``
+    float64, increasing; returns ``(B,)`` int64. Points on every row's lower convex hull (Everett 1963)."""
+    def pick(lam: float) -> torch.Tensor:
+        return torch.argmin(errors + lam * costs, dim=1)  # the first minimum: the cheapest class
+
+    if costs[pick(0.0)].sum() <= budget:
+        return pick(0.0)
+    lo, hi = 0.0, 1.0
+    for _ in range(2000):  # at lam > (error range) / (smallest cost step) every row takes class 0
+        if costs[pick(hi)].sum() <= budget:
+            break
+        lo, hi = hi, 2.0 * hi
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if costs[pick(mid)].sum() <= budget else (mid, hi)
+    return pick(hi)
+
+
+def _fill(errors: torch.Tensor, costs: torch.Tensor, choice: torch.Tensor, left: int) -> torch.Tensor:
+    """Spend ``left`` more parameters greedily: upgrades by weighted error reduction per parameter, largest
+    first, each row at most once a round, until no upgrade fits. Shapes as :func:`_lagrangian_choice`."""
+    choice = choice.clone()
+    while True:
+        step = costs[None, :] - costs[choice][:, None]  # (B, C) extra parameters of each upgrade
+        gain = errors.gather(1, choice[:, None]) - errors  # (B, C) error removed
+        ok = (step > 0) & (step <= left) & (gain > 0)
+        if not ok.any():
+            return choice
+        ratio = torch.where(ok, gain / step.clamp_min(1), torch.full_like(gain, -1.0))
+        best_ratio, best = ratio.max(dim=1)  # (B,), (B,)
+        rows = torch.nonzero(best_ratio > 0).squeeze(1)
+        rows = rows[torch.argsort(best_ratio[rows], descending=True)]
+        spent = 0
+        for row, target, extra in zip(rows.tolist(), best[rows].tolist(), step[rows, best[rows]].tolist(),
+                                      strict=True):
+            if spent + extra <= left:
+                choice[row], spent = target, spent + int(extra)
+        if spent == 0:
+            return choice
+        left -= spent
+
+
+def allocate_row_classes(errors: torch.Tensor, costs: Sequence[int], budget: int,
+                         reference: int | None = None) -> torch.Tensor:
+    """Rank class per row minimising ``sum_v errors[v, class_v]`` with ``sum_v costs[class_v] <= budget``.
+
+    Lagrangian relaxation (Everett 1963: every row on its lower convex hull, one multiplier found by
+    bisection), then a greedy fill of what is left by error reduction per parameter. With ``reference``,
+    the uniform assignment to that class is kept instead if it fits and has the lower total error, so the
+    result is never worse than the uniform plan it replaces.
+
+    Args:
+        errors: ``(B, C)`` (weighted) squared errors, e.g. ``f_v * tt_row_errors(...)``; costs: ``C``
+            parameters per row, strictly increasing; budget: total parameters; reference: a class index.
+
+    Returns:
+        ``(B,)`` int64 class indices; ``sum(costs[class]) <= budget``.
+
+    Raises:
+        TensorLMError: costs not strictly increasing or of the wrong length, NaN/Inf errors, or a budget
+            below every row at the cheapest class (``B * costs[0]``).
+    """
+    cost = torch.as_tensor(list(costs), dtype=torch.float64)  # (C,)
+    errors = errors.detach().to(torch.float64)
+    n_rows = errors.shape[0]
+    if errors.dim() != 2 or cost.shape[0] != errors.shape[1] or (cost.diff() <= 0).any():
+        raise TensorLMError(f"allocate_row_classes: errors {tuple(errors.shape)} need (rows, C) with C = "
+                            f"{cost.shape[0]} strictly increasing costs, got costs {list(costs)}")
+    if not torch.isfinite(errors).all():
+        raise TensorLMError(f"allocate_row_classes: errors {tuple(errors.shape)} hold NaN or Inf")
+    if n_rows * cost[0] > budget:
+        raise TensorLMError(f"allocate_row_classes: budget {budget} is below {n_rows} rows at the cheapest class "
+                            f"({int(cost[0])} each, {n_rows * int(cost[0])} in all)")
+    choice = _lagrangian_choice(errors, cost, budget)
+    choice = _fill(errors, cost, choice, budget - int(cost[choice].sum()))
+    if reference is not None and n_rows * cost[reference] <= budget:
+        uniform = torch.full_like(choice, reference)
+        if errors[:, reference].sum() < errors.gather(1, choice[:, None]).sum():
+            choice = uniform
+    return choice
+
+
+def class_slots(row_class: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, list[int]]:
+    """Each row's position inside its rank class (rows of a class in increasing order): ``slot (B,)`` int64,
+    and the rows per class, ``sizes`` (``C`` ints). ``row_class``: ``(B,)`` int64 in ``[0, C)``."""
+    order = torch.argsort(row_class, stable=True)  # (B,) rows grouped by class, increasing within a class
+    sizes = torch.bincount(row_class, minlength=n_classes)  # (C,)
+    starts = torch.cumsum(sizes, 0) - sizes  # (C,) first position of each class in ``order``
+    slot = torch.empty_like(row_class)
+    slot[order] = torch.arange(row_class.numel(), device=row_class.device) - starts[row_class[order]]
+    return slot, sizes.tolist()
+
+
+def tt_svd_ragged(x: torch.Tensor, shape: Sequence[int], classes: Sequence[Sequence[int]],
+                  row_class: torch.Tensor) -> torch.Tensor:
+    """TT-SVD of every row at its own rank class, the cores of all rows in one flat vector.
+
+    Layout: one block per class ``c`` (ranks ``classes[c]``, ``cost_c = sum_k r_{k-1} I_k r_k`` values per row),
+    in class order; block ``c`` is ``(sizes[c], cost_c)`` row-major, its rows the class's rows in increasing
+    order (:func:`class_slots`), each row its cores ``G_1 .. G_N`` (``(r_{k-1}, I_k, r_k)``, row-major) back to back.
+
+    Args:
+        x: ``(B, d)``; shape: ``(I_1..I_N)``; classes: ``C`` rank lists; row_class: ``(B,)`` int64 in ``[0, C)``.
+
+    Returns:
+        ``values`` ``(sum_c sizes[c] cost_c,)`` float64.
+
+    Raises:
+        TensorLMError: as :func:`tt_svd_rows`; ``row_class`` not ``(B,)`` in range.
+    """
+    shape = _check_rows(x, shape, None)
+    if row_class.shape != (x.shape[0],) or (row_class.numel() and not 0 <= int(row_class.min()) <= int(
+            row_class.max()) < len(classes)):
+        raise TensorLMError(f"tt_svd_ragged: row_class {tuple(row_class.shape)} must be ({x.shape[0]},) with "
+                            f"values in [0, {len(classes)})")
+    work = x.detach().to(torch.float64)
+    blocks = []
+    for c, ranks in enumerate(classes):
+        rows = torch.nonzero(row_class == c).squeeze(1)  # (n_c,) increasing
+        if rows.numel():
+            cores, _ = tt_svd_rows(work[rows], shape, ranks=list(ranks))
+            blocks.append(torch.cat([core.reshape(rows.numel(), -1) for core in cores], dim=1).reshape(-1))
+    return torch.cat(blocks) if blocks else work.new_zeros(0)
+
+
+def tt_flat_rows_to_full(flat: torch.Tensor, shape: Sequence[int], ranks: Sequence[int]) -> torch.Tensor:
+    """Rows ``(n, d)`` from the flat cores ``(n, sum_k r_{k-1} I_k r_k)`` of one rank class (layout of
+    :func:`tt_svd_ragged`)."""
+    full = [1, *ranks, 1]
+    sizes = [full[k] * shape[k] * full[k + 1] for k in range(len(shape))]
+    cores = [part.reshape(-1, full[k], shape[k], full[k + 1])
+             for k, part in enumerate(torch.split(flat, sizes, dim=1))]  # each (n, r_{k-1}, I_k, r_k)
+    return tt_rows_to_full(cores)

@@ -18,11 +18,19 @@ from torch import nn
 from tensorlm.decompose.linalg import check_finite
 from tensorlm.decompose.tt import (
     Ranks,
+    allocate_row_classes,
+    class_slots,
     default_shape,
+    max_ranks,
+    rank_ladder,
     suggest_shape,
+    tt_flat_rows_to_full,
     tt_matrix_svd,
     tt_matrix_to_full,
+    tt_parameter_count,
+    tt_row_errors,
     tt_rows_to_full,
+    tt_svd_ragged,
     tt_svd_rows,
 )
 from tensorlm.errors import TensorLMError
@@ -170,6 +178,198 @@ class TTEmbedding(nn.Module):
     @classmethod
     def from_tensorlm_config(cls, cfg: dict, shared: dict) -> TTEmbedding:
         return cls(cfg["num_embeddings"], cfg["embedding_dim"], cfg["shape"], cfg["ranks"], cfg["padding_idx"])
+
+
+
+@register_layer
+class RaggedTTEmbedding(nn.Module):
+    """An embedding table whose rows are matrix product states of their own TT-ranks (ragged TensorGPT).
+
+    TensorGPT (Xu, Xu, Mandic 2023) gives every row the same ranks. Here each row ``t`` has a rank class
+    ``row_class[t]`` out of ``classes`` (``C`` lists of ``N-1`` internal ranks, :func:`rank_ladder` by
+    default), chosen by :func:`allocate_row_classes` to minimise ``sum_t f_t ||E_t - E~_t||^2`` (``f``:
+    token frequency) under a total parameter budget, so frequent tokens keep higher ranks.
+
+    Storage: one flat parameter ``values (stored,)``: a block per rank class, ``(rows of the class, cost_c)``
+    with ``cost_c = sum_k r_{k-1} I_k r_k``, each row its cores ``(r_{k-1}, I_k, r_k)`` back to back (layout
+    of :func:`tt_svd_ragged`); the index map is the int64 buffer ``row_class (V,)`` (each row's place in its
+    block follows from it, :func:`class_slots`). ``stored`` is fixed by the plan (the uniform plan's
+    ``V * cost``), so the parameter count is known before the data; the allocation uses ``used <= stored`` of
+    them and the rest (less than one rank step) stays zero.
+
+    Forward: ``ids (...)`` int64 -> ``(..., d)``; gathers only the rows in ``ids``, one batched contraction
+    per rank class present. ``padding_idx`` behaves as in ``nn.Embedding`` (its row gets no gradient).
+
+    Raises (forward): ``IndexError`` for an id outside ``[0, V)``, as ``nn.Embedding`` does.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, shape: Sequence[int],
+                 classes: Sequence[Sequence[int]], stored: int, padding_idx: int | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        shape, classes = [int(s) for s in shape], [[int(r) for r in c] for c in classes]
+        bound = max_ranks(shape) if shape and math.prod(shape) == embedding_dim else None
+        if bound is None or not classes or any(
+                len(c) != len(bound) or not all(1 <= r <= b for r, b in zip(c, bound, strict=True)) for c in classes):
+            raise TensorLMError(f"RaggedTTEmbedding: shape {tuple(shape)} and classes {classes} do not fit "
+                                f"embedding_dim={embedding_dim}; need product == d and ranks in 1..{bound}")
+        self.costs = [tt_parameter_count(shape, c) for c in classes]
+        if stored < num_embeddings * self.costs[0]:
+            raise TensorLMError(f"RaggedTTEmbedding: stored={stored} is below {num_embeddings} rows at the "
+                                f"first class ({self.costs[0]} values each)")
+        if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
+            raise TensorLMError(f"RaggedTTEmbedding: padding_idx {padding_idx} outside [0, {num_embeddings})")
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.shape, self.classes, self.stored = shape, classes, int(stored)
+        self.padding_idx = None if padding_idx is None else padding_idx % num_embeddings
+        self.block_rows = 8192  # rows formed at a time by project (a tied head may change it)
+        self.values = nn.Parameter(torch.zeros(self.stored, dtype=dtype))
+        self.register_buffer("row_class", torch.zeros(num_embeddings, dtype=torch.int64))  # every row class 0
+        self.register_buffer("slot", torch.arange(num_embeddings), persistent=False)  # place in its class block
+        self.sizes = [num_embeddings] + [0] * (len(classes) - 1)  # rows per class
+
+    @classmethod
+    def from_dense(cls, layer: nn.Embedding, shape: Sequence[int], stored: int, weights: torch.Tensor | None = None,
+                   classes: Sequence[Sequence[int]] | None = None,
+                   reference: Sequence[int] | None = None) -> RaggedTTEmbedding:
+        """Ragged TT-SVD of ``layer.weight (V, d)`` in ``stored`` parameters, rows weighted by ``weights``.
+
+        Args:
+            layer: an ``nn.Embedding`` (``max_norm`` unsupported).
+            shape: tensorisation of ``d``; stored: the parameter budget (values); weights: ``(V,)`` positive
+                row weights ``f`` (token frequency; default ones); classes: rank classes, costs increasing
+                (default :func:`rank_ladder`); reference: the uniform plan's ranks, kept if its weighted error
+                is lower.
+
+        Raises:
+            TensorLMError: not an ``nn.Embedding``, ``max_norm`` set, bad shape, NaN/Inf weights, ``weights``
+                not ``(V,)`` positive and finite, a budget below every row at the cheapest class.
+        """
+        if not isinstance(layer, nn.Embedding) or layer.max_norm is not None:
+            raise TensorLMError(
+                f"RaggedTTEmbedding.from_dense: expected nn.Embedding without max_norm, got {type(layer).__name__}"
+            )
+        check_finite(layer.weight, "embedding")
+        w = layer.weight.detach()  # (V, d)
+        weights = torch.ones(w.shape[0], dtype=torch.float64) if weights is None else weights.detach().double()
+        if weights.shape != (w.shape[0],) or not (torch.isfinite(weights).all() and (weights > 0).all()):
+            raise TensorLMError(f"RaggedTTEmbedding.from_dense: row weights {tuple(weights.shape)} must be "
+                                f"({w.shape[0]},), finite and > 0")
+        classes = rank_ladder(shape) if classes is None else [list(c) for c in classes]
+        out = cls(w.shape[0], w.shape[1], shape, classes, stored, layer.padding_idx, w.dtype)
+        ref = list(reference) if reference is not None else None
+        errors = tt_row_errors(w, shape, classes) * weights[:, None]  # (V, C) weighted squared errors
+        row_class = allocate_row_classes(errors, out.costs, stored, classes.index(ref) if ref in classes else None)
+        values = tt_svd_ragged(w, shape, classes, row_class)  # (used,)
+        with torch.no_grad():
+            out.values.zero_()
+            out.values[: values.shape[0]] = values.to(w.dtype)
+            out.row_class.copy_(row_class)
+        out._index()
+        return out
+
+    def _index(self) -> None:
+        """Recompute ``slot`` and ``sizes`` from ``row_class`` (after a build or a load)."""
+        slot, self.sizes = class_slots(self.row_class, len(self.classes))
+        self.slot = slot.to(self.row_class.device)
+
+    @property
+    def used(self) -> int:
+        """Values the rows use, ``sum_c sizes[c] cost_c <= stored``."""
+        return sum(n * cost for n, cost in zip(self.sizes, self.costs, strict=True))
+
+    def row_ranks(self) -> torch.Tensor:
+        """Every row's internal ranks ``(V, N-1)`` int64."""
+        return torch.tensor(self.classes, dtype=torch.int64, device=self.row_class.device)[self.row_class]
+
+    def _block(self, c: int) -> torch.Tensor:
+        """Class ``c``'s block of ``values``, ``(sizes[c], cost_c)`` (a view)."""
+        start = sum(n * cost for n, cost in zip(self.sizes[:c], self.costs[:c], strict=True))
+        return self.values[start:start + self.sizes[c] * self.costs[c]].view(self.sizes[c], self.costs[c])
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``(n, d)`` of the flat ids ``(n,)``: ids sorted by rank class, each class gathers its rows'
+        cores from its block, contracts them in one batch and writes them to their places in the output."""
+        kind = self.row_class[ids]  # (n,)
+        order = torch.argsort(kind, stable=True)  # (n,)
+        counts = torch.bincount(kind, minlength=len(self.classes)).tolist()
+        out = self.values.new_empty(ids.shape[0], self.embedding_dim)  # (n, d), every row written below
+        done = 0
+        for c, count in enumerate(counts):
+            if count:
+                where = order[done:done + count]  # (n_c,) positions in ids of class c
+                pick = ids[where]
+                flat = F.embedding(self.slot[pick], self._block(c))  # (n_c, cost_c)
+                if self.padding_idx is not None:
+                    flat = torch.where((pick == self.padding_idx)[:, None], flat.detach(), flat)
+                out[where] = tt_flat_rows_to_full(flat, self.shape, self.classes[c])  # (n_c, d)
+                done += count
+        return out
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+            raise IndexError(
+                f"index out of range in self: RaggedTTEmbedding ids span [{int(ids.min())}, {int(ids.max())}], "
+                f"valid [0, {self.num_embeddings})"
+            )
+        return self._rows(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)  # (..., d)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits ``hidden @ E^T``: ``(..., d)`` -> ``(..., V)``, forming ``block_rows`` rows of ``E`` at a time
+        (as :meth:`TTEmbedding.project`)."""
+        logits = hidden.new_empty(*hidden.shape[:-1], self.num_embeddings)  # (..., V)
+        for start in range(0, self.num_embeddings, self.block_rows):
+            stop = min(start + self.block_rows, self.num_embeddings)
+            logits[..., start:stop] = hidden @ self.weight_rows(start, stop).T  # (..., block)
+        return logits
+
+    def weight_rows(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The dense rows ``[start, stop)`` of the table, ``(stop - start, d)``."""
+        stop = self.num_embeddings if stop is None else stop
+        return self._rows(torch.arange(start, stop, device=self.row_class.device))
+
+    def to_dense(self) -> nn.Embedding:
+        """The equivalent ``nn.Embedding`` (forms the whole ``(V, d)`` table)."""
+        dense = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
+                             device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.weight_rows())
+        return dense
+
+    def extra_repr(self) -> str:
+        spread = ", ".join(f"{tuple(c)}: {n}" for c, n in zip(self.classes, self.sizes, strict=True) if n)
+        return (f"{self.num_embeddings}, {self.embedding_dim}, shape={tuple(self.shape)}, stored={self.stored}, "
+                f"used={self.used}, rows per ranks {{{spread}}}, padding_idx={self.padding_idx}, "
+                f"ratio={self.num_embeddings * self.embedding_dim / self.stored:.2f}x")
+
+    def tensorlm_config(self) -> dict:
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "shape": list(self.shape),
+                "classes": [list(c) for c in self.classes], "stored": self.stored, "padding_idx": self.padding_idx}
+
+    @classmethod
+    def from_tensorlm_config(cls, cfg: dict, shared: dict) -> RaggedTTEmbedding:
+        return cls(cfg["num_embeddings"], cfg["embedding_dim"], cfg["shape"], cfg["classes"], cfg["stored"],
+                   cfg["padding_idx"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "row_class"
+        if key in state_dict:
+            check_row_classes(state_dict[key], self.num_embeddings, self.costs, self.stored,
+                              prefix.rstrip(".") or "RaggedTTEmbedding")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if key in state_dict:
+            self._index()
+
+
+def check_row_classes(row_class: torch.Tensor, num_embeddings: int, costs: Sequence[int], stored: int,
+                      name: str) -> None:
+    """Raise :class:`TensorLMError` unless ``row_class`` is ``(V,)`` integer in ``[0, C)`` and its rows fit
+    in ``stored`` values (``sum_t costs[row_class[t]] <= stored``)."""
+    ok = (row_class.shape == (num_embeddings,) and not row_class.is_floating_point()
+          and (num_embeddings == 0 or 0 <= int(row_class.min()) <= int(row_class.max()) < len(costs)))
+    if not ok or int(torch.as_tensor(costs)[row_class.long().cpu()].sum()) > stored:
+        raise TensorLMError(f"{name}: row_class {tuple(row_class.shape)} is not a valid rank-class map of "
+                            f"{num_embeddings} rows over {len(costs)} classes within {stored} values")
 
 
 @register_layer
