@@ -22,6 +22,7 @@ from torch import nn
 
 from tensorlm.decompose.tucker import (
     BankFactors,
+    BlockLayout,
     check_ranks,
     identity_bank,
     merge_blocks,
@@ -231,9 +232,22 @@ def bank_from_dense(layers: dict[str, nn.Module], *, ranks: tuple[int, int], blo
         factors = identity_bank(blocks)
     else:
         factors = tucker_bank(blocks, ranks, n_iter_max=n_iter_max, seed=seed)
-    bank = TuckerBank.from_factors(factors, bank_id or default_bank_id(list(layers)))
+    return layers_from_factors({name: bias for name, (_, bias) in dense.items()}, factors, layout,
+                               bank_id or default_bank_id(list(layers)))
+
+
+def layers_from_factors(biases: dict[str, torch.Tensor | None], factors: BankFactors, layout: BlockLayout,
+                        bank_id: str) -> dict[str, BankLinear]:
+    """One :class:`BankLinear` per weight of ``layout``, all holding one :class:`TuckerBank` of ``factors``.
+
+    Args:
+        biases: module path -> ``bias (out,)`` or None, in the layout's order.
+        factors: ``U, V: (D, d)``, ``C: (l, d, d)``, ``P: (M, l)``, in the dtype/device the layers get.
+        layout: where each weight's rows of ``P`` are; bank_id: the bank's name in saved configs.
+    """
+    bank = TuckerBank.from_factors(factors, bank_id)
     replacements = {}
-    for name, (_, bias) in dense.items():
+    for name, bias in biases.items():
         out_features, in_features = layout.shapes[name]
         layer = BankLinear(in_features, out_features, bank, bias=bias is not None)
         with torch.no_grad():
