@@ -459,13 +459,14 @@ def test_a_few_steps_with_a_top64_store_reduce_the_loss_and_a_foreign_store_is_r
     for model, tokenizer, overrides, message in (
             (other_teacher, tok, {}, "another model"), (teacher, other_tok, {}, "another tokenizer"),
             (teacher, tok, {"teacher_topk": 8}, "holds k=16 .* needs k=8"),
-            (teacher, tok, {"steps": 20}, "other blocks")):
+            (teacher, tok, {"seq_len": 8}, "other blocks")):
         before = store.read_bytes()
         with pytest.raises(TensorLMError, match=message) as err:
-            distill(student, model, tokenizer, causal_config(text, **{**cfg.to_dict(), **overrides}),
+            distill(student, model, tokenizer, DistillConfig.from_dict({**cfg.to_dict(), **overrides}),
                     tmp_path / "refused", kind="causal-lm", progress=False)
         assert "\n" not in str(err.value) and not (tmp_path / "refused").exists() and store.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "store.safetensors", "text"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run", "store.safetensors", "text"]
+    assert not (tmp_path / "cache" / "teacher-topk").exists()  # a named store is the only store
 
 
 def test_teacher_topk_refuses_what_cannot_work_in_one_line(tmp_path):
