@@ -36,7 +36,7 @@ from tensorlm.surgery import calibrate, compress, plan_recipe
 from tensorlm.version import __version__
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
-DEFAULT_RECIPE = "minilm-kronecker-ffn"
+DEFAULT_RECIPE = "smollm2-svd-llm-10"
 EVAL_MODES = (*MODES, "none")
 AGREEMENT_SENTENCES = 500
 
@@ -226,7 +226,7 @@ def write_run(out: Path, small, loaded: LoadedModel, recipe: Recipe, results: Ru
 
 
 def run(model: str | None = None, recipe: str | Recipe = DEFAULT_RECIPE, out: str | os.PathLike | None = None, *,
-        data_dir: str | os.PathLike | None = None, eval_mode: str = "full", overwrite: bool = False,
+        data_dir: str | os.PathLike | None = None, eval_mode: str = "quick", overwrite: bool = False,
         resume: bool = False, dtype: str = "float32", restart: bool = False, device: str | None = None,
         seed: int | None = None) -> RunResults:
     """Compress ``model`` by ``recipe``, measure both models in one harness, and write a run folder.
@@ -238,7 +238,8 @@ def run(model: str | None = None, recipe: str | Recipe = DEFAULT_RECIPE, out: st
     until the run completes, and ``resume`` continues them after an interruption.
 
     Args:
-        eval_mode: ``full``, ``sweep``, ``quick`` (:data:`tensorlm.evaluate.CAUSAL_PROTOCOLS`) or ``none``.
+        eval_mode: ``quick`` (default), ``sweep``, ``full`` (:data:`tensorlm.evaluate.CAUSAL_PROTOCOLS`; encoders
+            score their full sets in every mode) or ``none``.
         dtype: ``float32`` or ``bfloat16``, the dtype the model is loaded in.
         restart: delete a stale ``<out>.partial`` work folder first (``resume`` continues it instead).
         device: ``cpu``, ``cuda`` or ``cuda:N``, where the models run (default: where they load).
