@@ -55,7 +55,7 @@ from tensorlm.layers.base import (  # noqa: E402
     set_forward_all,
 )
 from tensorlm.models import load_model  # noqa: E402
-from tensorlm.recipe import Recipe, builtin_recipes, recipe_path  # noqa: E402
+from tensorlm.recipe import Recipe, builtin_recipes  # noqa: E402
 
 RESULTS = HERE / "results"
 MODELS = {"smollm2-135m": "causal-lm", "all-MiniLM-L6-v2": "encoder"}
@@ -119,7 +119,7 @@ def model_kind(model: str) -> str:
 
 def recipes_for(model: str) -> list[str]:
     """The built-in recipes written for ``model`` (their ``model:`` field)."""
-    return [name for name in builtin_recipes() if Recipe.from_file(recipe_path(name)).model == model]
+    return [name for name in builtin_recipes() if Recipe.load(name).model == model]
 
 
 # ------------------------------------------------------------------------------------------------- workers
@@ -149,7 +149,7 @@ def prepare(model: str, recipe: str, folder: Path, data_dir: str | None, smoke: 
     else:
         loaded = load_model(model, data_dir=data_dir)
         dense, tokenizer = loaded.model, loaded.tokenizer
-        small = dense if recipe == "dense" else compress_row(loaded, Recipe.from_file(recipe_path(recipe)),
+        small = dense if recipe == "dense" else compress_row(loaded, Recipe.load(recipe),
                                                              data_dir, kind)[0]
     save_compressed(small, folder, tokenizer=tokenizer, kind=kind, notes=[f"speed benchmark: {recipe}"])
 

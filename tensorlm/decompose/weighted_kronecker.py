@@ -216,15 +216,24 @@ def weighted_kronecker(
     g = _checked_inputs(w, g, a_shape, b_shape, rank, sweeps, name)
     w64 = w.detach().to(torch.float64)
     a, b = _balanced(*kronecker_factored_whitening(w64, g, a_shape, b_shape, rank, damp=damp, name=name))
-    rel_white = weighted_error(w64, kronecker_sum(a, b), g)
-    plain = nearest_kronecker(w64, a_shape, b_shape, rank, name)
-    rel_plain = weighted_error(w64, kronecker_sum(plain.a, plain.b), g)
+    return _refine(w, w64, (a, b), lambda approx: weighted_error(w64, approx, g), _ALS(w64, g, a_shape, b_shape),
+                   rank, sweeps, tol, name)
+
+
+def _refine(w: torch.Tensor, w64: torch.Tensor, whitened: tuple[torch.Tensor, torch.Tensor], error, als, rank: int,
+            sweeps: int, tol: float, name: str) -> WeightedKroneckerFactors:
+    """The better start (the whitened factors or plain Van Loan-Pitsianis, by ``error(approx) -> float``), then
+    the ALS ``als`` from it; factors back in ``w``'s dtype. ``w64``: ``w`` in float64, ``(m, n)``."""
+    a, b = whitened  # (r, m1, n1), (r, m2, n2)
+    rel_white = error(kronecker_sum(a, b))
+    plain = nearest_kronecker(w64, tuple(a.shape[1:]), tuple(b.shape[1:]), rank, name)
+    rel_plain = error(kronecker_sum(plain.a, plain.b))
     start = "whitened" if rel_white <= rel_plain else "plain"
     if start == "plain":
         a, b = plain.a, plain.b
     rel_start = min(rel_white, rel_plain)
-    a, b, history, sweeps_run = _alternate(_ALS(w64, g, a_shape, b_shape), a, b, rel_start, sweeps, tol)
-    rel = weighted_error(w64, kronecker_sum(a, b), g) if sweeps_run else rel_start
+    a, b, history, sweeps_run = _alternate(als, a, b, rel_start, sweeps, tol)
+    rel = error(kronecker_sum(a, b)) if sweeps_run else rel_start
     return WeightedKroneckerFactors(a.to(w.dtype).contiguous(), b.to(w.dtype).contiguous(), rel_plain, rel_white,
                                     rel, start, history, sweeps_run)
 
@@ -373,14 +382,5 @@ def row_weighted_kronecker(
     d1, d2 = diagonal_kronecker_factors(f, m1, m2)  # (m1,), (m2,)
     scaled = nearest_kronecker((d1[:, None] * d2[None, :]).sqrt().reshape(-1, 1) * w64, a_shape, b_shape, rank, name)
     a, b = _balanced(scaled.a / d1.sqrt()[None, :, None], scaled.b / d2.sqrt()[None, :, None])
-    rel_white = row_weighted_error(w64, kronecker_sum(a, b), f)
-    plain = nearest_kronecker(w64, a_shape, b_shape, rank, name)
-    rel_plain = row_weighted_error(w64, kronecker_sum(plain.a, plain.b), f)
-    start = "whitened" if rel_white <= rel_plain else "plain"
-    if start == "plain":
-        a, b = plain.a, plain.b
-    rel_start = min(rel_white, rel_plain)
-    a, b, history, sweeps_run = _alternate(_RowALS(w64, f, a_shape, b_shape), a, b, rel_start, sweeps, tol)
-    rel = row_weighted_error(w64, kronecker_sum(a, b), f) if sweeps_run else rel_start
-    return WeightedKroneckerFactors(a.to(w.dtype).contiguous(), b.to(w.dtype).contiguous(), rel_plain, rel_white,
-                                    rel, start, history, sweeps_run)
+    return _refine(w, w64, (a, b), lambda approx: row_weighted_error(w64, approx, f),
+                   _RowALS(w64, f, a_shape, b_shape), rank, sweeps, tol, name)
