@@ -65,6 +65,16 @@ def main() -> None:
                          _table_of("minilm_recipes") + "\n\nSTS-B and SICK-R test Spearman of mean-pooled "
                          "embeddings (cosine); parameters counted as unique tensors; `tensorlm run`, the "
                          "uncompressed model measured in the same run.")
+    if _load("speed"):
+        tables = re.findall(r"(?:^\|.*\|\n)+", (RESULTS / "speed.md").read_text(), re.M)
+        parts += section("Inference speed and memory against dense (issue 14)", "speed",
+                         "\n\n".join(t.rstrip() for t in tables)
+                         + "\n\nFirst table all-MiniLM-L6-v2, second SmolLM2-135M. "
+                         "One quiet run on 2 CPU threads, median of 5 "
+                         "after warm-up, each row in a fresh process; `factorized`: every factored layer runs its "
+                         "factored forward; `chosen`: per layer, the faster of that and the reconstructed dense "
+                         "weight (`choose_forward`). Ratios > 1 are better than dense. Peak RSS includes the "
+                         "Python, torch and transformers runtime (about 0.45 GiB). Only the rows shown are measured.")
     if _load("model_latency"):
         parts += section("Forward latency on this CPU, same models", "model_latency", _table_of("model_latency"))
     if _load("kronecker_real_weights"):
@@ -82,7 +92,7 @@ def main() -> None:
                         ("distill_causal_lm", "Distillation: a small GPT-2 trained here, KnGPT2-style student")):
         if _load(name):
             parts += section(title, name, _table_of(name))
-    expected = ("causal_lm", "calibrated", "minilm_recipes", "model_latency", "kronecker_real_weights",
+    expected = ("causal_lm", "calibrated", "speed", "minilm_recipes", "model_latency", "kronecker_real_weights",
                 "permutation_gain", "tensorgpt_sweep", "tucker_bank", "distill_minilm",
                 "distill_minilm-tucker-bank-1x7", "distill_causal_lm")
     missing = [n for n in expected if not _load(n)]
