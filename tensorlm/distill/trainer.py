@@ -47,6 +47,7 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
 from torch import nn
 from tqdm.auto import tqdm
@@ -209,7 +210,14 @@ def _accelerator(cfg: DistillConfig, kind: str) -> Accelerator:
     """
     # An encoder's pooler takes no part in any loss: DDP must then look for parameters without gradients.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=kind == "encoder")
-    accelerator = Accelerator(mixed_precision=_precision(cfg.mixed_precision), kwargs_handlers=[ddp])
+    precision = _precision(cfg.mixed_precision)
+    current = AcceleratorState._shared_state.get("_mixed_precision")  # None: no Accelerator in this process yet
+    if current is not None and current != precision:
+        # accelerate keeps one mixed-precision setting per process and refuses another; a later run of this
+        # process may ask for another, so its state starts afresh (the process group, PartialState, is kept)
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+    accelerator = Accelerator(mixed_precision=precision, kwargs_handlers=[ddp])
     world = accelerator.num_processes
     if cfg.batch_size % (world * cfg.grad_accum):
         raise TensorLMError(f"distill: batch_size {cfg.batch_size} must divide by processes x grad_accum "
