@@ -5,7 +5,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 DATA = Path(os.environ.get("TENSORLM_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -47,3 +55,18 @@ def tiny_bert() -> BertModel:
 @pytest.fixture
 def tiny_llama() -> LlamaForCausalLM:
     return make_tiny_llama()
+
+
+@pytest.fixture
+def gpt2_folder_and_data(tmp_path, data_dir):
+    """A tiny random GPT-2 saved with the real GPT-2 tokenizer, and a data folder whose ``lm_text`` holds 40
+    short repetitive documents: enough for calibration, reconstruction and a few distillation steps."""
+    folder = tmp_path / "tiny-gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(data_dir / "gpt2-tokenizer").save_pretrained(folder)
+    data = tmp_path / "data"
+    (data / "lm_text").mkdir(parents=True)
+    (data / "lm_text" / "a.txt").write_text("\n\n".join(f"Document {i}. " + "The quick brown fox jumps over it. " * 30
+                                                       for i in range(40)))
+    return folder, data

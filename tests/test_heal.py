@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tiny_gpt2, make_tiny_llama
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import AutoTokenizer
 
 from tensorlm import Recipe, TensorLMError, compress
 from tensorlm.heal import ReconstructConfig, reconstruct_blocks
@@ -217,18 +217,6 @@ def test_check_heal_plan_refuses_a_stage_that_leaves_nothing_to_train_and_a_too_
     with pytest.raises(TensorLMError, match="'s': reconstruct: 2 calibration batches leave no held-out"):
         check_heal_plan(teacher, small, plan_recipe(teacher, small))
 
-
-@pytest.fixture
-def gpt2_folder_and_data(tmp_path, data_dir):
-    folder = tmp_path / "tiny-gpt2"
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128)).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(data_dir / "gpt2-tokenizer").save_pretrained(folder)
-    data = tmp_path / "data"
-    (data / "lm_text").mkdir(parents=True)
-    (data / "lm_text" / "a.txt").write_text("\n\n".join(f"Document {i}. " + "The quick brown fox jumps over it. " * 30
-                                                       for i in range(40)))
-    return folder, data
 
 
 def heal_recipe(stages: list[dict]) -> Recipe:

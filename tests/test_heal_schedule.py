@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from tensorlm import Recipe, TensorLMError
 from tensorlm.heal.schedule import SCHEDULE_FILE
@@ -29,19 +28,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def folder_and_data(tmp_path, data_dir):
-    folder = tmp_path / "tiny-gpt2"
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128)).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(data_dir / "gpt2-tokenizer").save_pretrained(folder)
-    data = tmp_path / "data"
-    (data / "lm_text").mkdir(parents=True)
-    (data / "lm_text" / "a.txt").write_text("\n\n".join(f"Document {i}. " + "The quick brown fox jumps over it. " * 30
-                                                       for i in range(40)))
-    return folder, data
 
 
 def two_stage_recipe(data: Path, lr: float = 3e-3) -> Recipe:
@@ -69,9 +55,9 @@ def counting(monkeypatch, target, name: str, kill_at: int | None = None) -> list
     return calls
 
 
-def test_a_run_killed_in_the_second_stages_distillation_resumes_to_the_same_weights(folder_and_data, tmp_path,
+def test_a_run_killed_in_the_second_stages_distillation_resumes_to_the_same_weights(gpt2_folder_and_data, tmp_path,
                                                                                       monkeypatch):
-    folder, data = folder_and_data
+    folder, data = gpt2_folder_and_data
     recipe = two_stage_recipe(data)
     straight = tmp_path / "straight"
     run(str(folder), recipe, straight, data_dir=data, eval_mode="none", seed=0)
