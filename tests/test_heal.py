@@ -218,7 +218,6 @@ def test_check_heal_plan_refuses_a_stage_that_leaves_nothing_to_train_and_a_too_
         check_heal_plan(teacher, small, plan_recipe(teacher, small))
 
 
-
 def heal_recipe(stages: list[dict]) -> Recipe:
     return Recipe.from_dict({"name": "heal", "calibration": {"samples": 8, "length": 32}, "stages": stages})
 
