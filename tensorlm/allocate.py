@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from tensorlm.decompose.allocation import allocate_ranks
+from tensorlm.decompose.allocation import RankCurve, allocate_ranks
 from tensorlm.errors import TensorLMError
 from tensorlm.methods import METHODS, get_method
 from tensorlm.plan import Plan, StagePlan
@@ -53,11 +53,14 @@ def _allocate_stage(model: nn.Module, stage: Stage, stage_plan: StagePlan, stats
     if any(p.is_meta for m in modules.values() for p in m.parameters()):
         raise TensorLMError(f"stage {stage.name!r}: a budget needs the real weights of its targets; an earlier "
                             "stage replaces some of them")
-    curves = [method.rank_curve(modules[e.name], e, stats, stage.budget.normalise, stage.budget.floor)
-              for e in entries]
+    budget = stage.budget
+    normalise = budget.normalise and budget.sensitivity is None
+    curves = [method.rank_curve(modules[e.name], e, stats, normalise, budget.floor) for e in entries]
+    if budget.sensitivity == "fisher":
+        curves = [in_nats(curve, (stats or {}).get(e.name)) for curve, e in zip(curves, entries, strict=True)]
     fixed = sum(e.params_after - e.ranks[0] * c.cost_per_rank for e, c in zip(entries, curves, strict=True))
     before = sum(e.params_before for e in entries)
-    limit = stage.budget.limit(before)
+    limit = budget.limit(before)
     chosen = allocate_ranks(curves, limit - fixed).ranks
     new = {e.name: method.rerank(e, chosen[e.name]) for e in entries}
     kept = [e for e in entries if new[e.name] is None]  # the allocation keeps them dense: not replaced
@@ -66,3 +69,19 @@ def _allocate_stage(model: nn.Module, stage: Stage, stage_plan: StagePlan, stats
     stage_plan.entries[:] = [n for n in new.values() if n is not None]
     stage_plan.kept_dense = [e.name for e in kept]
     return change
+
+
+def in_nats(curve: RankCurve, calibration) -> RankCurve:
+    """``curve``'s whitened losses ``sum_t ||dW x_t||^2`` turned into the estimated increase of the mean
+    next-token loss, ``f / 2 * loss / tokens`` (nats per token; :mod:`tensorlm.fisher`), ``f`` the mean
+    squared loss gradient at the module's outputs.
+
+    Raises:
+        TensorLMError: no output Fisher was collected for this module.
+    """
+    fisher = getattr(calibration, "output_fisher", None)
+    if fisher is None:
+        raise TensorLMError(f"{curve.name}: budget sensitivity fisher needs the output Fisher of this module; "
+                            "it is collected by the calibration pass of tensorlm.compress / tensorlm run")
+    scale = 0.5 * fisher.mean().item() / max(calibration.tokens, 1)
+    return RankCurve(curve.name, curve.ranks, tuple(x * scale for x in curve.losses), curve.cost_per_rank)

@@ -53,10 +53,13 @@ class Calibration:
     Attributes:
         second_moment: ``(n, n)`` float64 on the CPU, ``G = sum_t x_t x_t^T`` over every unpadded position.
         tokens: number of positions ``t`` summed.
+        output_fisher: ``(out,)`` float64 mean squared loss gradient at each output unit
+            (:func:`tensorlm.fisher.collect_output_fisher`), when a budget asks for ``sensitivity: fisher``.
     """
 
     second_moment: torch.Tensor
     tokens: int
+    output_fisher: torch.Tensor | None = None
 
 
 class CalibrationResult(dict):

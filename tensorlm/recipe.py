@@ -49,13 +49,17 @@ class Budget:
     most this many. Ranks are then allocated across the targets (:mod:`tensorlm.allocate`), not given
     per matrix; ``normalise``: each matrix's loss is its relative (True) or absolute (False) weighted error;
     ``floor``: every matrix keeps at least this fraction of its dense parameters (the allocator would
-    otherwise cut some matrices to rank 1).
+    otherwise cut some matrices to rank 1); ``sensitivity``: ``fisher`` weights each matrix's absolute
+    whitened error by the empirical Fisher of the LM loss at its outputs (:mod:`tensorlm.fisher`), so the
+    allocation compares estimated loss increases; it needs ``calibration: whitened`` and a causal LM, and
+    replaces ``normalise``.
     """
 
     ratio: float | None = None
     params: int | None = None
     normalise: bool = True
     floor: float = 0.1
+    sensitivity: str | None = None
 
     def __post_init__(self):
         if (self.ratio is None) == (self.params is None):
@@ -66,6 +70,8 @@ class Budget:
             raise TensorLMError(f"budget params must be a positive integer, got {self.params!r}")
         if not (isinstance(self.floor, int | float) and 0 <= self.floor < 1):
             raise TensorLMError(f"budget floor must be a number in [0, 1), got {self.floor!r}")
+        if self.sensitivity not in (None, "fisher"):
+            raise TensorLMError(f"budget sensitivity must be fisher (or absent), got {self.sensitivity!r}")
 
     def limit(self, params_before: int) -> int:
         """The parameters the targets may keep, given what they hold now."""
@@ -193,6 +199,9 @@ class Stage:
         budget = None if budget is None else options_from_dict(Budget, budget, f"{where} budget")
         heal = data.pop("heal", None)
         heal = None if heal is None else HealConfig.from_dict(heal, f"{where} heal")
+        if budget is not None and budget.sensitivity and getattr(options, "calibration", None) != "whitened":
+            raise TensorLMError(f"{where}: budget sensitivity {budget.sensitivity!r} weighs whitened errors; set "
+                                f"options calibration: whitened")
         stage = cls(data.pop("name", f"stage{index}"), method, targets, options, data.pop("distill", None), budget,
                     heal)
         if data:

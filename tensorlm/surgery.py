@@ -28,6 +28,7 @@ from tensorlm.calibrate import (
 )
 from tensorlm.data import resolve_data_dir
 from tensorlm.errors import TensorLMError
+from tensorlm.fisher import collect_output_fisher
 from tensorlm.layers.base import LAYERS
 from tensorlm.methods import Method, PlanContext, get_method
 from tensorlm.params import group_of, unique_parameters
@@ -268,6 +269,14 @@ def calibrate(model: nn.Module, recipe: Recipe, plan: Plan, tokenizer, kind: str
     if not names:
         return counts
     result = collect_second_moments(model, names, batches, progress, description=description)
+    sensitive = [e.name for stage, stage_plan in zip(recipe.stages, plan.stages, strict=True)
+                 if stage.budget is not None and stage.budget.sensitivity == "fisher" for e in stage_plan.entries]
+    if sensitive:
+        if kind != "causal-lm":
+            raise TensorLMError(f"recipe {recipe.name!r}: budget sensitivity fisher needs a causal LM's next-token "
+                                f"loss; this model is an {kind}")
+        for name, fisher in collect_output_fisher(model, sensitive, batches, progress).items():
+            result[name].output_fisher = fisher
     result.update(counts or {})  # after the cache write: the cached file holds the G matrices only
     return result
 
