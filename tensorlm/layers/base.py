@@ -21,7 +21,9 @@ key (older folders) loads as ``"factorized"``. The reconstructed path runs only 
 needed (``torch.no_grad``/``inference_mode``, or no parameter requires grad); otherwise the factored
 forward runs, so training always updates the factors. The cache is rebuilt whenever a parameter or buffer
 of the layer changed (in-place version counter, storage, dtype or device), e.g. after an optimizer step,
-``load_state_dict`` or ``.to()``.
+``load_state_dict`` or ``.to()``. The same mechanism (:func:`cached`, guarded by :func:`needs_grad`) keeps
+whatever else a layer derives from its parameters alone for inference: a Tucker bank's cores, a TT table
+behind a tied head.
 """
 
 from __future__ import annotations
@@ -212,36 +214,60 @@ def _state_key(module: nn.Module) -> tuple:
                  for t in itertools.chain(module.parameters(), module.buffers()))
 
 
+def cached(owner: nn.Module, slot: str, build, extra: tuple = ()):
+    """``build()`` computed under ``no_grad`` and kept beside ``owner`` until its tensors change.
+
+    The value lives in ``owner.__dict__[slot]`` (a plain attribute: not a parameter, not in the state dict)
+    with the :func:`_state_key` of ``owner``'s parameters and buffers (its children's included) and ``extra``
+    (e.g. a contraction order) it was built for; any in-place update (an optimizer step, ``load_state_dict``),
+    a new storage, dtype or device, or another ``extra`` rebuilds it, the stale copy freed first.
+
+    Args:
+        owner: the module whose tensors the value depends on (a layer, or a bank shared by layers).
+        slot: the attribute name, one per kind of value.
+        build: a function of no arguments returning the value (tensors or tuples of them).
+        extra: anything hashable the value also depends on.
+    """
+    key = (_state_key(owner), extra)
+    hit = owner.__dict__.get(slot)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    owner.__dict__.pop(slot, None)  # free the stale copy before building the new one
+    with torch.no_grad():
+        value = build()
+    owner.__dict__[slot] = (key, value)
+    return value
+
+
+def _dense_form(module: nn.Module) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+    """``(kind, weight, bias)`` of ``module.to_dense()`` (detached), run with the factored forward."""
+    module.__dict__[_BUILDING] = True  # to_dense may call the layer (KroneckerEmbedding): factored there
+    try:
+        dense = module.to_dense()
+    finally:
+        module.__dict__.pop(_BUILDING, None)
+    kind = "embedding" if isinstance(dense, nn.Embedding) else "linear"
+    bias = getattr(dense, "bias", None) if kind == "linear" else None
+    return kind, dense.weight.detach(), None if bias is None else bias.detach()
+
+
 def reconstructed(module: nn.Module) -> tuple[str, torch.Tensor, torch.Tensor | None]:
-    """The layer's dense form, cached beside it: ``(kind, weight, bias)``.
+    """The layer's dense form, cached beside it (:func:`cached`): ``(kind, weight, bias)``.
 
     ``kind`` is ``"linear"`` (``weight: (out, in)``, ``bias: (out,)`` or None) or ``"embedding"``
-    (``weight: (V, d)``, bias None), after the type ``to_dense()`` returns. The cache is a plain attribute
-    (not a parameter, not in the state dict) rebuilt from ``to_dense()`` under ``no_grad`` whenever a
-    parameter or buffer changed since it was built (:func:`_state_key`). A layer with a
-    ``reconstructed_tensors()`` method (:class:`TiedHead`) supplies its own (shared) tensors instead.
+    (``weight: (V, d)``, bias None), after the type ``to_dense()`` returns; rebuilt from ``to_dense()``
+    whenever a parameter or buffer changed since it was built. A layer with a ``reconstructed_tensors()``
+    method (:class:`TiedHead`) supplies its own (shared) tensors instead.
     """
     own = getattr(module, "reconstructed_tensors", None)
     if own is not None:
         return own()
-    key = _state_key(module)
-    cached = module.__dict__.get(_CACHE)
-    if cached is None or cached[0] != key:
-        module.__dict__.pop(_CACHE, None)  # free the stale copy before building the new one
-        module.__dict__[_BUILDING] = True  # to_dense may call the layer (KroneckerEmbedding): factored there
-        try:
-            with torch.no_grad():
-                dense = module.to_dense()
-        finally:
-            module.__dict__.pop(_BUILDING, None)
-        kind = "embedding" if isinstance(dense, nn.Embedding) else "linear"
-        bias = getattr(dense, "bias", None) if kind == "linear" else None
-        cached = (key, kind, dense.weight.detach(), None if bias is None else bias.detach())
-        module.__dict__[_CACHE] = cached
-    return cached[1:]
+    return cached(module, _CACHE, lambda: _dense_form(module))
 
 
-def _needs_grad(module: nn.Module) -> bool:
+def needs_grad(module: nn.Module) -> bool:
+    """True when autograd records (``torch.is_grad_enabled()``) and a parameter of ``module`` requires grad:
+    then a layer must run from its parameters, never from a cache (:func:`cached`)."""
     return torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
 
 
@@ -257,7 +283,7 @@ def _dispatching(forward):
     def dispatch(self, x, *args, **kwargs):
         choice = self.__dict__.get(_CHOICE, FACTORIZED)
         if (choice != FACTORIZED and not args and not kwargs and _BUILDING not in self.__dict__
-                and path_for(choice, input_rows(x)) == RECONSTRUCTED and not _needs_grad(self)):
+                and path_for(choice, input_rows(x)) == RECONSTRUCTED and not needs_grad(self)):
             return _reconstructed_forward(self, x)
         return forward(self, x, *args, **kwargs)
 

@@ -34,7 +34,7 @@ from tensorlm.decompose.tt import (
     tt_svd_rows,
 )
 from tensorlm.errors import TensorLMError
-from tensorlm.layers.base import dense_linear, dense_weight, register_layer
+from tensorlm.layers.base import dense_linear, dense_weight, needs_grad, reconstructed, register_layer
 
 
 def _ranks_of(cores: Sequence[torch.Tensor]) -> list[int]:
@@ -134,7 +134,7 @@ class TTEmbedding(nn.Module):
         flat = ids.reshape(-1)  # (n,)
         rows = [F.embedding(flat, core.reshape(self.num_embeddings, -1)).reshape(-1, *core.shape[1:])
                 for core in self.cores]  # each (n, r_{k-1}, I_k, r_k)
-        if self.padding_idx is not None:
+        if self.padding_idx is not None and needs_grad(self):  # only the gradient differs at padding_idx
             pad = (flat == self.padding_idx)[:, None, None, None]  # (n, 1, 1, 1)
             rows = [torch.where(pad, g.detach(), g) for g in rows]
         return tt_rows_to_full(rows).reshape(*ids.shape, self.embedding_dim)  # (..., d)
@@ -144,9 +144,13 @@ class TTEmbedding(nn.Module):
 
         Logits straight from the cores cost ``~ n V d r`` multiply-adds for ``n`` hidden states (each
         contracted with every row's MPS); rebuilding the table costs ``V d r`` once plus ``n V d`` for the
-        product, never more for ``n >= 2``. So the table is rebuilt block by block and never held whole
-        (with autograd each block is kept for the backward pass).
+        product, never more for ``n >= 2``. Without a gradient to record (:func:`needs_grad`) the whole table
+        is rebuilt once and cached (:func:`tensorlm.layers.base.reconstructed`, the copy the forward choice
+        uses; rebuilt after any parameter changes), so a decoding step costs only ``n V d``; while training
+        it is rebuilt block by block on every call and never held whole (each block is kept for backward).
         """
+        if not needs_grad(self):
+            return F.linear(hidden, reconstructed(self)[1])  # (..., d) @ (V, d)^T -> (..., V)
         vocab = self.num_embeddings
         logits = hidden.new_empty(*hidden.shape[:-1], vocab)  # (..., V)
         for start in range(0, vocab, self.block_rows):
@@ -300,7 +304,7 @@ class RaggedTTEmbedding(nn.Module):
                 where = order[done:done + count]  # (n_c,) positions in ids of class c
                 pick = ids[where]
                 flat = F.embedding(self.slot[pick], self._block(c))  # (n_c, cost_c)
-                if self.padding_idx is not None:
+                if self.padding_idx is not None and needs_grad(self):
                     flat = torch.where((pick == self.padding_idx)[:, None], flat.detach(), flat)
                 out[where] = tt_flat_rows_to_full(flat, self.shape, self.classes[c])  # (n_c, d)
                 done += count
@@ -315,8 +319,10 @@ class RaggedTTEmbedding(nn.Module):
         return self._rows(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)  # (..., d)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits ``hidden @ E^T``: ``(..., d)`` -> ``(..., V)``, forming ``block_rows`` rows of ``E`` at a time
-        (as :meth:`TTEmbedding.project`)."""
+        """Logits ``hidden @ E^T``: ``(..., d)`` -> ``(..., V)``, from the cached table without a gradient to
+        record, else forming ``block_rows`` rows of ``E`` at a time (as :meth:`TTEmbedding.project`)."""
+        if not needs_grad(self):
+            return F.linear(hidden, reconstructed(self)[1])  # (..., d) @ (V, d)^T -> (..., V)
         logits = hidden.new_empty(*hidden.shape[:-1], self.num_embeddings)  # (..., V)
         for start in range(0, self.num_embeddings, self.block_rows):
             stop = min(start + self.block_rows, self.num_embeddings)

@@ -7,6 +7,12 @@ block ``(r, c)`` is ``W_rc ~ U G_rc V^T`` with ``G_rc = sum_j P[rc, j] C_j``; ``
 ``P: (n_blocks, l)`` and its bias. The layer computes ``y_r = U sum_c G_rc (V^T x_c) + b_r`` and never
 forms ``W``.
 
+Inference (no gradient recorded, see :func:`tensorlm.layers.base.needs_grad`): what depends on parameters
+alone is computed once and cached (:func:`tensorlm.layers.base.cached`, rebuilt after any parameter
+changes): on the bank, ``C`` with ``U`` or ``V`` folded in (once per bank, not per layer); on each layer,
+its cores in the layout of its contraction :attr:`BankLinear.order`, so a decoded token costs only the
+contraction. Training recomputes the cores from ``P`` and ``C`` on every call, so gradients reach both.
+
 Sharing: every :class:`BankLinear` holds the same :class:`TuckerBank` object as a child module, so
 ``model.parameters()`` yields ``U``, ``V``, ``C`` once and ``safetensors.torch.save_model`` stores one
 copy. On reload, :meth:`BankLinear.from_tensorlm_config` finds or creates that one bank in the loader's
@@ -30,9 +36,11 @@ from tensorlm.decompose.tucker import (
     tucker_bank,
 )
 from tensorlm.errors import TensorLMError
-from tensorlm.layers.base import dense_linear, dense_weight, register_layer
+from tensorlm.layers.base import cached, dense_linear, dense_weight, needs_grad, register_layer
 
 BANK_CONFIG_KEYS = ("id", "block_size", "rank_blocks", "rank")
+ORDERS = ("v_g_u", "v_gu", "vg_u")
+"""Contraction orders of :meth:`BankLinear.forward` (``x -> V -> G -> U``, with ``G`` merged into ``U`` or ``V``)."""
 
 
 class TuckerBank(nn.Module):
@@ -86,6 +94,25 @@ class TuckerBank(nn.Module):
         """The dense blocks ``W_i = U G_i V^T: (n, D, D)`` (for :meth:`BankLinear.to_dense` and checks)."""
         return self.U @ self.cores(P) @ self.V.T
 
+    def folded(self, order: str) -> torch.Tensor:
+        """The bank's part of a layer's cached factor for contraction ``order``, cached on the bank (shared by
+        all its layers) until ``U``, ``V`` or ``C`` change.
+
+        Returns:
+            ``"v_g_u"``: ``C`` as ``(l, d*d)`` (index ``(i, j)``); ``"v_gu"``: ``CU[l, j, e] = sum_i C_l[i, j]
+            U[e, i]`` as ``(l, d*D)``; ``"vg_u"``: ``VC[l, e, i] = sum_j V[e, j] C_l[i, j]`` as ``(l, D*d)``.
+        """
+        size, rank = self.block_size, self.rank
+
+        def build() -> torch.Tensor:
+            if order == "v_gu":
+                return torch.einsum("lij,ei->lje", self.C, self.U).reshape(self.rank_blocks, rank * size)
+            if order == "vg_u":
+                return torch.einsum("ej,lij->lei", self.V, self.C).reshape(self.rank_blocks, size * rank)
+            return self.C.reshape(self.rank_blocks, rank * rank)
+
+        return cached(self, f"_tensorlm_folded_{order}", build)
+
     def extra_repr(self) -> str:
         return f"id={self.bank_id!r}, D={self.block_size}, l={self.rank_blocks}, d={self.rank}"
 
@@ -134,19 +161,80 @@ class BankLinear(nn.Module):
         return bank_from_dense({"layer": layer}, ranks=ranks, block_size=block_size,
                                n_iter_max=n_iter_max, seed=seed)["layer"]
 
+    FACTORED_ORDERS = ORDERS  # timed by tensorlm.layers.base.choose_forward
+
+    @property
+    def order(self) -> str:
+        """The contraction order at inference, one of :data:`ORDERS` (default: the fewest multiply-adds,
+        :meth:`macs_per_token`); training always contracts ``"v_g_u"``."""
+        return self.__dict__.get("_bank_order") or min(ORDERS, key=self.macs_per_token)
+
+    @order.setter
+    def order(self, value: str) -> None:
+        if value not in ORDERS:
+            raise TensorLMError(f"BankLinear: order {value!r} is not one of {ORDERS}")
+        self.__dict__["_bank_order"] = value
+
+    def macs_per_token(self, order: str) -> int:
+        """Multiply-adds per input row of the contraction ``order`` (dense: ``out * in``), with ``R`` block rows,
+        ``K`` block columns: ``"v_g_u"`` ``K D d + K R d^2 + R d D``; ``"v_gu"`` ``K D d + K d out``;
+        ``"vg_u"`` ``in R d + R d D``.
+
+        Raises:
+            TensorLMError: an unknown order.
+        """
+        rows, cols = self.grid
+        size, rank = self.bank.block_size, self.bank.rank
+        costs = {"v_g_u": cols * size * rank + cols * rows * rank * rank + rows * rank * size,
+                 "v_gu": cols * size * rank + cols * rank * self.out_features,
+                 "vg_u": self.in_features * rows * rank + rows * rank * size}
+        if order not in costs:
+            raise TensorLMError(f"BankLinear: order {order!r} is not one of {ORDERS}")
+        return costs[order]
+
+    def factor(self, order: str) -> torch.Tensor:
+        """This layer's cores in the layout of ``order`` (``R`` block rows, ``K`` block columns):
+        ``"v_g_u"``: ``mix (K d, R d)``, ``mix[c d + j, r d + i] = G_rc[i, j]``; ``"v_gu"``: ``(K d, out)``,
+        ``G_rc`` times ``U^T``; ``"vg_u"``: ``(in, R d)``, ``V`` times ``G_rc^T``. Built from
+        :meth:`TuckerBank.folded` with one product by ``P``; cached unless a gradient is needed."""
+        rows, cols = self.grid
+        size, rank = self.bank.block_size, self.bank.rank
+
+        def build() -> torch.Tensor:
+            folded = self.bank.C.reshape(-1, rank * rank) if needs_grad(self) else self.bank.folded(order)
+            mixed = self.P @ folded  # (R K, l) @ (l, .) -> (R K, .)
+            if order == "v_gu":  # (R, K, d, D) -> (K, d, R, D)
+                return mixed.reshape(rows, cols, rank, size).permute(1, 2, 0, 3).reshape(cols * rank, -1)
+            if order == "vg_u":  # (R, K, D, d) -> (K, D, R, d)
+                return mixed.reshape(rows, cols, size, rank).permute(1, 2, 0, 3).reshape(-1, rows * rank)
+            # (R, K, i, j) -> (K, j, R, i)
+            return mixed.reshape(rows, cols, rank, rank).permute(1, 3, 0, 2).reshape(cols * rank, rows * rank)
+
+        if needs_grad(self):
+            return build()
+        return cached(self, "_tensorlm_factor", build, extra=(order,))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x: (..., in) -> (..., out)``; cost per token ``d D (rows + cols) + rows cols d^2`` MACs."""
+        """``x: (..., in) -> (..., out)`` by :attr:`order` (``"v_g_u"`` while training); per-row cost
+        :meth:`macs_per_token`."""
+        order = "v_g_u" if needs_grad(self) else self.order
         rows, cols = self.grid
         size, rank = self.bank.block_size, self.bank.rank
         lead = x.shape[:-1]
-        z = x.reshape(*lead, cols, size) @ self.bank.V  # (..., cols, d)
-        cores = self.bank.cores(self.P).reshape(rows, cols, rank, rank)  # (rows, cols, d, d): G_rc
-        # mix[c*d + j, r*d + i] = G_rc[i, j], so that h_r = sum_c G_rc z_c is one matmul
-        mix = cores.permute(1, 3, 0, 2).reshape(cols * rank, rows * rank)  # (cols*d, rows*d)
-        h = z.reshape(*lead, cols * rank) @ mix  # (..., rows*d)
-        y = h.reshape(*lead, rows, rank) @ self.bank.U.T  # (..., rows, D)
-        y = y.reshape(*lead, self.out_features)  # (..., out)
-        return y if self.bias is None else y + self.bias
+        flat = x.reshape(-1, self.in_features)  # (N, in)
+        factor = self.factor(order)
+        if order == "v_gu":
+            z = (flat.reshape(-1, size) @ self.bank.V).reshape(-1, cols * rank)  # (N, K d)
+            y = z @ factor if self.bias is None else torch.addmm(self.bias, z, factor)  # (N, out)
+            return y.reshape(*lead, self.out_features)
+        if order == "vg_u":
+            h = flat @ factor  # (N, R d)
+        else:
+            z = (flat.reshape(-1, size) @ self.bank.V).reshape(-1, cols * rank)  # (N, K d)
+            h = z @ factor  # (N, R d)
+        y = (h.reshape(-1, rank) @ self.bank.U.T).reshape(-1, self.out_features)  # (N R, D) -> (N, out)
+        y = y if self.bias is None else y + self.bias
+        return y.reshape(*lead, self.out_features)
 
     def weight_matrix(self) -> torch.Tensor:
         """The weight ``W: (out, in)`` this layer applies (formed, for checks and export)."""
@@ -164,9 +252,10 @@ class BankLinear(nn.Module):
                 f"bank={self.bank.bank_id!r}, bias={self.bias is not None}")
 
     def tensorlm_config(self) -> dict:
-        """``{"in_features", "out_features", "bias", "bank": {"id", "block_size", "rank_blocks", "rank"}}``."""
+        """``{"in_features", "out_features", "bias", "bank": {"id", "block_size", "rank_blocks", "rank"},
+        "order"}``."""
         return {"in_features": self.in_features, "out_features": self.out_features,
-                "bias": self.bias is not None, "bank": self.bank.bank_config()}
+                "bias": self.bias is not None, "bank": self.bank.bank_config(), "order": self.order}
 
     @classmethod
     def from_tensorlm_config(cls, cfg: dict, shared: dict) -> BankLinear:
@@ -190,7 +279,10 @@ class BankLinear(nn.Module):
         if bank.bank_config() != bank_cfg:
             raise TensorLMError(f"BankLinear config names bank {bank_cfg}, but the bank rebuilt under {key!r} "
                                 f"is {bank.bank_config()}")
-        return cls(cfg["in_features"], cfg["out_features"], bank, bias=cfg["bias"])
+        layer = cls(cfg["in_features"], cfg["out_features"], bank, bias=cfg["bias"])
+        if "order" in cfg:  # absent in older folders: the default order
+            layer.order = cfg["order"]
+        return layer
 
 
 def default_bank_id(names: list[str]) -> str:
