@@ -3,7 +3,9 @@
 Protocol (one machine, one run): causal LMs: prefill of 1 x 512 random tokens as ``generate`` runs it (KV
 cache filled, logits of the last position only), and greedy decoding with the KV cache (``generate``,
 exactly 128 new tokens after an 8-token prompt) at batch 1 and batch 8, in tokens per second; encoders: one
-forward of 32 x 128 and of 1 x 128 random tokens. Every time is the median of ``--repeats`` (>= 5) calls
+forward of 32 x 128 and of 1 x 128 random tokens; both: the input embedding's lookup of 32 x 128 random ids
+(``lookup_32x128_s``, the model's ``get_input_embeddings()`` alone: ``nn.Embedding`` in dense, the factored
+table where a recipe replaces it). Every time is the median of ``--repeats`` (>= 5) calls
 after one warm-up. Each row (model, recipe, forward path) runs in a fresh subprocess that loads the saved
 folder (``tensorlm.load_compressed``); its peak resident memory (weights plus activations; Linux ``VmHWM``
 reset after loading, so the dense random initialisation of the loader does not count) is the largest over
@@ -12,9 +14,10 @@ its measurements, and ``size_on_disk`` is its ``model.safetensors``. Forward pat
 measured shapes, right after loading: per layer, the faster of the factored forward and the forward through
 the reconstructed dense weight). The thread count and the load average (before and after) are recorded.
 
-Run: ``python benchmarks/speed.py [--models smollm2-135m,all-MiniLM-L6-v2] [--recipes a,b]`` (resumable:
-rows already in the JSON are kept, the file is rewritten atomically after every row; compressed folders are
-cached under ``--cache-dir``). ``--render-only`` rewrites the Markdown and PNG from the JSON. ``--smoke``
+Run: ``python benchmarks/speed.py [--models smollm2-135m,all-MiniLM-L6-v2] [--recipes a,b] [--redo a,b]``
+(resumable: rows already in the JSON are kept, except those of the ``--redo`` recipes (``dense`` included),
+measured again after a change of code; the file is rewritten atomically after every row; compressed folders
+are cached under ``--cache-dir``). ``--render-only`` rewrites the Markdown and PNG from the JSON. ``--smoke``
 runs the whole pipeline on tiny random models (a Llama and a BERT, seconds) into ``--out`` (default a
 temporary folder), never into benchmarks/results.
 """
@@ -52,6 +55,7 @@ from tensorlm.layers.base import (  # noqa: E402
     choose_forward,
     factorized_layers,
     get_forward,
+    median_seconds,
     set_forward_all,
 )
 from tensorlm.models import load_model  # noqa: E402
@@ -62,7 +66,8 @@ MODELS = {"smollm2-135m": "causal-lm", "all-MiniLM-L6-v2": "encoder"}
 METRICS = {  # metric -> (kind, unit, higher is better)
     "prefill_1x512_s": ("causal-lm", "s", False), "decode_b1_tokens_per_s": ("causal-lm", "tokens/s", True),
     "decode_b8_tokens_per_s": ("causal-lm", "tokens/s", True), "forward_32x128_s": ("encoder", "s", False),
-    "forward_1x128_s": ("encoder", "s", False), "peak_rss_mib": (None, "MiB", False),
+    "forward_1x128_s": ("encoder", "s", False), "lookup_32x128_s": (None, "s", False),
+    "peak_rss_mib": (None, "MiB", False),
     "resident_after_load_mib": (None, "MiB", False), "size_on_disk_mib": (None, "MiB", False),
 }
 CHOICE_SHAPES = {"causal-lm": [(1, 512), (1, 1), (8, 1)], "encoder": [(32, 128), (1, 128)]}
@@ -88,7 +93,8 @@ class Rows:
 
     def __init__(self, path: Path, header: dict):
         self.path = path
-        self.data = json.loads(path.read_text()) if path.exists() else {**header, "rows": []}
+        kept = json.loads(path.read_text())["rows"] if path.exists() else []
+        self.data = {**header, "rows": kept}  # the header (protocol) of this version, the rows measured so far
 
     @staticmethod
     def key(row: dict) -> tuple:
@@ -184,17 +190,28 @@ def measure(folder: Path, kind: str, forward: str, repeats: int, small: bool) ->
     return {"metrics": metrics, "info": info}
 
 
+def lookup_seconds(model, batch: int, seq: int, repeats: int) -> float:
+    """Median seconds of the input embedding alone on ``(batch, seq)`` random ids (seeded), under ``no_grad``,
+    after one warm-up call."""
+    table = model.get_input_embeddings()
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return median_seconds(lambda: table(ids), ids, repeats, warmup=1)
+
+
 def timed_metrics(model, kind: str, repeats: int, seq: int) -> dict:
     """metric -> a function that measures it (seconds or tokens per second)."""
+    lookup = {"lookup_32x128_s": lambda: lookup_seconds(model, 32, 128 if seq == 512 else 16, repeats)}
     if kind == "causal-lm":
         new = 128 if seq == 512 else 16
         return {"prefill_1x512_s": lambda: forward_latency(model, 1, seq, repeats=repeats, warmup=1,
                                                             model_kwargs=prefill_kwargs(model))["median_s"],
                 "decode_b1_tokens_per_s": lambda: decode_throughput(model, 1, new, repeats=repeats)["tokens_per_s"],
-                "decode_b8_tokens_per_s": lambda: decode_throughput(model, 8, new, repeats=repeats)["tokens_per_s"]}
+                "decode_b8_tokens_per_s": lambda: decode_throughput(model, 8, new, repeats=repeats)["tokens_per_s"],
+                **lookup}
     tokens = 128 if seq == 512 else 16
     return {"forward_32x128_s": lambda: forward_latency(model, 32, tokens, repeats=repeats)["median_s"],
-            "forward_1x128_s": lambda: forward_latency(model, 1, tokens, repeats=repeats)["median_s"]}
+            "forward_1x128_s": lambda: forward_latency(model, 1, tokens, repeats=repeats)["median_s"], **lookup}
 
 
 def worker(args) -> None:
@@ -239,6 +256,7 @@ def run(args) -> None:
                                      "cpu_count": os.cpu_count(), "torch": torch.__version__,
                                      "smoke": bool(args.smoke)})
     cache = Path(args.cache_dir)
+    redo = set(args.redo.split(",")) if args.redo else set()
     for model in models:
         names = SMOKE_RECIPES[model] if args.smoke else recipes_for(model)
         if args.recipes:
@@ -246,7 +264,7 @@ def run(args) -> None:
         for recipe in ["dense", *names]:
             folder = cache / model / recipe
             for forward in (["dense"] if recipe == "dense" else ["factorized", "chosen"]):
-                if rows.has(model, recipe, forward):
+                if rows.has(model, recipe, forward) and recipe not in redo:
                     log(f"{model} {recipe} {forward}: kept")
                     continue
                 try:
@@ -305,7 +323,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    timed = [m for m in METRICS if METRICS[m][0] is not None or m == "peak_rss_mib"]
+    timed = [m for m in METRICS if METRICS[m][0] is not None or m in ("peak_rss_mib", "lookup_32x128_s")]
     series = [r for r in rows if r["recipe"] != "dense" and r["dense_value"] and r["value"] and r["metric"] in timed]
     labels = list(dict.fromkeys(f"{r['model']} {r['recipe']} ({r['forward']})" for r in series))
     metrics = list(dict.fromkeys(r["metric"] for r in series))
@@ -330,6 +348,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", help="comma-separated (default: smollm2-135m,all-MiniLM-L6-v2)")
     parser.add_argument("--recipes", help="comma-separated recipe names (default: every built-in of the model)")
+    parser.add_argument("--redo", help="comma-separated recipes (or dense) measured again though already in the JSON")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (>= 5 for results)")
     parser.add_argument("--threads", type=int, help="torch threads of the workers (OMP_NUM_THREADS)")
     parser.add_argument("--out", help="results folder (default benchmarks/results; with --smoke a temporary one)")
