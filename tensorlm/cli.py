@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import huggingface_hub
+import torch
 import transformers
 import yaml
 from accelerate import PartialState
@@ -19,7 +20,7 @@ from accelerate import PartialState
 from tensorlm.distill import DistillConfig, distill
 from tensorlm.errors import TensorLMError
 from tensorlm.evaluate import evaluate_model
-from tensorlm.files import Terminated, raise_on_sigterm, refuse_existing
+from tensorlm.files import MANIFEST, Terminated, raise_on_sigterm, refuse_existing
 from tensorlm.io import export_dense, replaced_modules, save_compressed
 from tensorlm.models import load_model
 from tensorlm.params import count_parameters
@@ -27,6 +28,8 @@ from tensorlm.pipeline import DEFAULT_RECIPE, run
 from tensorlm.preflight import accelerate_on, check_device, check_work_folder, seed_everything
 from tensorlm.recipe import Recipe, builtin_recipes, recipe_path
 from tensorlm.report import json_text, metrics_table, null_non_finite, params_table, ratio_phrase, results_dict
+from tensorlm.shards import INDEX, SINGLE, is_checkpoint
+from tensorlm.stream import compress_streaming, streaming_refusal
 from tensorlm.surgery import compress, plan_reads_weights, plan_recipe
 from tensorlm.version import __version__
 
@@ -71,13 +74,39 @@ def cmd_run(args) -> None:
     print(f"wrote {results.out} (model.safetensors, tensorlm.json, results.json, report.md)")
 
 
+def _streams(model: str, recipe: Recipe, mode: str) -> bool:
+    """Whether ``tensorlm compress`` streams (``--stream auto|on|off``): ``auto`` when ``model`` is a local
+    safetensors folder (not a compressed one) and the recipe can stream.
+
+    Raises:
+        TensorLMError: ``on`` for a model that is no such folder or a recipe that cannot stream (the reason).
+    """
+    folder = Path(model).expanduser()
+    is_folder = folder.is_dir() and not (folder / MANIFEST).exists() and is_checkpoint(folder)
+    if mode == "off" or (mode == "auto" and not is_folder):
+        return False
+    reason = streaming_refusal(recipe)
+    if mode == "on" and not is_folder:
+        reason = f"--stream on: {model!r} is not a folder with {INDEX} or {SINGLE} (and config.json)"
+    if reason and mode == "on":
+        raise TensorLMError(reason)
+    return reason is None
+
+
 def cmd_compress(args) -> None:
     recipe = Recipe.load(args.recipe)
     model = args.model or recipe.model
     refuse_existing(args.out, args.overwrite, inputs=[model])  # before the compression, not after
     device = check_device(args.device)
     seed_everything(args.seed)
-    loaded = _moved(load_model(model, data_dir=args.data_dir), device)
+    if _streams(model, recipe, args.stream):
+        dtype = None if args.dtype is None else getattr(torch, args.dtype)
+        result = compress_streaming(model, recipe, args.out, device=device, dtype=dtype, overwrite=args.overwrite,
+                                    progress=sys.stderr.isatty())
+        print(f"wrote {args.out} ({len(result.module_seconds)} modules streamed from {result.checkpoint_bytes:,} "
+              f"bytes of shards in {result.seconds:.1f} s)")
+        return
+    loaded = _moved(load_model(model, data_dir=args.data_dir, dtype=args.dtype or "float32"), device)
     small = compress(loaded.model, recipe, progress=sys.stderr.isatty())
     save_compressed(small, args.out, tokenizer=loaded.tokenizer, kind=loaded.kind, recipe=recipe,
                     notes=loaded.notes, overwrite=args.overwrite, inputs=[model])
@@ -238,6 +267,13 @@ def _add_other_commands(sub) -> None:
     p.add_argument("--model", help="model folder, offline name or hub id (default: the recipe's model)")
     p.add_argument("--out", required=True, help="new output folder")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument("--stream", choices=("auto", "on", "off"), default="auto",
+                   help="compress one module at a time from the safetensors shards, the model built on the meta "
+                        "device (peak memory ~ the compressed model + one layer); auto (default): for a local "
+                        "safetensors folder and a recipe without calibration or budget")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="dtype of the weights read and of the result (default: streamed, the checkpoint's; "
+                        "otherwise float32)")
     _add_device(p, "the permutation search")
     _add_common(p)
     p.set_defaults(func=cmd_compress)

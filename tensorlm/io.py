@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from accelerate import init_empty_weights
+from safetensors.torch import save_model
 from torch import nn
 from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer
+from transformers.initialization import no_init_weights
 from transformers.models.auto import modeling_auto
 from transformers.pytorch_utils import Conv1D
 
@@ -36,11 +37,12 @@ from tensorlm.files import MANIFEST, atomic_folder, file_sha256
 from tensorlm.layers.base import LAYERS, prepare_reconstructed
 from tensorlm.loaded import LoadedModel, says_random
 from tensorlm.params import count_parameters
+from tensorlm.shards import Checkpoint, aliases, materialise
 from tensorlm.surgery import decompress
 from tensorlm.version import __version__
 
 __all__ = ["BASE_CONFIG_KEY", "COMPRESSED_MODEL_TYPE", "FORMAT_VERSION", "MANIFEST", "WEIGHTS", "atomic_folder",
-           "export_dense", "file_sha256", "load_compressed", "replaced_modules", "save_compressed",
+           "empty_model", "export_dense", "file_sha256", "load_compressed", "replaced_modules", "save_compressed",
            "write_compressed"]
 
 FORMAT_VERSION = 1
@@ -366,6 +368,58 @@ def place(model: nn.Module, device=None, dtype: torch.dtype | None = None, name:
                             ) from err
 
 
+def empty_model(cls: type[nn.Module], config) -> nn.Module:
+    """``cls(config)`` with its parameters on the meta device and no weight initialiser run, tied as
+    ``config`` says (buffers its constructor computes, such as rotary frequencies, are real, on the CPU).
+
+    accelerate's ``init_empty_weights`` puts parameters on meta; transformers' ``no_init_weights`` skips the
+    initialisers, and with them the tying, which is done after (inside the first context, tying would make
+    a new meta parameter instead of sharing one).
+    """
+    with init_empty_weights(), no_init_weights():
+        model = cls(config)
+    if hasattr(model, "tie_weights") and hasattr(model, "all_tied_weights_keys"):
+        model.tie_weights(recompute_mapping=False)
+    return model
+
+
+def _checked_place(device, dtype: torch.dtype | None, name: str) -> torch.device | None:
+    """``device`` as a ``torch.device`` after checking it and ``dtype`` (before anything is read).
+
+    Raises:
+        TensorLMError: what :func:`place` raises for a bad ``device`` or ``dtype``.
+    """
+    place(nn.Module(), device, dtype, name)  # an empty module: checks both without moving anything
+    return None if device is None else torch.device(device)
+
+
+def _fill(model: nn.Module, folder: Path, device: torch.device | None, dtype: torch.dtype | None) -> None:
+    """Read every tensor of ``folder``'s weights file into ``model`` (built on the meta device).
+
+    Raises:
+        TensorLMError: the file cannot be read, holds a tensor the model lacks or of another shape, or lacks
+            one the model has (mismatched).
+    """
+    checkpoint = Checkpoint(folder / WEIGHTS)
+    known = {name for names in aliases(model).values() for name in names}
+    unexpected = sorted(set(checkpoint.files) - known)
+    try:
+        if unexpected:
+            raise TensorLMError(f"unexpected {unexpected[:5]}")
+        checkpoint.check(model)
+        materialise(model, checkpoint, device=device, dtype=dtype, only_meta=False)  # buffers are real (CPU)
+    except (RuntimeError, TensorLMError) as err:
+        raise TensorLMError(f"{folder}: weights do not fit the model described by {MANIFEST}: "
+                            f"{_one_line(err)}") from err
+    left = sorted(n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta)
+    if left:
+        raise TensorLMError(f"{folder}: weights do not match {MANIFEST}: missing {left[:5]}")
+
+
+def _one_line(err: Exception) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
 def load_compressed(folder: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None) -> LoadedModel:
     """Load a folder written by :func:`save_compressed`; no decomposition is run, no pickle is read.
 
@@ -374,6 +428,12 @@ def load_compressed(folder: str | os.PathLike, *, device=None, dtype: torch.dtyp
         device: where to place the model (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``); default
             the CPU, where the weights are read.
         dtype: cast the floating-point tensors (:func:`place`), e.g. ``torch.bfloat16``; default as saved.
+
+    The architecture and the factorized layers are built on the meta device without running any weight
+    initialiser; each saved tensor is then read once (a short-lived handle per tensor, so the file's pages do
+    not stay mapped), straight on ``device`` and in its saved dtype (or ``dtype``), and assigned
+    (:func:`tensorlm.shards.materialise`): peak memory is about the model itself. Tied tensors stay one
+    parameter; integer buffers keep their dtype.
 
     Every layer keeps the forward choice saved with it (``"factorized"`` for folders saved before the
     choice existed); layers that use the reconstructed path build their dense weight here, after the
@@ -386,21 +446,17 @@ def load_compressed(folder: str | os.PathLike, *, device=None, dtype: torch.dtyp
             format version; a bad ``device`` or ``dtype``.
     """
     folder = Path(folder)
+    target = _checked_place(device, dtype, str(folder))
     manifest = _read_manifest(folder)
     config = base_config(folder)
-    model = architecture(manifest["architecture"], config.model_type)(config)
+    cls = architecture(manifest["architecture"], config.model_type)
+    model = empty_model(cls, config)
     for name, _ in list(model.named_children()):
         if name not in manifest.get("children", [name]):
             setattr(model, name, None)  # built by default but absent when saved (e.g. a BERT pooler)
-    _rebuild_layers(model, manifest, folder)
-    try:
-        missing, unexpected = load_model(model, str(folder / WEIGHTS), strict=False)
-    except (SafetensorError, RuntimeError, TensorLMError) as err:
-        raise TensorLMError(f"{folder}: weights do not fit the model described by {MANIFEST}: "
-                            f"{str(err).splitlines()[0]}") from err
-    if missing or unexpected:
-        raise TensorLMError(f"{folder}: weights do not match {MANIFEST}: missing {sorted(missing)[:5]}, "
-                            f"unexpected {sorted(unexpected)[:5]}")
+    with init_empty_weights(), no_init_weights():  # a factored table may hold an nn.Embedding
+        _rebuild_layers(model, manifest, folder)
+    _fill(model, folder, target, dtype)
     tokenizer = None
     with contextlib.suppress(OSError, ValueError):
         tokenizer = AutoTokenizer.from_pretrained(folder)
