@@ -97,8 +97,9 @@ def collect_output_fisher(
 
 def _accumulate(model: nn.Module, modules: dict[str, nn.Module], batches: Sequence[torch.Tensor],
                 progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """Forward and backward over ``batches`` with hooks; per name the float64 sum of ``g^2`` ``(out,)`` and
-    the number of positions. Restores the model's state whatever happens."""
+    """Forward and backward over ``batches``, one sequence at a time (the logits of a whole batch of a large
+    vocabulary would dominate the memory), with hooks; per name the float64 sum of ``g^2`` ``(out,)`` and the
+    number of positions. Restores the model's state whatever happens."""
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embedding is None:
         raise TensorLMError(f"fisher: {type(model).__name__} has no input embedding to start the gradient from")
@@ -123,13 +124,14 @@ def _accumulate(model: nn.Module, modules: dict[str, nn.Module], batches: Sequen
     try:
         model.requires_grad_(False)
         model.eval()
-        for ids in tqdm(batches, desc="fisher", unit="batch", disable=None if progress else True):
+        rows = [row[None] for ids in batches for row in ids]  # (1, L) each: one sequence's logits at a time
+        for ids in tqdm(rows, desc="fisher", unit="sequence", disable=None if progress else True):
             ids = ids.to(device)
             loss = getattr(model(input_ids=ids, labels=ids), "loss", None)
             if loss is None:
                 raise TensorLMError(f"fisher: {type(model).__name__} returned no loss for labels=input_ids; "
                                     "sensitivity needs a causal LM")
-            (loss * (ids.shape[0] * (ids.shape[1] - 1))).backward()  # the summed token loss
+            (loss * (ids.shape[1] - 1)).backward()  # the summed token loss of this sequence
     finally:
         for handle in handles:
             handle.remove()
