@@ -30,6 +30,7 @@ from tensorlm.data import resolve_data_dir
 from tensorlm.errors import TensorLMError
 from tensorlm.fisher import collect_output_fisher
 from tensorlm.layers.base import LAYERS
+from tensorlm.layers.scaled import ScaledEmbedding, row_scale
 from tensorlm.methods import Method, PlanContext, get_method
 from tensorlm.params import group_of, unique_parameters
 from tensorlm.plan import Plan, StagePlan
@@ -188,16 +189,23 @@ def _totals(model: nn.Module) -> tuple[int, int]:
 
 
 def _settle_head(model: nn.Module, old: nn.Module, new: nn.Module, name: str, method: Method, options) -> None:
-    """After replacing embedding ``old`` by ``new``: re-tie or untie an LM head that shared its table."""
+    """After replacing embedding ``old`` by ``new``: keep ``old``'s row scale (Gemma's ``embed_scale``: ``new``
+    is wrapped in a :class:`~tensorlm.layers.scaled.ScaledEmbedding`), then re-tie an LM head that shared
+    its table to the unscaled factored table, or leave it untied."""
     if method.tied_head is None:
         return
+    scale = row_scale(old) if isinstance(old, nn.Embedding) else None
+    tied_to = name
+    if scale is not None:
+        model.set_submodule(name, ScaledEmbedding(new, scale))
+        tied_to = f"{name}.embedding"
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if get_out else None
     if not isinstance(out, nn.Linear) or not isinstance(old, nn.Embedding) or out.weight is not old.weight:
         return
     if getattr(model, "config", None) is not None:
         model.config.tie_word_embeddings = False  # stop transformers from re-tying to a table that is gone
-    head = method.tied_head(new, name, options)
+    head = method.tied_head(new, tied_to, options)
     if head is not None:
         model.set_output_embeddings(head)
 
