@@ -13,6 +13,11 @@ its measurements, and ``size_on_disk`` is its ``model.safetensors``. Forward pat
 (every factored layer runs its factored forward); ``chosen`` (``tensorlm.layers.base.choose_forward`` at the
 measured shapes, right after loading: per layer, the faster of the factored forward and the forward through
 the reconstructed dense weight). The thread count and the load average (before and after) are recorded.
+Paired metrics (``<metric>_paired``: prefill and lookup of causal LMs, both forwards and the lookup of
+encoders), for a machine that is not quiet: in the same worker, after the metrics above, the dense folder is
+loaded too and each timed call of the compressed model follows one of dense on the same input, ``--repeats``
+pairs after one warm-up pair; ``value`` and ``dense_value`` are the two medians of that row, so their ratio
+sees the same load.
 
 Run: ``python benchmarks/speed.py [--models smollm2-135m,all-MiniLM-L6-v2] [--recipes a,b] [--redo a,b]``
 (resumable: rows already in the JSON are kept, except those of the ``--redo`` recipes (``dense`` included),
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,6 +76,10 @@ METRICS = {  # metric -> (kind, unit, higher is better)
     "peak_rss_mib": (None, "MiB", False),
     "resident_after_load_mib": (None, "MiB", False), "size_on_disk_mib": (None, "MiB", False),
 }
+PAIRED = {"causal-lm": ("prefill_1x512_s", "lookup_32x128_s"),
+          "encoder": ("forward_32x128_s", "forward_1x128_s", "lookup_32x128_s")}
+"""The metrics also timed against dense in the same worker, interleaved (``<metric>_paired``)."""
+METRICS.update({f"{m}_paired": METRICS[m] for m in dict.fromkeys(PAIRED["causal-lm"] + PAIRED["encoder"])})
 CHOICE_SHAPES = {"causal-lm": [(1, 512), (1, 1), (8, 1)], "encoder": [(32, 128), (1, 128)]}
 """The input shapes ``choose_forward`` measures at: the prefill and decoding steps, or the two encoder batches."""
 SMOKE_CHOICE_SHAPES = {"causal-lm": [(1, 32), (1, 1), (8, 1)], "encoder": [(32, 16), (1, 16)]}
@@ -100,8 +110,10 @@ class Rows:
     def key(row: dict) -> tuple:
         return row["model"], row["recipe"], row["forward"], row["metric"]
 
-    def has(self, model: str, recipe: str, forward: str) -> bool:
-        return any(r["model"] == model and r["recipe"] == recipe and r["forward"] == forward for r in self.data["rows"])
+    def has(self, model: str, recipe: str, forward: str, paired_only: bool = False) -> bool:
+        """A row of ``(model, recipe, forward)`` is in the file (with ``paired_only``: one of its paired metrics)."""
+        return any(r["model"] == model and r["recipe"] == recipe and r["forward"] == forward
+                   and (not paired_only or r["metric"].endswith("_paired")) for r in self.data["rows"])
 
     def put_all(self, rows: list[dict]) -> None:
         keys = {self.key(r) for r in rows}
@@ -113,10 +125,12 @@ class Rows:
 
 
 def fill_dense_values(rows: list[dict]) -> None:
-    """Set every row's ``dense_value`` from the dense row of the same model and metric (None until measured)."""
+    """Set every row's ``dense_value`` from the dense row of the same model and metric (None until measured);
+    a paired row keeps the dense median measured beside it."""
     dense = {(r["model"], r["metric"]): r["value"] for r in rows if r["recipe"] == "dense"}
     for row in rows:
-        row["dense_value"] = dense.get((row["model"], row["metric"]))
+        if not row.get("paired"):
+            row["dense_value"] = dense.get((row["model"], row["metric"]))
 
 
 def model_kind(model: str) -> str:
@@ -160,8 +174,10 @@ def prepare(model: str, recipe: str, folder: Path, data_dir: str | None, smoke: 
     save_compressed(small, folder, tokenizer=tokenizer, kind=kind, notes=[f"speed benchmark: {recipe}"])
 
 
-def measure(folder: Path, kind: str, forward: str, repeats: int, small: bool) -> dict:
-    """One row's metrics, in this (fresh) process: load, set the forward path, time, read the peak memory."""
+def measure(folder: Path, kind: str, forward: str, repeats: int, small: bool, dense_folder: Path | None = None,
+            paired_only: bool = False) -> dict:
+    """One row's metrics, in this (fresh) process: load, set the forward path, time, read the peak memory; then,
+    given ``dense_folder``, the paired metrics (``paired_only``: those alone)."""
     t0 = time.perf_counter()
     model = load_compressed(folder).model
     load_seconds = time.perf_counter() - t0
@@ -177,17 +193,50 @@ def measure(folder: Path, kind: str, forward: str, repeats: int, small: bool) ->
     elif forward == "factorized":
         set_forward_all(model, FACTORIZED)
     metrics, peaks = {}, []
-    reset_peak_resident()
-    metrics["resident_after_load_mib"] = resident_mib()
     seq = 32 if small else 512
-    for metric, run in timed_metrics(model, kind, repeats, seq).items():
+    if not paired_only:
         reset_peak_resident()
-        metrics[metric] = run()
-        peaks.append(peak_resident_mib())
-    metrics["peak_rss_mib"] = max(peaks)
-    metrics["size_on_disk_mib"] = (folder / "model.safetensors").stat().st_size / 2**20
+        metrics["resident_after_load_mib"] = resident_mib()
+        for metric, run in timed_metrics(model, kind, repeats, seq).items():
+            reset_peak_resident()
+            metrics[metric] = run()
+            peaks.append(peak_resident_mib())
+        metrics["peak_rss_mib"] = max(peaks)
+        metrics["size_on_disk_mib"] = (folder / "model.safetensors").stat().st_size / 2**20
+    paired = {}
+    if dense_folder is not None:
+        paired = paired_metrics(model, load_compressed(dense_folder).model, kind, repeats, seq)
     info["load_after"] = os.getloadavg()
-    return {"metrics": metrics, "info": info}
+    return {"metrics": metrics, "paired": paired, "info": info}
+
+
+def paired_metrics(model, dense, kind: str, repeats: int, seq: int) -> dict:
+    """``<metric>_paired -> [model median, dense median]`` (seconds) for the metrics of :data:`PAIRED`: each
+    timed call of ``model`` right after one of ``dense`` on the same ids, ``repeats`` pairs after one warm-up."""
+    tokens = 128 if seq == 512 else 16
+    shapes = {"prefill_1x512_s": (1, seq), "forward_32x128_s": (32, tokens), "forward_1x128_s": (1, tokens),
+              "lookup_32x128_s": (32, tokens)}
+    out = {}
+    with torch.no_grad():
+        for metric in PAIRED[kind]:
+            ids = torch.randint(0, model.config.vocab_size, shapes[metric], generator=torch.Generator().manual_seed(0))
+            calls = [(lambda m=m, ids=ids: m.get_input_embeddings()(ids)) if metric.startswith("lookup") else
+                     (lambda m=m, ids=ids: m(input_ids=ids, **(prefill_kwargs(m) if kind == "causal-lm" else {})))
+                     for m in (model.eval(), dense.eval())]
+            out[f"{metric}_paired"] = [statistics.median(t) for t in interleaved_seconds(calls, repeats)]
+    return out
+
+
+def interleaved_seconds(calls: list, repeats: int) -> list[list[float]]:
+    """Seconds of each call in ``calls``, called in turn ``repeats`` times after one untimed round."""
+    times = [[] for _ in calls]
+    for i in range(repeats + 1):
+        for call, seconds in zip(calls, times, strict=True):
+            start = time.perf_counter()
+            call()
+            if i:
+                seconds.append(time.perf_counter() - start)
+    return times
 
 
 def lookup_seconds(model, batch: int, seq: int, repeats: int) -> float:
@@ -221,10 +270,13 @@ def worker(args) -> None:
         prepare(args.model, args.recipe, folder, args.data_dir, args.smoke)
         print(json.dumps({"folder": str(folder)}))
     else:
-        print(json.dumps(measure(folder, model_kind(args.model), args.worker, args.repeats, args.smoke)))
+        dense = Path(args.dense_folder) if args.dense_folder else None
+        print(json.dumps(measure(folder, model_kind(args.model), args.worker, args.repeats, args.smoke, dense,
+                                 args.paired_only)))
 
 
-def run_worker(args, what: str, model: str, recipe: str, folder: Path) -> dict:
+def run_worker(args, what: str, model: str, recipe: str, folder: Path, dense_folder: Path | None = None,
+               paired_only: bool = False) -> dict:
     """Run one worker in a fresh subprocess (same interpreter and thread count); its JSON answer.
 
     Raises:
@@ -233,6 +285,8 @@ def run_worker(args, what: str, model: str, recipe: str, folder: Path) -> dict:
     command = [sys.executable, __file__, "--worker", what, "--model", model, "--recipe", recipe, "--folder",
                str(folder), "--repeats", str(args.repeats)] + (["--smoke"] if args.smoke else [])
     command += ["--data-dir", args.data_dir] if args.data_dir else []
+    command += ["--dense-folder", str(dense_folder)] if dense_folder else []
+    command += ["--paired-only"] if paired_only else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)} if args.threads else None
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
@@ -241,11 +295,14 @@ def run_worker(args, what: str, model: str, recipe: str, folder: Path) -> dict:
 
 
 def row_records(model: str, recipe: str, forward: str, answer: dict) -> list[dict]:
-    """The JSON rows of one worker's answer: one per metric."""
+    """The JSON rows of one worker's answer: one per metric (a paired one carries its own ``dense_value``)."""
     info = answer["info"]
-    return [{"model": model, "recipe": recipe, "forward": forward, "params": info["params"], "metric": metric,
-             "unit": METRICS[metric][1], "value": value, "dense_value": None, **info}
-            for metric, value in answer["metrics"].items()]
+    plain = [{"model": model, "recipe": recipe, "forward": forward, "params": info["params"], "metric": metric,
+              "unit": METRICS[metric][1], "value": value, "dense_value": None, **info}
+             for metric, value in answer["metrics"].items()]
+    return plain + [{"model": model, "recipe": recipe, "forward": forward, "params": info["params"], "metric": metric,
+                     "unit": METRICS[metric][1], "value": value, "dense_value": dense, "paired": True, **info}
+                    for metric, (value, dense) in answer.get("paired", {}).items()]
 
 
 def run(args) -> None:
@@ -264,7 +321,8 @@ def run(args) -> None:
         for recipe in ["dense", *names]:
             folder = cache / model / recipe
             for forward in (["dense"] if recipe == "dense" else ["factorized", "chosen"]):
-                if rows.has(model, recipe, forward) and recipe not in redo:
+                paired_only = args.paired_only and recipe != "dense" and rows.has(model, recipe, forward)
+                if rows.has(model, recipe, forward, paired_only) and recipe not in redo:
                     log(f"{model} {recipe} {forward}: kept")
                     continue
                 try:
@@ -272,8 +330,9 @@ def run(args) -> None:
                         prepare(model, recipe, folder, args.data_dir, smoke=True)
                     elif not folder.exists():
                         run_worker(args, "prepare", model, recipe, folder)
+                    dense_folder = None if recipe == "dense" else cache / model / "dense"
                     answer = run_worker(args, forward if forward != "dense" else "factorized", model, recipe,
-                                        folder)
+                                        folder, dense_folder, paired_only and recipe not in redo)
                 except RuntimeError as err:
                     log(str(err))
                     continue
@@ -304,13 +363,15 @@ def render(data: dict, out: Path) -> None:
         metrics = [m for m in METRICS if any(r["metric"] == m for r in mine)]
         first = mine[0]
         lines += [f"## {model}", "", f"threads {first['threads']}, load average at start "
-                  f"{first['load_before'][0]:.1f}", "", "| recipe | forward | params | " + " | ".join(metrics) + " |",
-                  "|---|---|---:|" + "---:|" * len(metrics)]
+                  f"{first['load_before'][0]:.1f}; load: the 1-minute load average when each row started", "",
+                  "| recipe | forward | params | load | " + " | ".join(metrics) + " |", "|---|---|---:|---:|"
+                  + "---:|" * len(metrics)]
         for recipe, forward in dict.fromkeys((r["recipe"], r["forward"]) for r in mine):
-            cells = {r["metric"]: ratio_text(r) for r in mine if (r["recipe"], r["forward"]) == (recipe, forward)}
-            params = next(r["params"] for r in mine if (r["recipe"], r["forward"]) == (recipe, forward))
-            lines.append(f"| {recipe} | {forward} | {params:,} | " + " | ".join(cells.get(m, "-") for m in metrics)
-                         + " |")
+            same = [r for r in mine if (r["recipe"], r["forward"]) == (recipe, forward)]
+            cells = {r["metric"]: ratio_text(r) for r in same}
+            row, loads = same[0], sorted({f"{r['load_before'][0]:.1f}" for r in same})
+            lines.append(f"| {recipe} | {forward} | {row['params']:,} | {', '.join(loads)} | "
+                         + " | ".join(cells.get(m, "-") for m in metrics) + " |")
         lines.append("")
     (out / "speed.md").write_text("\n".join(lines))
     plot(rows, out / "speed.png")
@@ -349,6 +410,8 @@ def main() -> None:
     parser.add_argument("--models", help="comma-separated (default: smollm2-135m,all-MiniLM-L6-v2)")
     parser.add_argument("--recipes", help="comma-separated recipe names (default: every built-in of the model)")
     parser.add_argument("--redo", help="comma-separated recipes (or dense) measured again though already in the JSON")
+    parser.add_argument("--paired-only", action="store_true",
+                        help="rows already measured get only their paired metrics (the others are kept)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (>= 5 for results)")
     parser.add_argument("--threads", type=int, help="torch threads of the workers (OMP_NUM_THREADS)")
     parser.add_argument("--out", help="results folder (default benchmarks/results; with --smoke a temporary one)")
@@ -360,6 +423,7 @@ def main() -> None:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--dense-folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
