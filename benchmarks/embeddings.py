@@ -1,0 +1,438 @@
+"""Embedding compression where embeddings dominate: every token-table method at equal compression ratios of
+the table, training-free, on Gemma-3-270M (63% of its parameters are the tied table), SmolLM2-135M (21%) and
+all-MiniLM-L6-v2, beside the dense model measured in the same run.
+
+Methods (``tensorlm`` method, options chosen per target ratio ``rho`` of the table ``V x d``):
+``svd`` truncated SVD ``U (V, r) V (r, d)`` (``lowrank_embedding``); ``tensorgpt`` one MPS per row at a uniform
+TT-rank (``tt_embedding``; TensorGPT, Xu et al. 2023), ``tensorgpt-frequency`` the same parameters with ragged
+per-row ranks weighted by token frequency on calibration text; ``tt-matrix`` a TT-matrix over the padded
+vocabulary and ``d`` (``tt_matrix_embedding``; Hrinchuk et al. 2020; the padded rows counted); ``kronecker``
+``E ~ A (x) b`` with ``b: (1, f)`` (KnGPT2/TQ), ``kronecker-permute`` after a column-permutation search,
+``kronecker-frequency`` rows weighted by token frequency; ``*-untied``: the causal LM keeps its dense head.
+Every tied head is re-tied to the factors (Gemma's ``embed_scale`` kept on the lookups only).
+
+Protocols: causal LMs ``wt2-16k`` (the first 16,384 tokens of WikiText-2 raw test, sliding windows of 1024,
+stride 512, token-level perplexity) and LAMBADA (OpenAI test) last-word accuracy on the first 1,000 passages;
+MiniLM STS-B test Spearman (mean pooling, cosine). ``embedding_ratio`` = ``V d`` / parameters of the
+replacing table; ``params`` = unique parameters of the whole model (a tied table once); ``size_bytes`` =
+``model.safetensors`` of the saved folder. Lookup: median seconds of the table's forward on 32 x 128 random
+ids (factored path) against ``nn.Embedding`` on the same ids, same process. Evaluation runs the compressed
+model through its cached reconstructed table (``set_forward_all(model, "reconstructed")``): the numbers
+are those of the factored model, computed at dense speed. Models: Gemma 3 270M (Google, Gemma Terms of Use),
+GGUF Q4_K_M weights (third-party quantization) dequantized to float32; SmolLM2-135M-Instruct GGUF Q4_1
+dequantized to float32; all-MiniLM-L6-v2 float32. No training.
+
+Run: ``python benchmarks/embeddings.py [--models minilm smollm2 gemma3] [--methods ...] [--ratios 2 5 ...]``
+(resumable: rows already in the JSON are kept; ``--smoke`` runs tiny random models into a temporary folder);
+``--render-only`` rewrites the Markdown and PNG from the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tensorlm import Recipe, compress, count_parameters, load_model, save_compressed
+from tensorlm.decompose.tt import default_shape, max_ranks, suggest_shape, tt_parameter_count
+from tensorlm.errors import TensorLMError
+from tensorlm.evaluate import CAUSAL_PROTOCOLS, evaluate_model
+from tensorlm.evaluate.sts import sts_spearman
+from tensorlm.layers.base import set_forward_all
+from tensorlm.pipeline import machine
+from tensorlm.surgery import calibrate, plan_recipe
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+MODELS = {  # short name -> (load_model name, token table, kind)
+    "minilm": ("all-MiniLM-L6-v2", "embeddings.word_embeddings", "encoder"),
+    "smollm2": ("smollm2-135m", "model.embed_tokens", "causal-lm"),
+    "gemma3": ("gemma3-270m", "model.embed_tokens", "causal-lm"),
+}
+METHODS = ["svd", "tensorgpt", "tt-matrix", "kronecker", "tensorgpt-frequency", "kronecker-frequency",
+           "kronecker-permute", "svd-untied", "tensorgpt-untied"]
+RATIOS = [2.0, 3.3, 5.0, 10.0, 20.0, 40.0]
+LOOKUP_SHAPE = (32, 128)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class Rows:
+    """The JSON file: rows keyed by ``(model, method, target_ratio)``, rewritten atomically after every row."""
+
+    def __init__(self, path: Path, header: dict):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.data = json.loads(path.read_text()) if path.exists() else {**header, "rows": []}
+
+    @staticmethod
+    def key(row: dict) -> tuple:
+        return row["model"], row["method"], row.get("target_ratio")
+
+    def get(self, model: str, method: str, target: float | None) -> dict | None:
+        return next((r for r in self.data["rows"] if self.key(r) == (model, method, target)), None)
+
+    def put(self, row: dict) -> None:
+        """Add ``row`` to the file as it is now (runs for different models may share it: merged under a lock)."""
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.exists():
+                self.data["rows"] = json.loads(self.path.read_text())["rows"]
+            self.data["rows"] = [r for r in self.data["rows"] if self.key(r) != self.key(row)] + [row]
+            tmp = self.path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(self.data, indent=2, allow_nan=False))
+            os.replace(tmp, self.path)
+
+
+# --- options per method at a target ratio --------------------------------------------------------------------
+
+def svd_options(vocab: int, dim: int, ratio: float) -> dict:
+    """Rank ``r`` whose ``r (V + d)`` is nearest ``V d / ratio``."""
+    return {"rank": max(1, min(dim, round(vocab * dim / (ratio * (vocab + dim)))))}
+
+
+def tensorgpt_options(vocab: int, dim: int, ratio: float) -> dict:
+    """The tensorisation (3 to 6 modes) and uniform rank whose per-row cost ``sum_k r I_k r`` is nearest (in
+    log ratio) ``d / ratio``."""
+    best = None
+    for modes in (3, 4, 5, 6):
+        try:
+            shape = list(suggest_shape(dim, modes))
+        except TensorLMError:  # d has no factorisation into this many factors
+            continue
+        for rank in range(1, max(max_ranks(shape)) + 1):
+            ranks = [min(rank, b) for b in max_ranks(shape)]
+            gap = abs(math.log(dim / tt_parameter_count(shape, ranks) / ratio))
+            if best is None or gap < best[0]:
+                best = (gap, {"shape": shape, "ranks": ranks})
+    return best[1]
+
+
+def tt_matrix_options(vocab: int, dim: int, ratio: float) -> dict:
+    """Uniform TT-rank over 3 modes (vocabulary padded as :func:`default_shape` pads it) nearest ``V d / ratio``
+    parameters."""
+    vocab_shape, dim_shape = list(default_shape(vocab, 3)), list(suggest_shape(dim, 3))
+    bound = max_ranks([v * d for v, d in zip(vocab_shape, dim_shape, strict=True)])
+    best = None
+    for rank in range(1, max(bound) + 1):
+        ranks = [min(rank, b) for b in bound]
+        full = [1, *ranks, 1]
+        params = sum(full[k] * v * d * full[k + 1] for k, (v, d) in enumerate(zip(vocab_shape, dim_shape, strict=True)))
+        gap = abs(math.log(vocab * dim / params / ratio))
+        if best is None or gap < best[0]:
+            best = (gap, {"vocab_shape": vocab_shape, "dim_shape": dim_shape, "ranks": ranks})
+    return best[1]
+
+
+def kronecker_options(vocab: int, dim: int, ratio: float) -> dict:
+    """The divisor ``f`` of ``d`` nearest (in log) the ratio: ``A (V, d/f)``, ``b (1, f)``."""
+    divisors = [f for f in range(2, dim + 1) if dim % f == 0]
+    return {"factor": min(divisors, key=lambda f: abs(math.log(f / ratio)))}
+
+
+def method_stage(method: str, table: str, vocab: int, dim: int, ratio: float, kind: str) -> dict | None:
+    """The recipe stage of ``method`` at ``ratio``; None when the variant does not apply (untied head of an
+    encoder, a permutation search beyond ``b: (1, 4)``)."""
+    base, _, variant = method.partition("-")
+    if variant == "untied" and kind != "causal-lm":
+        return None
+    if base == "svd":
+        name, options = "lowrank_embedding", svd_options(vocab, dim, ratio)
+    elif base == "tensorgpt":
+        name, options = "tt_embedding", tensorgpt_options(vocab, dim, ratio)
+    elif base == "tt":
+        name, options = "tt_matrix_embedding", tt_matrix_options(vocab, dim, ratio)
+    else:
+        name, options = "kronecker_embedding", kronecker_options(vocab, dim, ratio)
+    if variant == "frequency":
+        options["calibration"] = "frequency"
+    if variant == "permute":  # the search pairs columns: b of 2 or 4 columns only (SEARCHED_B_SIDES)
+        if ratio > 6:
+            return None
+        options = {"factor": 2 if ratio < 2.9 else 4, "permute": {"time_budget_s": 30.0, "seed": 0}}
+    if kind == "causal-lm":
+        options["head"] = "untie" if variant == "untied" else "tie"
+    return {"name": "embedding", "method": name, "targets": [table], "options": options}
+
+
+# --- measuring ---------------------------------------------------------------------------------------------
+
+def lookup_seconds(layer: nn.Module, vocab: int, repeats: int = 7) -> float:
+    """Median seconds of ``layer(ids)`` for ``ids (32, 128)`` random token ids (factored path, no grad)."""
+    ids = torch.randint(0, vocab, LOOKUP_SHAPE, generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.no_grad():
+        layer(ids)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            layer(ids)
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def quality(model: nn.Module, tokenizer, kind: str, data_dir, smoke: bool) -> dict:
+    """``wikitext2_ppl``, ``lambada_acc`` (causal, ``sweep`` protocol) or ``stsb`` (encoder); for ``--smoke``
+    the mean squared output difference is all a tiny random model can give (set by the caller)."""
+    if smoke:
+        return {}
+    if kind == "encoder":
+        return {"stsb": sts_spearman(model, tokenizer, dataset="stsb", split="test", data_dir=data_dir,
+                                     progress=False), "protocol": "STS-B test Spearman, mean pooling, cosine"}
+    metrics, protocols = evaluate_model(model, tokenizer, kind, data_dir=data_dir, mode="sweep")
+    return {"wikitext2_ppl": metrics["wikitext2_ppl"], "lambada_acc": metrics["lambada_acc"],
+            "lambada_ppl": metrics["lambada_ppl"], "protocol": CAUSAL_PROTOCOLS["sweep"].name,
+            "protocols": protocols}
+
+
+def size_on_disk(model: nn.Module, kind: str, recipe: Recipe | None) -> int:
+    """Bytes of ``model.safetensors`` when ``model`` is saved (a temporary folder, removed after)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "out"
+        if recipe is None:
+            model.save_pretrained(folder)
+        else:
+            save_compressed(model, folder, kind=kind, recipe=recipe)
+        return (folder / "model.safetensors").stat().st_size
+
+
+def output_gap(small: nn.Module, dense: nn.Module, vocab: int) -> float:
+    """Mean squared difference of the outputs (logits or hidden states) on fixed random ids (``--smoke``)."""
+    ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = small(ids), dense(ids)
+    key = "logits" if hasattr(a, "logits") and a.logits is not None else "last_hidden_state"
+    return float((getattr(a, key) - getattr(b, key)).square().mean())
+
+
+def stamp() -> dict:
+    """Where and under what load a row was measured."""
+    return {"threads": torch.get_num_threads(), "load_average": round(os.getloadavg()[0], 2),
+            "measured_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def dense_row(rows: Rows, short: str, loaded, table: str, kind: str, data_dir, smoke: bool) -> dict:
+    row = rows.get(short, "dense", None)
+    if row is not None:
+        return row
+    log(f"{short}: dense")
+    layer = loaded.model.get_submodule(table)
+    start = time.perf_counter()
+    metrics = quality(loaded.model, loaded.tokenizer, kind, data_dir, smoke) if not smoke else {"output_mse": 0.0}
+    row = {"model": short, "method": "dense", "target_ratio": None, "embedding_ratio": 1.0,
+           "params": count_parameters(loaded.model)["total"], "embedding_params": layer.weight.numel(),
+           "size_bytes": size_on_disk(loaded.model, kind, None),
+           "lookup_seconds": lookup_seconds(layer, layer.num_embeddings),
+           **metrics, "eval_seconds": round(time.perf_counter() - start, 1), "model_notes": loaded.notes, **stamp()}
+    rows.put(row)
+    return row
+
+
+def method_row(rows: Rows, short: str, loaded, table: str, kind: str, method: str, ratio: float, data_dir,
+               smoke: bool, calibration: dict) -> None:
+    if rows.get(short, method, ratio) is not None:
+        return
+    dense_table = loaded.model.get_submodule(table)
+    vocab, dim = dense_table.num_embeddings, dense_table.embedding_dim
+    stage = method_stage(method, table, vocab, dim, ratio, kind)
+    if stage is None:
+        return
+    recipe = Recipe.from_dict({"name": f"{short}-{method}-{ratio:g}x", "stages": [stage], **calibration})
+    log(f"{short} {method} {ratio:g}x: {stage['method']} {stage['options']}")
+    start = time.perf_counter()
+    plan = plan_recipe(loaded.model, recipe)
+    stats = calibrate(loaded.model, recipe, plan, loaded.tokenizer, kind, data_dir, progress=False)
+    small = compress(loaded.model, recipe, plan=plan, stats=stats, progress=False)
+    compress_seconds = time.perf_counter() - start
+    replaced = small.get_submodule(table)
+    inner = getattr(replaced, "embedding", replaced)  # the factored table inside a ScaledEmbedding
+    embedding_params = sum(p.numel() for p in inner.parameters())
+    counts = count_parameters(small)
+    assert counts["total"] == plan.params_after, "the plan's total is the model's"
+    with torch.no_grad():
+        approx = inner.to_dense().weight
+        rel_error = float((approx - dense_table.weight).norm() / dense_table.weight.norm())
+    del approx
+    lookup = lookup_seconds(replaced, vocab)
+    size = size_on_disk(small, kind, recipe)
+    set_forward_all(small, "reconstructed")
+    start = time.perf_counter()
+    metrics = quality(small, loaded.tokenizer, kind, data_dir, smoke)
+    if smoke:
+        metrics = {"output_mse": output_gap(small, loaded.model, vocab)}
+    row = {"model": short, "method": method, "target_ratio": ratio, "embedding_ratio": vocab * dim / embedding_params,
+           "params": counts["total"], "stored": counts["stored"], "tied_head": counts["tied_head"],
+           "embedding_params": embedding_params, "size_bytes": size, "table_rel_error": rel_error,
+           "lookup_seconds": lookup, "options": stage["options"], "layer": type(inner).__name__,
+           "compress_seconds": round(compress_seconds, 1), **metrics,
+           "eval_seconds": round(time.perf_counter() - start, 1), **stamp()}
+    rows.put(row)
+    shown = {k: row[k] for k in ("wikitext2_ppl", "lambada_acc", "stsb", "output_mse") if k in row}
+    log(f"{short} {method} {ratio:g}x: embedding {row['embedding_ratio']:.2f}x, {row['params']:,} params, {shown}")
+
+
+# --- smoke models --------------------------------------------------------------------------------------------
+
+def smoke_models() -> dict:
+    """Tiny random stand-ins (no data, no packages): a Gemma 3 with its scaled table and a BERT encoder."""
+    from transformers import BertConfig, BertModel, Gemma3ForCausalLM, Gemma3TextConfig
+
+    from tensorlm.loaded import LoadedModel
+
+    torch.manual_seed(0)
+    gemma = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
+                                               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                               head_dim=32, max_position_embeddings=64)).eval()
+    bert = BertModel(BertConfig(vocab_size=512, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=96), add_pooling_layer=False).eval()
+    return {"tiny-gemma3": (LoadedModel(gemma, None, "causal-lm", "tiny-gemma3", ["random"]), "model.embed_tokens",
+                            "causal-lm"),
+            "tiny-bert": (LoadedModel(bert, None, "encoder", "tiny-bert", ["random"]), "embeddings.word_embeddings",
+                          "encoder")}
+
+
+# --- rendering -----------------------------------------------------------------------------------------------
+
+def quality_key(row: dict) -> str:
+    return "stsb" if "stsb" in row else "wikitext2_ppl" if "wikitext2_ppl" in row else "output_mse"
+
+
+def headline(rows: list[dict], model: str) -> list[str]:
+    """The issue's targets: the largest embedding ratio within 1% and 5% of dense perplexity (causal) or at
+    99% of dense STS-B (MiniLM), over every method measured."""
+    dense = next((r for r in rows if r["model"] == model and r["method"] == "dense"), None)
+    done = [r for r in rows if r["model"] == model and r["method"] != "dense" and quality_key(r) in r]
+    if dense is None or quality_key(dense) not in dense or not done:
+        return []
+    key = quality_key(dense)
+    out = []
+    if key == "stsb":
+        kept = [r for r in done if r["stsb"] >= 0.99 * dense["stsb"]]
+        best = max(kept, key=lambda r: r["embedding_ratio"], default=None)
+        out.append(f"- {model}: largest embedding ratio at >= 99% of dense STS-B ({0.99 * dense['stsb']:.4f}): "
+                   + (f"{best['embedding_ratio']:.2f}x ({best['method']}, STS-B {best['stsb']:.4f})" if best
+                      else "none measured (target: >= 3x)"))
+    elif key == "wikitext2_ppl":
+        for slack, target in ((0.01, 3.3), (0.05, 10)):
+            kept = [r for r in done if r["wikitext2_ppl"] <= (1 + slack) * dense["wikitext2_ppl"]]
+            best = max(kept, key=lambda r: r["embedding_ratio"], default=None)
+            out.append(f"- {model}: largest embedding ratio within {slack:.0%} of dense wt2-16k perplexity: "
+                       + (f"{best['embedding_ratio']:.2f}x ({best['method']})" if best
+                          else f"none of the {len(done)} rows measured (target: >= {target}x)"))
+    return out
+
+
+def render(data: dict) -> str:
+    rows = data["rows"]
+    lines = ["# Embedding compression: every token-table method at equal ratios, training-free", "",
+             data["protocol"], "", f"Machine: {data['machine']}.", ""]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = sorted((r for r in rows if r["model"] == model),
+                      key=lambda r: (r["method"] != "dense", r["method"], r.get("target_ratio") or 0))
+        dense = next((r for r in mine if r["method"] == "dense"), {})
+        key = quality_key(dense) if dense else quality_key(mine[0])
+        name = {"stsb": "STS-B", "wikitext2_ppl": "wt2-16k ppl", "output_mse": "output MSE"}[key]
+        lines += [f"## {model}", "", (dense.get("model_notes") or [""])[0], "",
+                  f"| method | target | embedding ratio | params | size MB | table rel. error | {name} | x dense | "
+                  "LAMBADA acc | lookup 32x128 ms (dense) | load avg |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in mine:
+            value = r.get(key)
+            versus = f"{value / dense[key]:,.3f}" if value is not None and dense.get(key) else "-"
+            target = "-" if r["target_ratio"] is None else f"{r['target_ratio']:g}x"
+            lambada = f"{r['lambada_acc']:.3f}" if "lambada_acc" in r else "-"
+            shown = "-" if value is None else f"{value:,.4g}"
+            lookup = f"{r['lookup_seconds'] * 1e3:.2f} ({dense.get('lookup_seconds', float('nan')) * 1e3:.2f})"
+            lines.append(f"| {r['method']} | {target} | {r['embedding_ratio']:.2f}x | {r['params']:,} | "
+                         f"{r['size_bytes'] / 1e6:,.1f} | {r.get('table_rel_error', 0.0):.3f} | {shown} | {versus} | "
+                         f"{lambada} | {lookup} | {r['load_average']} |")
+        lines += [""] + headline(rows, model) + [""]
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict, path: Path) -> None:
+    """Quality against embedding ratio, one panel per model, one line per method, dense as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in data["rows"]))
+    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(5.5 * max(1, len(models)), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=False):
+        mine = [r for r in data["rows"] if r["model"] == model]
+        dense = next((r for r in mine if r["method"] == "dense"), None)
+        key = quality_key(dense or mine[0])
+        for method in dict.fromkeys(r["method"] for r in mine if r["method"] != "dense"):
+            pts = sorted((r["embedding_ratio"], r[key]) for r in mine if r["method"] == method and key in r)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=method)
+        if dense is not None and key in dense:
+            ax.axhline(dense[key], color="k", lw=0.8, ls="--", label="dense")
+        ax.set_xscale("log")
+        if key != "stsb":
+            ax.set_yscale("log")
+        ax.set_xlabel("embedding compression ratio (V d / table parameters)")
+        ax.set_ylabel({"stsb": "STS-B test Spearman", "wikitext2_ppl": "wt2-16k perplexity (log)"}.get(key, key))
+        ax.set_title(f"{model}, training-free")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def write_outputs(path: Path) -> None:
+    data = json.loads(path.read_text())
+    markdown = path.with_suffix(".md")
+    tmp = markdown.with_suffix(f".md.{os.getpid()}.tmp")
+    tmp.write_text(render(data))
+    os.replace(tmp, markdown)
+    plot(data, path.with_suffix(".png"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=os.environ.get("TENSORLM_DATA", "../shared/data"))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--ratios", nargs="+", type=float, default=RATIOS)
+    parser.add_argument("--smoke", action="store_true", help="tiny random models into a temporary folder")
+    parser.add_argument("--out", type=Path, default=None, help="the JSON path (default results/embeddings.json)")
+    parser.add_argument("--render-only", action="store_true")
+    args = parser.parse_args()
+    path = args.out or (Path(tempfile.mkdtemp()) / "embeddings.json" if args.smoke else RESULTS / "embeddings.json")
+    if not args.render_only:
+        rows = Rows(path, {"protocol": __doc__.split("Run:")[0].strip(), "machine": machine()})
+        todo = smoke_models() if args.smoke else {s: MODELS[s] for s in args.models}
+        for short, spec in todo.items():
+            if args.smoke:
+                loaded, table, kind = spec
+            else:
+                name, table, kind = spec
+                loaded = load_model(name, data_dir=args.data_dir)
+            calibration = {"calibration": {"samples": 32, "length": 512, "seed": 0}} if kind == "causal-lm" else {}
+            dense_row(rows, short, loaded, table, kind, args.data_dir, args.smoke)
+            methods = [m for m in args.methods if not (args.smoke and m.endswith("frequency"))]
+            for ratio in args.ratios:
+                for method in methods:
+                    method_row(rows, short, loaded, table, kind, method, ratio, args.data_dir, args.smoke, calibration)
+                write_outputs(path)
+            del loaded
+    write_outputs(path)
+    print(path.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
