@@ -273,7 +273,8 @@ def architecture(name: str, model_type: str) -> type[nn.Module]:
 
 
 def _rebuild_layers(model: nn.Module, manifest: dict, folder: Path) -> None:
-    """Replace, in ``model``, every module the manifest lists by an uninitialised layer of its class.
+    """Replace, in ``model``, every module the manifest lists by an uninitialised layer of its class (on the
+    meta device when called under ``init_empty_weights``, as :func:`load_compressed` does).
 
     Raises:
         TensorLMError: an unknown layer class.

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def streaming_refusal(recipe: Recipe) -> str | None:
 
 def compress_streaming(folder: str | os.PathLike, recipe: Recipe | str, out: str | os.PathLike, *,
                        device=None, dtype: torch.dtype | None = None, overwrite: bool = False,
-                       progress: bool = True) -> StreamResult:
+                       progress: bool = True, on_module: Callable[[str, float], None] | None = None) -> StreamResult:
     """Compress the safetensors checkpoint in ``folder`` by ``recipe`` one target at a time and save to ``out``.
 
     Args:
@@ -92,6 +93,7 @@ def compress_streaming(folder: str | os.PathLike, recipe: Recipe | str, out: str
             the checkpoint).
         overwrite: replace ``out`` if tensorlm wrote it.
         progress: a progress bar over the targets.
+        on_module: called as ``on_module(name, seconds)`` after each target is built (e.g. to log progress).
 
     Returns:
         A :class:`StreamResult`.
@@ -135,6 +137,8 @@ def compress_streaming(folder: str | os.PathLike, recipe: Recipe | str, out: str
             for entry in group:
                 model.get_submodule(entry.name).to("cpu")
                 seconds[entry.name] = time.perf_counter() - tick
+                if on_module is not None:
+                    on_module(entry.name, seconds[entry.name])
     materialise(model, checkpoint, dtype=dtype)  # what no target took, in the checkpoint's (or the asked) dtype
     check_finite_weights(model, str(folder))  # targets were checked by their build; this covers the rest
     tokenizer = AutoTokenizer.from_pretrained(folder)
