@@ -85,7 +85,7 @@ class Rows:
 
     def put(self, row: dict) -> None:
         """Add ``row`` to the file as it is now (runs for different models may share it: merged under a lock)."""
-        with open(self.path.with_suffix(".lock"), "w") as lock:
+        with open(Path(tempfile.gettempdir()) / f"{self.path.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self.path.exists():
                 self.data["rows"] = json.loads(self.path.read_text())["rows"]
