@@ -99,11 +99,16 @@ class Checkpoint:
             raise TensorLMError(f"shard {shard} cannot be read as safetensors (truncated or damaged?): "
                                 f"{str(err).splitlines()[0]}") from err
 
-    def read(self, name: str, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def read(self, name: str, device=None, dtype: torch.dtype | None = None, finite: bool = False) -> torch.Tensor:
         """Tensor ``name`` on ``device`` (default CPU), floating-point values cast to ``dtype`` (default as stored).
 
+        On the CPU in its stored dtype the tensor may share the shard's pages (safetensors maps the file), which
+        then count as resident only once touched. ``finite`` checks it for NaN and Inf, in blocks of rows so
+        that the check's temporaries stay small.
+
         Raises:
-            TensorLMError: the checkpoint lacks ``name``, or its shard became unreadable.
+            TensorLMError: the checkpoint lacks ``name``, its shard became unreadable, or (``finite``) it holds
+                NaN or Inf.
         """
         if name not in self.files:
             raise TensorLMError(f"{self.path}: no tensor {name!r} in the checkpoint")
@@ -112,6 +117,11 @@ class Checkpoint:
                 tensor = f.get_tensor(name)
         except (SafetensorError, OSError) as err:
             raise TensorLMError(f"{self.files[name]}: cannot read {name!r}: {str(err).splitlines()[0]}") from err
+        if finite and tensor.is_floating_point() and tensor.numel():
+            rows = tensor.reshape(tensor.shape[0], -1) if tensor.dim() else tensor.reshape(1, 1)
+            if not all(bool(torch.isfinite(block).all()) for block in rows.split(FINITE_BLOCK_ROWS)):
+                raise TensorLMError(f"{self.files[name]}: tensor {name} {tuple(tensor.shape)} holds NaN or Inf; "
+                                    "refused")
         cast = dtype if dtype is not None and tensor.is_floating_point() else None
         return tensor.to(device=device, dtype=cast) if device is not None or cast is not None else tensor
 
@@ -134,6 +144,9 @@ class Checkpoint:
             raise TensorLMError(f"{self.path}: the checkpoint lacks {len(missing)} tensor(s) of the model, e.g. "
                                 f"{', '.join(missing[:3])}")
 
+
+FINITE_BLOCK_ROWS = 1024
+"""Rows checked at a time by :meth:`Checkpoint.read` with ``finite``."""
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -177,7 +190,7 @@ def aliases(model: nn.Module) -> dict[int, list[str]]:
 
 
 def materialise(model: nn.Module, checkpoint: Checkpoint, prefix: str = "", *, device=None,
-                dtype: torch.dtype | None = None, only_meta: bool = True) -> int:
+                dtype: torch.dtype | None = None, only_meta: bool = True, finite: bool = False) -> int:
     """Fill the tensors of ``model`` under module ``prefix`` from ``checkpoint``, each read once.
 
     Every name of a shared tensor gets the same new ``nn.Parameter``, also names outside ``prefix`` (a tied
@@ -192,12 +205,13 @@ def materialise(model: nn.Module, checkpoint: Checkpoint, prefix: str = "", *, d
         device: where they are put (default CPU).
         dtype: floating-point dtype (default as stored).
         only_meta: fill only tensors still on the meta device.
+        finite: refuse NaN and Inf (:meth:`Checkpoint.read`).
 
     Returns:
         The number of bytes materialised.
 
     Raises:
-        TensorLMError: a tensor the checkpoint lacks (under every one of its names).
+        TensorLMError: a tensor the checkpoint lacks (under every one of its names); (``finite``) NaN or Inf.
     """
     tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     state, size = {}, 0
@@ -208,7 +222,7 @@ def materialise(model: nn.Module, checkpoint: Checkpoint, prefix: str = "", *, d
         found = next((n for n in names if n in checkpoint.files), None)
         if found is None:
             raise TensorLMError(f"{checkpoint.path}: the checkpoint lacks {names[0]!r}")
-        value = checkpoint.read(found, device, dtype)
+        value = checkpoint.read(found, device, dtype, finite)
         if isinstance(current, nn.Parameter):
             value = nn.Parameter(value, requires_grad=current.requires_grad and value.is_floating_point())
         size += value.numel() * value.element_size()

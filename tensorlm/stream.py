@@ -35,7 +35,7 @@ from tensorlm.errors import TensorLMError
 from tensorlm.files import refuse_existing
 from tensorlm.io import empty_model, save_compressed
 from tensorlm.methods import get_method
-from tensorlm.models import check_finite_weights, check_folder, model_kind
+from tensorlm.models import check_folder, model_kind
 from tensorlm.plan import StagePlan
 from tensorlm.preflight import check_device
 from tensorlm.recipe import Recipe
@@ -131,7 +131,7 @@ def compress_streaming(folder: str | os.PathLike, recipe: Recipe | str, out: str
         for group in tqdm(groups, desc=f"{stage.name} ({stage.method}, streamed)", disable=not progress):
             tick = time.perf_counter()
             for entry in group:
-                materialise(model, checkpoint, entry.name, device=place, dtype=dtype)
+                materialise(model, checkpoint, entry.name, device=place, dtype=dtype, finite=True)
             apply_stage(model, stage, progress=False,
                         stage_plan=StagePlan(stage_plan.name, stage_plan.method, group, stage_plan.shared))
             for entry in group:
@@ -139,8 +139,7 @@ def compress_streaming(folder: str | os.PathLike, recipe: Recipe | str, out: str
                 seconds[entry.name] = time.perf_counter() - tick
                 if on_module is not None:
                     on_module(entry.name, seconds[entry.name])
-    materialise(model, checkpoint, dtype=dtype)  # what no target took, in the checkpoint's (or the asked) dtype
-    check_finite_weights(model, str(folder))  # targets were checked by their build; this covers the rest
+    materialise(model, checkpoint, dtype=dtype, finite=True)  # the rest, in the checkpoint's (or the asked) dtype
     tokenizer = AutoTokenizer.from_pretrained(folder)
     notes = [f"compressed by streaming from the safetensors checkpoint {folder} ({checkpoint.nbytes:,} bytes)"]
     save_compressed(model.eval(), out, tokenizer=tokenizer, kind=model_kind(config), recipe=recipe, notes=notes,
