@@ -125,7 +125,7 @@ def load_phase(recipe: str, phase: str):
     return load_compressed(folder).model, json.loads((folder / "heal.json").read_text())
 
 
-def reconstruct(student, loaded, recipe: Recipe, data_dir, args) -> dict:
+def reconstruct(student, loaded, data_dir, args) -> dict:
     """Block-wise reconstruction of ``student`` in place; the phase's record (cost, per-block MSE)."""
     config = ReconstructConfig(lr=args.rec_lr, max_steps=args.rec_steps, batch_size=args.rec_batch,
                                eval_every=args.rec_eval_every, patience=3, time_budget_s=args.rec_block_s)
@@ -163,41 +163,61 @@ def distill_phase(student, loaded, recipe: str, data_dir, spent_cpu_s: float, bu
             "teacher_val": result.teacher_metrics, "val_curve": curve}
 
 
+def heal_phase(loaded, data_dir, name: str, phase: str, previous, budget_s: float, args) -> tuple:
+    """``(model, record)`` after ``phase`` of ``name``: reloaded from its folder, or healed from ``previous``
+    (the phase before's ``(model, record)``; None for ``training-free``, which compresses) and saved."""
+    done = load_phase(name, phase)
+    if done is not None:
+        return done
+    if phase == "training-free":
+        log(f"{name}: compressing")
+        small, fields = compress_row(loaded, Recipe.load(name), data_dir)
+        done = small, {"fields": fields, "cpu_s": 0.0, "wall_s": 0.0, "heal": {}}
+    else:
+        student, before = previous
+        spent = before["cpu_s"]
+        log(f"{name}: {phase} (healing CPU so far {spent / 60:.1f} min of {budget_s / 60:.0f})")
+        if phase == "reconstruct":
+            heal = reconstruct(student, loaded, data_dir, args)
+        else:
+            heal = distill_phase(student, loaded, name, data_dir, spent, budget_s, args)
+        done = student, {"fields": before["fields"], "cpu_s": spent + heal["cpu_s"],
+                         "wall_s": before["wall_s"] + heal["wall_s"], "heal": {**before["heal"], phase: heal}}
+    save_phase(done[0], loaded, name, phase, done[1])
+    return done
+
+
+def measure_phase(rows: Rows, loaded, data_dir, name: str, phase: str, done: tuple, budget_s: float) -> None:
+    """Measure the model after ``phase`` (unless its row is in ``rows``) and write its row at once."""
+    if rows.get(name, phase) is not None:
+        return
+    model, record = done
+    log(f"{name}: measuring after {phase} ({record['cpu_s'] / 60:.1f} CPU-min of healing)")
+    t0 = time.perf_counter()
+    metrics = measure(model, loaded.model, loaded.tokenizer, data_dir)
+    rows.put({"recipe": name, "phase": phase, "params": record["fields"]["params"],
+              "cpu_minutes": record["cpu_s"] / 60, "wall_minutes": record["wall_s"] / 60,
+              "budget_cpu_minutes": budget_s / 60, **metrics, "eval_wall_s": time.perf_counter() - t0,
+              "machine": machine(), "compress": record["fields"], "heal": record["heal"]})
+    log(f"{name} {phase}: wt2-16k {metrics['wikitext2_ppl']:.2f}, LAMBADA {metrics['lambada_acc']:.3f}")
+
+
 def run_recipe(rows: Rows, loaded, data_dir, name: str, args) -> None:
-    """The three phases of ``name`` not yet in ``rows``: heal (or reload the healed folder), measure, write."""
-    recipe = Recipe.load(name)
+    """The phases of ``name`` up to ``args.until``, in order, not yet in ``rows``: heal (or reload), measure, write.
+
+    With ``args.heal_first`` every phase is healed before any is measured, and the last phase is measured
+    first (when the machine is slow, the healed rows land before the training-free one).
+    """
     budget_s = 60.0 * BUDGET_CPU_MINUTES.get(name, 60.0)
-    previous = None  # (model, record) after the phase before: set by the first iteration
-    for phase in PHASES:
-        done = load_phase(name, phase)
-        if done is None:
-            if phase == "training-free":
-                log(f"{name}: compressing")
-                small, fields = compress_row(loaded, recipe, data_dir)
-                done = small, {"fields": fields, "cpu_s": 0.0, "wall_s": 0.0, "heal": {}}
-            else:
-                student, before = previous  # the phase before, healed or reloaded
-                spent = before["cpu_s"]
-                log(f"{name}: {phase} (healing CPU so far {spent / 60:.1f} min of {budget_s / 60:.0f})")
-                if phase == "reconstruct":
-                    heal = reconstruct(student, loaded, recipe, data_dir, args)
-                else:
-                    heal = distill_phase(student, loaded, name, data_dir, spent, budget_s, args)
-                done = student, {"fields": before["fields"], "cpu_s": spent + heal["cpu_s"],
-                                 "wall_s": before["wall_s"] + heal["wall_s"], "heal": {**before["heal"], phase: heal}}
-            save_phase(done[0], loaded, name, phase, done[1])
-        previous = done
-        if rows.get(name, phase) is not None:
-            continue
-        model, record = done
-        log(f"{name}: measuring after {phase} ({record['cpu_s'] / 60:.1f} CPU-min of healing)")
-        t0 = time.perf_counter()
-        metrics = measure(model, loaded.model, loaded.tokenizer, data_dir)
-        rows.put({"recipe": name, "phase": phase, "params": record["fields"]["params"],
-                  "cpu_minutes": record["cpu_s"] / 60, "wall_minutes": record["wall_s"] / 60,
-                  "budget_cpu_minutes": budget_s / 60, **metrics, "eval_wall_s": time.perf_counter() - t0,
-                  "machine": machine(), "compress": record["fields"], "heal": record["heal"]})
-        log(f"{name} {phase}: wt2-16k {metrics['wikitext2_ppl']:.2f}, LAMBADA {metrics['lambada_acc']:.3f}")
+    done = None
+    healed = []
+    for phase in PHASES[:PHASES.index(args.until) + 1]:
+        done = heal_phase(loaded, data_dir, name, phase, done, budget_s, args)
+        healed.append((phase, done))
+        if not args.heal_first:
+            measure_phase(rows, loaded, data_dir, name, phase, done, budget_s)
+    for phase, done in reversed(healed):
+        measure_phase(rows, loaded, data_dir, name, phase, done, budget_s)
 
 
 def run_dense(rows: Rows, loaded, data_dir) -> None:
@@ -303,6 +323,10 @@ def main() -> None:
     parser.add_argument("--kd-val-blocks", type=int, default=16)
     parser.add_argument("--teacher-cpu-s-per-token", type=float, default=0.01,
                         help="estimated CPU seconds of one teacher token (the store's pass), to size the budget")
+    parser.add_argument("--until", default=PHASES[-1], choices=PHASES,
+                        help="the last phase to reach (with every phase before it)")
+    parser.add_argument("--heal-first", action="store_true",
+                        help="heal every phase before measuring any; measure the last phase first")
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args()
     path = RESULTS / "heal_causal_lm.json"
