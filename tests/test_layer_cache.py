@@ -90,6 +90,32 @@ def test_bank_cache_rebuilt_after_optimizer_step_and_gradients_flow():
     assert (after_up - before_up).abs().max() > 1e-3 and (after_q - before_q).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("order", ORDERS)
+def test_bank_factor_with_gradient_is_uncached(order):
+    """With a gradient to record, every order's factor is rebuilt from the parameters (no cache is touched)
+    and a loss through it reaches P, U, V and C as the loss through the formed weight does."""
+    up = bank_layers()["up"]
+    rows, cols = up.grid
+    x = torch.randn(5, 8)
+    factor = up.factor(order)
+    assert factor.requires_grad and "_tensorlm_factor" not in up.__dict__
+    if order == "v_gu":
+        y = ((x.reshape(-1, 8) @ up.bank.V).reshape(5, -1) @ factor) + up.bias
+    elif order == "vg_u":
+        y = ((x @ factor).reshape(-1, 6) @ up.bank.U.T).reshape(5, -1) + up.bias
+    else:
+        y = (((x @ up.bank.V) @ factor).reshape(-1, 6) @ up.bank.U.T).reshape(5, -1) + up.bias
+    y.square().sum().backward()
+    grads = {name: p.grad.clone() for name, p in up.named_parameters()}
+    for p in up.parameters():
+        p.grad = None
+    (x @ up.weight_matrix().T + up.bias).square().sum().backward()
+    for name, p in up.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, atol=1e-4, rtol=1e-4)
+    with pytest.raises(TensorLMError, match="order 'zigzag'"):
+        up.factor("zigzag")
+
+
 def test_bank_macs_and_order_in_config():
     """Multiply-adds per row equal the arithmetic (``D = 8, d = 6``; up: 2 block rows, 1 column); the default
     order is the cheapest; a chosen order travels in the config; an unknown order is refused."""

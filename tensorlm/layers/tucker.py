@@ -94,24 +94,22 @@ class TuckerBank(nn.Module):
         """The dense blocks ``W_i = U G_i V^T: (n, D, D)`` (for :meth:`BankLinear.to_dense` and checks)."""
         return self.U @ self.cores(P) @ self.V.T
 
-    def folded(self, order: str) -> torch.Tensor:
-        """The bank's part of a layer's cached factor for contraction ``order``, cached on the bank (shared by
-        all its layers) until ``U``, ``V`` or ``C`` change.
+    def fold(self, order: str) -> torch.Tensor:
+        """The bank's part of a layer's factor for contraction ``order`` (computed now; see :meth:`folded`).
 
         Returns:
             ``"v_g_u"``: ``C`` as ``(l, d*d)`` (index ``(i, j)``); ``"v_gu"``: ``CU[l, j, e] = sum_i C_l[i, j]
             U[e, i]`` as ``(l, d*D)``; ``"vg_u"``: ``VC[l, e, i] = sum_j V[e, j] C_l[i, j]`` as ``(l, D*d)``.
         """
-        size, rank = self.block_size, self.rank
+        if order == "v_gu":
+            return torch.einsum("lij,ei->lje", self.C, self.U).reshape(self.rank_blocks, -1)
+        if order == "vg_u":
+            return torch.einsum("ej,lij->lei", self.V, self.C).reshape(self.rank_blocks, -1)
+        return self.C.reshape(self.rank_blocks, -1)
 
-        def build() -> torch.Tensor:
-            if order == "v_gu":
-                return torch.einsum("lij,ei->lje", self.C, self.U).reshape(self.rank_blocks, rank * size)
-            if order == "vg_u":
-                return torch.einsum("ej,lij->lei", self.V, self.C).reshape(self.rank_blocks, size * rank)
-            return self.C.reshape(self.rank_blocks, rank * rank)
-
-        return cached(self, f"_tensorlm_folded_{order}", build)
+    def folded(self, order: str) -> torch.Tensor:
+        """:meth:`fold` cached on the bank (shared by all its layers) until ``U``, ``V`` or ``C`` change."""
+        return cached(self, f"_tensorlm_folded_{order}", lambda: self.fold(order))
 
     def extra_repr(self) -> str:
         return f"id={self.bank_id!r}, D={self.block_size}, l={self.rank_blocks}, d={self.rank}"
@@ -196,12 +194,18 @@ class BankLinear(nn.Module):
         """This layer's cores in the layout of ``order`` (``R`` block rows, ``K`` block columns):
         ``"v_g_u"``: ``mix (K d, R d)``, ``mix[c d + j, r d + i] = G_rc[i, j]``; ``"v_gu"``: ``(K d, out)``,
         ``G_rc`` times ``U^T``; ``"vg_u"``: ``(in, R d)``, ``V`` times ``G_rc^T``. Built from
-        :meth:`TuckerBank.folded` with one product by ``P``; cached unless a gradient is needed."""
+        :meth:`TuckerBank.folded` with one product by ``P``; cached unless a gradient is needed.
+
+        Raises:
+            TensorLMError: an unknown order.
+        """
+        if order not in ORDERS:
+            raise TensorLMError(f"BankLinear: order {order!r} is not one of {ORDERS}")
         rows, cols = self.grid
         size, rank = self.bank.block_size, self.bank.rank
 
         def build() -> torch.Tensor:
-            folded = self.bank.C.reshape(-1, rank * rank) if needs_grad(self) else self.bank.folded(order)
+            folded = self.bank.fold(order) if needs_grad(self) else self.bank.folded(order)  # (l, .)
             mixed = self.P @ folded  # (R K, l) @ (l, .) -> (R K, .)
             if order == "v_gu":  # (R, K, d, D) -> (K, d, R, D)
                 return mixed.reshape(rows, cols, rank, size).permute(1, 2, 0, 3).reshape(cols * rank, -1)
