@@ -102,9 +102,10 @@ class Checkpoint:
     def read(self, name: str, device=None, dtype: torch.dtype | None = None, finite: bool = False) -> torch.Tensor:
         """Tensor ``name`` on ``device`` (default CPU), floating-point values cast to ``dtype`` (default as stored).
 
-        On the CPU in its stored dtype the tensor may share the shard's pages (safetensors maps the file), which
-        then count as resident only once touched. ``finite`` checks it for NaN and Inf, in blocks of rows so
-        that the check's temporaries stay small.
+        The result owns its memory: safetensors maps the shard and its tensor shares the file's pages, which
+        would stay mapped (and, once touched, resident) as long as the tensor lives, and ``save_model`` would
+        copy such a tensor; a copy is made instead and the mapping dropped. ``finite`` checks it for NaN and
+        Inf, in blocks of rows so that the check's temporaries stay small.
 
         Raises:
             TensorLMError: the checkpoint lacks ``name``, its shard became unreadable, or (``finite``) it holds
@@ -123,7 +124,8 @@ class Checkpoint:
                 raise TensorLMError(f"{self.files[name]}: tensor {name} {tuple(tensor.shape)} holds NaN or Inf; "
                                     "refused")
         cast = dtype if dtype is not None and tensor.is_floating_point() else None
-        return tensor.to(device=device, dtype=cast) if device is not None or cast is not None else tensor
+        out = tensor.to(device=device, dtype=cast) if device is not None or cast is not None else tensor
+        return out.clone() if out.data_ptr() == tensor.data_ptr() else out  # own memory, not the shard's pages
 
     def check(self, model: nn.Module) -> None:
         """Refuse a checkpoint whose tensors do not fit ``model`` (a skeleton on the meta device).
