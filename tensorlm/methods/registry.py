@@ -114,10 +114,14 @@ def options_from_dict(cls, data: dict | None, where: str):
     """Build dataclass ``cls`` from ``data``, refusing unknown keys with the valid ones listed.
 
     Raises:
-        TensorLMError: ``data`` not a mapping, unknown keys, values of the wrong type or range
+        TensorLMError: ``data`` not a mapping, unknown or missing required keys, values of the wrong type or range
             (:func:`tensorlm.methods.checks.check_fields`), or what ``cls.__post_init__`` raises.
     """
     data = check_fields(cls, data, where)
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING and f.name not in data]
+    if required:
+        raise TensorLMError(f"{where}: missing required key(s) {required}")
     try:
         return cls(**data)
     except TensorLMError as err:
