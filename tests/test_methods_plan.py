@@ -156,8 +156,9 @@ def test_plan_on_a_tiny_llama_with_gqa_and_tied_embeddings(tiny_llama):
 def test_folders_saved_before_the_registry_still_load_to_the_same_logits(folder):
     expected = load_file(FIXTURES / folder / "expected.safetensors")
     loaded = load_compressed(FIXTURES / folder)
-    with torch.no_grad():
-        assert torch.equal(loaded.model(expected["ids"]).logits, expected["logits"])
+    assert torch.equal(loaded.model(expected["ids"]).logits, expected["logits"])  # the factored path, as saved
+    with torch.no_grad():  # inference caches (a TT tied head's table) sum in another order: round-off only
+        torch.testing.assert_close(loaded.model(expected["ids"]).logits, expected["logits"], rtol=1e-5, atol=1e-6)
 
 
 def test_an_architecture_not_registered_for_the_model_type_is_refused(tmp_path):
