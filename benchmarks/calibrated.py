@@ -49,8 +49,11 @@ def smollm2_rows() -> list[tuple[str, str, Recipe]]:
     rows = [("svd-whitened-allocated", f"whole {cut}", stage("lowrank", [ATTN_MLP], {"ratio": keep, "calibration":
                                                                                       "whitened"}, {"ratio": keep}))
             for cut, keep in WHOLE.items()]
-    rows.insert(1, ("svd-whitened", "mlp 80%", stage("lowrank", [MLP], {"ratio": 0.8, "calibration": "whitened"})))
-    rows.insert(2, ("kronecker-whitened", "mlp 50%", stage("kronecker", [MLP], {"shapes": KRON,
+    rows.insert(0, ("svd-whitened-allocated-fisher", "whole -10%", stage(
+        "lowrank", [ATTN_MLP], {"ratio": WHOLE["-10%"], "calibration": "whitened"},
+        {"ratio": WHOLE["-10%"], "sensitivity": "fisher"})))
+    rows.insert(2, ("svd-whitened", "mlp 80%", stage("lowrank", [MLP], {"ratio": 0.8, "calibration": "whitened"})))
+    rows.insert(3, ("kronecker-whitened", "mlp 50%", stage("kronecker", [MLP], {"shapes": KRON,
                                                                                 "calibration": "whitened"})))
     for share in (0.9, 0.5):
         rows.append(("svd-whitened", f"mlp {share:.0%}", stage("lowrank", [MLP], {"ratio": share,
