@@ -1,17 +1,22 @@
 """Rebuild the README's results section from the committed files in ``benchmarks/results/``.
 
-Run: ``python benchmarks/summarize.py`` (after any benchmark). Replaces the text between
-``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md; a benchmark whose results are
-not committed is listed as such, never filled in by hand.
+Run: ``python benchmarks/summarize.py [--readme PATH]`` (after any benchmark). Replaces the text between
+``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md (or ``PATH``, e.g. a copy to diff
+against); a benchmark whose results are not committed is listed as such, never filled in by hand.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
 
 from causal_lm import RECIPES as CAUSAL_RECIPES
+from embeddings import METHODS as EMBEDDING_METHODS
+from embeddings import MODELS as EMBEDDING_MODELS
+from embeddings import RATIOS as EMBEDDING_RATIOS
+from embeddings import headline, method_stage
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -39,7 +44,86 @@ def section(title: str, name: str, body: str) -> list[str]:
     return [f"### {title}", "", body.strip(), "", f"Files: {_link(name)}.", ""]
 
 
-def main() -> None:
+EMBEDDING_QUALITY = {"encoder": ("stsb", "STS-B test"), "causal-lm": ("wikitext2_ppl", "wt2-16k ppl")}
+
+
+def _applies(method: str, ratio: float, kind: str) -> bool:
+    """Whether ``benchmarks/embeddings.py`` measures ``method`` at ``ratio`` for a model of ``kind`` (an untied
+    head needs a causal LM; the permutation search stops at 6x). Asked of its ``method_stage`` on a small
+    stand-in table (512 x 64), since only the options, not the answer, depend on the table's shape."""
+    return method_stage(method, "table", 512, 64, ratio, kind) is not None
+
+
+def _not_measured(rows: list[dict]) -> list[str]:
+    """Per model of the embeddings sweep, the ``(method, target ratio)`` pairs it would run but has no row for:
+    ``["smollm2: not yet run", "minilm: svd at 40x; tensorgpt at 20x, 40x", ...]``."""
+    out = []
+    for model, (_, _, kind) in EMBEDDING_MODELS.items():
+        have = {(r["method"], r["target_ratio"]) for r in rows if r["model"] == model}
+        if not have:
+            out.append(f"{model}: not yet run")
+            continue
+        gaps = []
+        for method in EMBEDDING_METHODS:
+            ratios = [x for x in EMBEDDING_RATIOS if _applies(method, x, kind) and (method, x) not in have]
+            if ratios:
+                gaps.append(f"{method} at {', '.join(f'{x:g}x' for x in ratios)}")
+        if gaps:
+            out.append(f"{model}: {'; '.join(gaps)}")
+    return out
+
+
+def embeddings_body(data: dict) -> str:
+    """The README text of ``results/embeddings.json``: its methods and protocol paragraphs and machine line,
+    then per model a table of every measured row beside dense and beside the SVD row at the same target
+    ratio (the baseline at about the same parameters), the issue's targets (``embeddings.headline``), and
+    what the sweep has not measured yet.
+
+    Raises:
+        KeyError: a row without the fields ``benchmarks/embeddings.py`` writes.
+    """
+    rows = data["rows"]
+    paragraphs = [p for p in data["protocol"].split("\n\n") if p.startswith(("Methods", "Protocols"))]
+    lines = [*(p + "\n" for p in paragraphs), f"Machine: {data['machine']}.", ""]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        dense = next((r for r in mine if r["method"] == "dense"), None)
+        key, label = EMBEDDING_QUALITY[EMBEDDING_MODELS[model][2]]
+        svd = {r["target_ratio"]: r for r in mine if r["method"] == "svd" and key in r}
+        loads = [r["load_average"] for r in mine]
+        name = ((dense or {}).get("model_notes") or [EMBEDDING_MODELS[model][0]])[0]
+        table = round(mine[0]["embedding_params"] * mine[0]["embedding_ratio"])  # V d
+        dense_text = f"{dense[key]:,.4f} ({dense['params']:,} parameters)" if dense and key in dense else "not measured"
+        lines += [f"**{model}** ({name}; token table {table:,} values): dense {label} {dense_text}, measured in "
+                  f"the same run; load average {min(loads):g}-{max(loads):g} on the machine while the rows ran.", ""]
+        causal = key == "wikitext2_ppl"
+        lines += [f"| target | method | embedding ratio | params | table rel. error | {label} | x dense | "
+                  + ("LAMBADA acc | " if causal else "") + f"SVD at this target: ratio, {label} |",
+                  "|---:|---|---:|---:|---:|---:|---:|" + ("---:|" if causal else "") + "---|"]
+        if dense and key in dense:
+            lines.append(f"| - | dense | 1.00x | {dense['params']:,} | 0.000 | {dense[key]:,.4f} | 1.000 | "
+                         + (f"{dense['lambada_acc']:.3f} | " if causal else "") + "- |")
+        measured = sorted((r for r in mine if r["method"] != "dense"),
+                          key=lambda r: (r["target_ratio"], r["method"] != "svd", r["method"]))
+        for r in measured:
+            value = r.get(key)
+            shown = "-" if value is None else f"{value:,.4f}"
+            versus = f"{value / dense[key]:.3f}" if value is not None and dense and dense.get(key) else "-"
+            base = svd.get(r["target_ratio"])
+            beside = "-" if base is None or base is r else f"{base['embedding_ratio']:.2f}x, {base[key]:,.4f}"
+            lambada = (f"{r['lambada_acc']:.3f} | " if "lambada_acc" in r else "- | ") if causal else ""
+            lines.append(f"| {r['target_ratio']:g}x | {r['method']} | {r['embedding_ratio']:.2f}x | {r['params']:,} | "
+                         f"{r['table_rel_error']:.3f} | {shown} | {versus} | {lambada}{beside} |")
+        lines += [""] + headline(rows, model) + [""]
+    if todo := _not_measured(rows):
+        lines += ["Not yet measured (`python benchmarks/embeddings.py` resumes there, keeping the rows it has): "
+                  + "; ".join(todo) + "."]
+    return "\n".join(lines)
+
+
+def main(readme: Path = README) -> None:
+    """Rewrite the results section of ``readme`` from ``benchmarks/results/``; the text outside the markers
+    is kept as it is."""
     parts: list[str] = []
     if causal := _load("causal_lm"):
         done = {r["recipe"] for r in causal["rows"]}
@@ -70,11 +154,16 @@ def main() -> None:
         parts += section("Inference speed and memory against dense (issue 14)", "speed",
                          "\n\n".join(t.rstrip() for t in tables)
                          + "\n\nFirst table all-MiniLM-L6-v2, second SmolLM2-135M. "
-                         "One quiet run on 2 CPU threads, median of 5 "
-                         "after warm-up, each row in a fresh process; `factorized`: every factored layer runs its "
-                         "factored forward; `chosen`: per layer, the faster of that and the reconstructed dense "
-                         "weight (`choose_forward`). Ratios > 1 are better than dense. Peak RSS includes the "
-                         "Python, torch and transformers runtime (about 0.45 GiB). Only the rows shown are measured.")
+                         "2 CPU threads; every time the median of at least 5 calls after a warm-up, each row in a "
+                         "fresh process; `factorized`: every factored layer runs its factored forward; `chosen`: per "
+                         "layer, the faster of that and the reconstructed dense weight (`choose_forward`). Ratios > 1 "
+                         "are better than dense. `load`: the 1-minute load average when the row started (several "
+                         "values when its metrics come from runs at different loads). The plain columns compare with "
+                         "the dense row, measured at the load in its row: a row measured on a busier machine is "
+                         "slower for that alone, and only its `_paired` columns (each call timed alternately with "
+                         "dense in the same worker, so that both see the same load) compare fairly. Peak RSS includes "
+                         "the Python, torch and transformers runtime (about 0.45 GiB). Only the rows shown are "
+                         "measured.")
     if _load("model_latency"):
         parts += section("Forward latency on this CPU, same models", "model_latency", _table_of("model_latency"))
     if _load("kronecker_real_weights"):
@@ -85,6 +174,9 @@ def main() -> None:
     if sweep := _load("tensorgpt_sweep"):
         parts += section("TensorGPT: per-row TT embeddings, no training", "tensorgpt_sweep",
                          "\n".join(f"- {line}" for line in sweep["findings"]))
+    if embeddings := _load("embeddings"):
+        parts += section("Embedding compression where embeddings dominate (issue 15), no training", "embeddings",
+                         embeddings_body(embeddings))
     if _load("tucker_bank"):
         parts += section("Tucker matrix bank (Ren, Wang et al.), no training", "tucker_bank", _table_of("tucker_bank"))
     for name, title in (("distill_minilm", "Distillation: all-MiniLM-L6-v2, Kronecker FFN"),
@@ -93,16 +185,18 @@ def main() -> None:
         if _load(name):
             parts += section(title, name, _table_of(name))
     expected = ("causal_lm", "calibrated", "speed", "minilm_recipes", "model_latency", "kronecker_real_weights",
-                "permutation_gain", "tensorgpt_sweep", "tucker_bank", "distill_minilm",
+                "permutation_gain", "tensorgpt_sweep", "embeddings", "tucker_bank", "distill_minilm",
                 "distill_minilm-tucker-bank-1x7", "distill_causal_lm")
     missing = [n for n in expected if not _load(n)]
     if missing:
         parts += [f"Not yet measured: {', '.join(missing)}.", ""]
-    text = README.read_text()
+    text = readme.read_text()
     new = re.sub(r"<!-- results:start -->.*<!-- results:end -->",
                  lambda _: "<!-- results:start -->\n" + "\n".join(parts) + "<!-- results:end -->", text, flags=re.S)
-    README.write_text(new)
+    readme.write_text(new)
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--readme", type=Path, default=README, help="the file to rewrite (default README.md)")
+    main(parser.parse_args().readme)
