@@ -84,7 +84,8 @@ def embeddings_body(data: dict) -> str:
     """
     rows = data["rows"]
     paragraphs = [p for p in data["protocol"].split("\n\n") if p.startswith(("Methods", "Protocols"))]
-    lines = [*(p + "\n" for p in paragraphs), f"Machine: {data['machine']}.", ""]
+    lines = [*(p + "\n" for p in paragraphs), f"Machine: {data['machine']}. Size on disk and lookup times of "
+             "every row: `embeddings.md`.", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
         dense = next((r for r in mine if r["method"] == "dense"), None)
