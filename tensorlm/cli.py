@@ -102,7 +102,7 @@ def cmd_compress(args) -> None:
     if _streams(model, recipe, args.stream):
         dtype = None if args.dtype is None else getattr(torch, args.dtype)
         result = compress_streaming(model, recipe, args.out, device=device, dtype=dtype, overwrite=args.overwrite,
-                                    progress=sys.stderr.isatty())
+                                    progress=sys.stderr.isatty(), data_dir=args.data_dir)
         print(f"wrote {args.out} ({len(result.module_seconds)} modules streamed from {result.checkpoint_bytes:,} "
               f"bytes of shards in {result.seconds:.1f} s)")
         return
@@ -270,7 +270,7 @@ def _add_other_commands(sub) -> None:
     p.add_argument("--stream", choices=("auto", "on", "off"), default="auto",
                    help="compress one module at a time from the safetensors shards, the model built on the meta "
                         "device (peak memory ~ the compressed model + one layer); auto (default): for a local "
-                        "safetensors folder and a recipe without calibration or budget")
+                        "safetensors folder and a recipe without budget (calibrated stages run block by block)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"),
                    help="dtype of the weights read and of the result (default: streamed, the checkpoint's; "
                         "otherwise float32)")

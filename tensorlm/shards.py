@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from torch import nn
 
 from tensorlm.errors import TensorLMError
 
-__all__ = ["INDEX", "SINGLE", "Checkpoint", "aliases", "is_checkpoint", "materialise"]
+__all__ = ["INDEX", "SINGLE", "Checkpoint", "aliases", "is_checkpoint", "mapped_device", "materialise"]
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -192,7 +193,8 @@ def aliases(model: nn.Module) -> dict[int, list[str]]:
 
 
 def materialise(model: nn.Module, checkpoint: Checkpoint, prefix: str = "", *, device=None,
-                dtype: torch.dtype | None = None, only_meta: bool = True, finite: bool = False) -> int:
+                dtype: torch.dtype | None = None, only_meta: bool = True, finite: bool = False,
+                skip: str | None = None, device_map: Mapping[str, torch.device] | None = None) -> int:
     """Fill the tensors of ``model`` under module ``prefix`` from ``checkpoint``, each read once.
 
     Every name of a shared tensor gets the same new ``nn.Parameter``, also names outside ``prefix`` (a tied
@@ -208,6 +210,9 @@ def materialise(model: nn.Module, checkpoint: Checkpoint, prefix: str = "", *, d
         dtype: floating-point dtype (default as stored).
         only_meta: fill only tensors still on the meta device.
         finite: refuse NaN and Inf (:meth:`Checkpoint.read`).
+        skip: a module whose tensors are left as they are (e.g. the block list, filled block by block).
+        device_map: ``module name -> device``; a tensor goes to the device of the longest name it lies under
+            (``""``: every tensor), in place of ``device``; a tensor under no name stays on ``device``.
 
     Returns:
         The number of bytes materialised.
@@ -219,12 +224,14 @@ def materialise(model: nn.Module, checkpoint: Checkpoint, prefix: str = "", *, d
     state, size = {}, 0
     for key, names in aliases(model).items():
         current = tensors[key]
-        if (only_meta and not current.is_meta) or not any(_under(n, prefix) for n in names):
+        wanted = any(_under(n, prefix) and not (skip is not None and _under(n, skip)) for n in names)
+        if (only_meta and not current.is_meta) or not wanted:
             continue
         found = next((n for n in names if n in checkpoint.files), None)
         if found is None:
             raise TensorLMError(f"{checkpoint.path}: the checkpoint lacks {names[0]!r}")
-        value = checkpoint.read(found, device, dtype, finite)
+        value = checkpoint.read(found, device if device_map is None else mapped_device(names[0], device_map, device),
+                                dtype, finite)
         if isinstance(current, nn.Parameter):
             value = nn.Parameter(value, requires_grad=current.requires_grad and value.is_floating_point())
         size += value.numel() * value.element_size()
@@ -232,6 +239,13 @@ def materialise(model: nn.Module, checkpoint: Checkpoint, prefix: str = "", *, d
     if state:
         model.load_state_dict(state, strict=False, assign=True)
     return size
+
+
+def mapped_device(name: str, device_map: Mapping[str, torch.device], default=None):
+    """The device ``device_map`` gives state-dict ``name``: that of the longest module name it lies under
+    (``""`` covers every name), or ``default`` when none does."""
+    keys = [key for key in device_map if _under(name, key)]
+    return device_map[max(keys, key=len)] if keys else default
 
 
 def _under(name: str, prefix: str) -> bool:

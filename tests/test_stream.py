@@ -1,18 +1,23 @@
 """Streaming compression (tensorlm.stream) from a sharded safetensors checkpoint, and its bad input."""
 
+import contextlib
+import io
 import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+import yaml
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from tensorlm import stream, surgery
 from tensorlm.cli import main
 from tensorlm.errors import TensorLMError
 from tensorlm.io import load_compressed
 from tensorlm.recipe import Recipe
 from tensorlm.shards import INDEX
 from tensorlm.stream import compress_streaming
-from tensorlm.surgery import compress
+from tensorlm.surgery import compress, plan_recipe
 from tests.conftest import DATA, make_tiny_llama
 
 MLP = "re:model\\.layers\\.\\d+\\.mlp\\.(gate|up|down)_proj"
@@ -29,7 +34,8 @@ def sharded(tmp_path, dtype=torch.float32):
     """The tiny tied Llama saved as safetensors shards of at most 40 kB (6 shards), with a tokenizer."""
     model = make_tiny_llama().to(dtype)
     folder = tmp_path / "llama"
-    model.save_pretrained(folder, max_shard_size="40KB")
+    with contextlib.redirect_stderr(io.StringIO()):  # transformers' "Writing model shards" bar
+        model.save_pretrained(folder, max_shard_size="40KB")
     AutoTokenizer.from_pretrained(DATA / "gpt2-tokenizer").save_pretrained(folder)  # any tokenizer will do
     return model, folder
 
@@ -133,11 +139,117 @@ def test_a_device_that_does_not_exist_is_refused_before_reading(tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
-def test_calibrated_and_budget_recipes_are_refused_by_the_stream(tmp_path, capsys):
+def test_budget_and_weight_reading_recipes_are_refused_by_the_stream_in_one_line(tmp_path, capsys):
     _, folder = sharded(tmp_path)
-    with pytest.raises(TensorLMError, match="calibrat"):
+    with pytest.raises(TensorLMError, match="allocate a budget"):
         compress_streaming(folder, "smollm2-svd-llm-10", tmp_path / "out", progress=False)
     assert main(["compress", "--model", str(folder), "--recipe", "smollm2-svd-llm-10", "--out",
                  str(tmp_path / "out"), "--stream", "on"]) == 2
-    assert "calibrated" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "['linear'] allocate a budget" in err
+    ratio = {"name": "r", "stages": [{"name": "k", "method": "kronecker", "targets": [MLP], "options": {"ratio": 0.5}}]}
+    assert main(["compress", "--model", str(folder), "--recipe", str(recipe_file(tmp_path, ratio)), "--out",
+                 str(tmp_path / "out"), "--stream", "on"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "compares factor shapes on the weights" in err
     assert not (tmp_path / "out").exists()
+
+
+def recipe_file(tmp_path, recipe: dict):
+    path = tmp_path / f"{recipe['name']}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+WORDS = [f"w{i}" for i in range(250)]
+
+
+def calibration_folder(tmp_path, monkeypatch):
+    """The sharded tiny Llama with a 252-word tokenizer (ids below its vocabulary of 256) and a data folder
+    whose ``lm_text`` is random text in those words; the caches go to ``tmp_path``."""
+    monkeypatch.setenv("TENSORLM_CACHE", str(tmp_path / "cache"))
+    dense, folder = sharded(tmp_path)
+    vocab = {w: i for i, w in enumerate([*WORDS, "[UNK]", "[EOS]"])}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]", eos_token="[EOS]")
+    tokenizer.save_pretrained(folder)
+    gen = torch.Generator().manual_seed(3)
+    docs = [" ".join(WORDS[i] for i in torch.randint(0, 250, (90,), generator=gen).tolist()) for _ in range(20)]
+    (tmp_path / "data" / "lm_text").mkdir(parents=True)
+    (tmp_path / "data" / "lm_text" / "a.txt").write_text("\n\n".join(docs))
+    return dense, folder, tokenizer, tmp_path / "data"
+
+
+LAYER0_MLP = "re:model\\.layers\\.0\\.mlp\\.(gate|up|down)_proj"
+CALIBRATED = [
+    {"name": "mlp", "method": "lowrank", "targets": [MLP], "options": {"ratio": 0.5, "calibration": "whitened"}},
+    {"name": "q", "method": "kronecker", "targets": ["model.layers.0.self_attn.q_proj"],
+     "options": {"a_shape": [16, 16], "b_shape": [4, 4], "rank": 2, "calibration": "whitened"}},
+    {"name": "o", "method": "lowrank", "targets": ["re:model\\.layers\\.\\d+\\.self_attn\\.o_proj"],
+     "options": {"rank": 8}},
+    {"name": "embedding", "method": "kronecker_embedding", "targets": ["model.embed_tokens"],
+     "options": {"factor": 2, "head": "tie", "calibration": "frequency"}},
+]
+LAST_BLOCK_PLAIN = [  # calibrated targets in block 0 only: block 1 streams module by module
+    {"name": "mlp0", "method": "lowrank", "targets": [LAYER0_MLP], "options": {"rank": 6, "calibration": "whitened"}},
+    {"name": "mlp1", "method": "lowrank", "targets": ["re:model\\.layers\\.1\\.mlp\\.(gate|up|down)_proj"],
+     "options": {"rank": 6}},
+]
+
+
+@pytest.mark.parametrize("stages, blocks", [(CALIBRATED, 2), (LAST_BLOCK_PLAIN, 1)])
+def test_streamed_calibration_equals_the_in_memory_pass_and_reloads_bit_identically(tmp_path, monkeypatch,
+                                                                                     stages, blocks):
+    dense, folder, tokenizer, data = calibration_folder(tmp_path, monkeypatch)
+    recipe = Recipe.from_dict({"name": "calibrated-stream", "calibration": {"samples": 6, "length": 16, "seed": 0},
+                               "stages": stages})
+    plan = plan_recipe(dense, recipe)
+    want_g = surgery.calibrate(dense, recipe, plan, tokenizer, data_dir=data, progress=False)
+    seen_g = {}
+    apply = stream.apply_stage
+
+    def spy(model, stage, *, stats=None, stage_plan=None, **kwargs):
+        for entry in stage_plan.entries:
+            found = (stats or {}).get(entry.name)
+            if found is not None:
+                seen_g[entry.name] = found if isinstance(found, torch.Tensor) else found.second_moment
+        return apply(model, stage, stats=stats, stage_plan=stage_plan, **kwargs)
+
+    monkeypatch.setattr(stream, "apply_stage", spy)
+    result = compress_streaming(folder, recipe, tmp_path / "out", progress=False, data_dir=data)
+    expected = compress(dense, recipe, progress=False, tokenizer=tokenizer, data_dir=data)
+    assert len(result.block_seconds) == blocks
+    assert sorted(seen_g) == sorted(want_g) and len(seen_g) >= 3
+    for name, g in seen_g.items():
+        want = want_g[name] if isinstance(want_g[name], torch.Tensor) else want_g[name].second_moment
+        assert g.dtype == torch.float64
+        torch.testing.assert_close(g, want, rtol=1e-12, atol=0, msg=name)  # (in, in); (V,) token counts
+    streamed = load_compressed(tmp_path / "out").model
+    assert sorted(streamed.state_dict()) == sorted(expected.state_dict())
+    assert {type(m).__name__ for m in streamed.modules()} >= {"LowRankLinear"}
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        logits = streamed(input_ids=ids).logits  # (2, 9, 256)
+        torch.testing.assert_close(logits, expected(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        plain = compress(dense, Recipe.from_dict({"name": "plain", "stages": [
+            {**s, "options": {k: v for k, v in s["options"].items() if k != "calibration"}} for s in stages]}),
+            progress=False)
+        assert not torch.allclose(plain(input_ids=ids).logits, logits, rtol=1e-3, atol=1e-3)  # calibration mattered
+        again = load_compressed(tmp_path / "out").model
+        assert torch.equal(again(input_ids=ids).logits, logits)
+    for name, tensor in again.state_dict().items():
+        assert torch.equal(tensor, streamed.state_dict()[name]), name
+
+
+def test_a_calibrated_target_outside_the_blocks_is_refused_in_one_line_before_anything_is_written(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TENSORLM_CACHE", str(tmp_path / "cache"))
+    _, folder = sharded(tmp_path)
+    head = {"name": "head", "stages": [{"name": "h", "method": "lowrank", "targets": ["lm_head"],
+                                        "options": {"rank": 4, "calibration": "whitened"}}]}
+    assert main(["compress", "--model", str(folder), "--recipe", str(recipe_file(tmp_path, head)), "--out",
+                 str(tmp_path / "out"), "--stream", "on"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "['lm_head'] lie outside the transformer blocks (model.layers)" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
