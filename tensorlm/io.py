@@ -19,12 +19,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 import transformers
-from accelerate import init_empty_weights
+from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
+from accelerate.utils import get_balanced_memory
 from safetensors.torch import save_model
 from torch import nn
 from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer
@@ -37,13 +38,13 @@ from tensorlm.files import MANIFEST, atomic_folder, file_sha256
 from tensorlm.layers.base import LAYERS, prepare_reconstructed
 from tensorlm.loaded import LoadedModel, says_random
 from tensorlm.params import count_parameters
-from tensorlm.shards import Checkpoint, aliases, materialise
+from tensorlm.shards import Checkpoint, aliases, mapped_device, materialise
 from tensorlm.surgery import decompress
 from tensorlm.version import __version__
 
-__all__ = ["BASE_CONFIG_KEY", "COMPRESSED_MODEL_TYPE", "FORMAT_VERSION", "MANIFEST", "WEIGHTS", "atomic_folder",
-           "empty_model", "export_dense", "file_sha256", "load_compressed", "replaced_modules", "save_compressed",
-           "write_compressed"]
+__all__ = ["BASE_CONFIG_KEY", "COMPRESSED_MODEL_TYPE", "DEVICE_MAP_STRATEGIES", "FORMAT_VERSION", "MANIFEST",
+           "WEIGHTS", "atomic_folder", "empty_model", "export_dense", "file_sha256", "load_compressed",
+           "replaced_modules", "save_compressed", "write_compressed"]
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -394,8 +395,87 @@ def _checked_place(device, dtype: torch.dtype | None, name: str) -> torch.device
     return None if device is None else torch.device(device)
 
 
-def _fill(model: nn.Module, folder: Path, device: torch.device | None, dtype: torch.dtype | None) -> None:
-    """Read every tensor of ``folder``'s weights file into ``model`` (built on the meta device).
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+"""The ``device_map`` strings :func:`load_compressed` accepts (as in transformers: ``auto`` is ``balanced``)."""
+
+
+def _device_choices() -> str:
+    """The devices a ``device_map`` may name on this machine, for error messages."""
+    gpus = [f"'cuda:{i}'" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return ", ".join(["'cpu'", *gpus]) + ("" if gpus else " (no CUDA device here)")
+
+
+def _checked_device_map(device_map, name: str) -> str | dict[str, str] | None:
+    """``device_map`` with every device written ``"cpu"`` or ``"cuda:N"`` (a bare ``"cuda"`` or an integer is
+    that GPU), checked against this machine before anything is read.
+
+    Raises:
+        TensorLMError: not a strategy of :data:`DEVICE_MAP_STRATEGIES` nor a mapping of module names to
+            devices, an empty mapping, or a device that is not the CPU or a CUDA device this machine has
+            (``"disk"`` included: nothing is offloaded); the line names it and the valid choices.
+    """
+    if device_map is None:
+        return None
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAP_STRATEGIES:
+            raise TensorLMError(f"{name}: device_map {device_map!r} is neither one of {list(DEVICE_MAP_STRATEGIES)} "
+                                "nor a mapping of module names to devices")
+        return device_map
+    if not isinstance(device_map, Mapping) or not device_map:
+        raise TensorLMError(f"{name}: device_map must be one of {list(DEVICE_MAP_STRATEGIES)} or a non-empty mapping "
+                            f"of module names to devices, got {device_map!r}")
+    checked = {}
+    for key, value in device_map.items():
+        try:
+            dev = torch.device("cuda", value) if isinstance(value, int) and not isinstance(value, bool) \
+                else torch.device(value)
+        except (RuntimeError, TypeError, ValueError):
+            dev = None
+        known = dev is not None and (dev.type == "cpu" or (
+            dev.type == "cuda" and torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()))
+        if not known:
+            raise TensorLMError(f"{name}: device_map {key!r}: {value!r} is not a device of this machine; choose "
+                                f"{_device_choices()}")
+        checked[str(key)] = "cpu" if dev.type == "cpu" else f"cuda:{dev.index or 0}"
+    return checked
+
+
+def _resolved_device_map(model: nn.Module, device_map: str | dict[str, str], dtype: torch.dtype,
+                         name: str) -> dict[str, str]:
+    """``module name -> device`` for ``model`` (meta tensors): a strategy is resolved by accelerate
+    (``infer_auto_device_map``, keeping the model's ``_no_split_modules`` whole and tied tensors together, sizes
+    counted in ``dtype``); a given mapping is checked to name modules of ``model`` and to cover every tensor.
+
+    Raises:
+        TensorLMError: a name that is no module of the model, a tensor no name covers, or a strategy that
+            would offload modules to the disk (the model does not fit the CPU's and GPUs' memory).
+    """
+    if isinstance(device_map, str):
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        memory = None if device_map == "sequential" else get_balanced_memory(
+            model, dtype=dtype, low_zero=device_map == "balanced_low_0", no_split_module_classes=no_split)
+        resolved = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split, dtype=dtype)
+        disk = [key for key, value in resolved.items() if value == "disk"]
+        if disk:
+            raise TensorLMError(f"{name}: device_map {device_map!r} would offload {disk[:3]} to the disk, which "
+                                "load_compressed does not do; free memory or pass a device_map")
+        return {key: f"cuda:{value}" if isinstance(value, int) else str(value) for key, value in resolved.items()}
+    modules = {n for n, _ in model.named_modules()}
+    unknown = [key for key in device_map if key not in modules]
+    if unknown:
+        raise TensorLMError(f"{name}: device_map names {unknown[:3]}, which are not modules of the "
+                            f"{type(model).__name__}")
+    uncovered = [names[0] for names in aliases(model).values()
+                 if all(mapped_device(n, device_map) is None for n in names)]
+    if uncovered:
+        raise TensorLMError(f"{name}: device_map places no module holding {uncovered[:3]}; add them (or \"\")")
+    return device_map
+
+
+def _fill(model: nn.Module, folder: Path, device: torch.device | None, dtype: torch.dtype | None,
+          device_map: dict[str, str] | None = None) -> None:
+    """Read every tensor of ``folder``'s weights file into ``model`` (built on the meta device), each on
+    ``device`` or on the device ``device_map`` gives it (:func:`tensorlm.shards.mapped_device`).
 
     Raises:
         TensorLMError: the file cannot be read, holds a tensor the model lacks or of another shape, or lacks
@@ -408,7 +488,8 @@ def _fill(model: nn.Module, folder: Path, device: torch.device | None, dtype: to
         if unexpected:
             raise TensorLMError(f"unexpected {unexpected[:5]}")
         checkpoint.check(model)
-        materialise(model, checkpoint, device=device, dtype=dtype, only_meta=False)  # buffers are real (CPU)
+        materialise(model, checkpoint, device=device, dtype=dtype, only_meta=False,  # buffers are real (CPU)
+                    device_map=device_map)
     except (RuntimeError, TensorLMError) as err:
         raise TensorLMError(f"{folder}: weights do not fit the model described by {MANIFEST}: "
                             f"{_one_line(err)}") from err
@@ -421,7 +502,8 @@ def _one_line(err: Exception) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
-def load_compressed(folder: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None) -> LoadedModel:
+def load_compressed(folder: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None,
+                    device_map: str | Mapping | None = None) -> LoadedModel:
     """Load a folder written by :func:`save_compressed`; no decomposition is run, no pickle is read.
 
     Args:
@@ -429,6 +511,14 @@ def load_compressed(folder: str | os.PathLike, *, device=None, dtype: torch.dtyp
         device: where to place the model (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``); default
             the CPU, where the weights are read.
         dtype: cast the floating-point tensors (:func:`place`), e.g. ``torch.bfloat16``; default as saved.
+        device_map: spread the model over devices through accelerate instead of ``device``: a strategy of
+            :data:`DEVICE_MAP_STRATEGIES` (``"auto"``: balanced over the GPUs, then the CPU; resolved by
+            ``accelerate.infer_auto_device_map`` with the architecture's blocks kept whole, sizes in ``dtype``
+            or the saved dtype) or a mapping ``module name -> device`` (``""`` is the whole model; a tensor
+            goes to the longest name it lies under; devices ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``N`` or
+            ``torch.device``). Each tensor is read straight onto its device; then ``accelerate.dispatch_model``
+            places the model (on several devices: hooks that move activations between them) and the
+            resolved map is ``model.hf_device_map``. Nothing is offloaded to the disk.
 
     The architecture and the factorized layers are built on the meta device without running any weight
     initialiser; each saved tensor is then read once (a short-lived handle per tensor, so the file's pages do
@@ -444,10 +534,17 @@ def load_compressed(folder: str | os.PathLike, *, device=None, dtype: torch.dtyp
         TensorLMError: a missing file, a weights file whose SHA-256 differs from the manifest
             (corrupted), an architecture transformers does not register for the config's model_type,
             tensors that do not fit the rebuilt modules (mismatched), or an unknown layer class or
-            format version; a bad ``device`` or ``dtype``.
+            format version; a bad ``device`` or ``dtype``; ``device`` and ``device_map`` together; a
+            ``device_map`` that is no strategy nor mapping, names a device this machine lacks (refused before
+            any file is read; the line lists the valid devices) or a module the model lacks, leaves a tensor
+            without a device, or would offload to the disk (refused before any weight is read).
     """
     folder = Path(folder)
+    if device is not None and device_map is not None:
+        raise TensorLMError(f"{folder}: pass device= or device_map=, not both (device_map={{'': {device!r}}} is "
+                            "device=)")
     target = _checked_place(device, dtype, str(folder))
+    device_map = _checked_device_map(device_map, str(folder))
     manifest = _read_manifest(folder)
     config = base_config(folder)
     cls = architecture(manifest["architecture"], config.model_type)
@@ -457,7 +554,11 @@ def load_compressed(folder: str | os.PathLike, *, device=None, dtype: torch.dtyp
             setattr(model, name, None)  # built by default but absent when saved (e.g. a BERT pooler)
     with init_empty_weights(), no_init_weights():  # a factored table may hold an nn.Embedding
         _rebuild_layers(model, manifest, folder)
-    _fill(model, folder, target, dtype)
+    if device_map is not None:
+        sizes = dtype or max((t for t in Checkpoint(folder / WEIGHTS).dtypes.values() if t.is_floating_point),
+                             key=lambda t: t.itemsize, default=torch.float32)
+        device_map = _resolved_device_map(model, device_map, sizes, str(folder))
+    _fill(model, folder, target, dtype, device_map)
     tokenizer = None
     with contextlib.suppress(OSError, ValueError):
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -465,5 +566,7 @@ def load_compressed(folder: str | os.PathLike, *, device=None, dtype: torch.dtyp
     notes = list(manifest.get("notes", []))
     model = place(model, device, dtype, str(folder))
     prepare_reconstructed(model)
+    if device_map is not None:
+        model = dispatch_model(model, device_map)
     return LoadedModel(model.eval(), tokenizer, kind, str(folder), notes,
                        random_weights=bool(manifest.get("random_weights", says_random(notes))))

@@ -15,7 +15,7 @@ from tensorlm.cli import main
 from tensorlm.errors import TensorLMError
 from tensorlm.io import load_compressed
 from tensorlm.recipe import Recipe
-from tensorlm.shards import INDEX
+from tensorlm.shards import INDEX, Checkpoint
 from tensorlm.stream import compress_streaming
 from tensorlm.surgery import compress, plan_recipe
 from tests.conftest import DATA, make_tiny_llama
@@ -257,3 +257,58 @@ def test_a_calibrated_target_outside_the_blocks_is_refused_in_one_line_before_an
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "['lm_head'] lie outside the transformer blocks (model.layers)" in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def compressed_folder(tmp_path, dtype=torch.bfloat16):
+    _, folder = sharded(tmp_path, dtype)
+    compress_streaming(folder, Recipe.from_dict(RECIPE), tmp_path / "out", progress=False)
+    return tmp_path / "out"
+
+
+@pytest.mark.parametrize("device_map", ["auto", "sequential", {"": "cpu"},
+                                        {"model": "cpu", "lm_head": torch.device("cpu")}])
+def test_a_device_map_places_every_tensor_once_in_its_saved_dtype_and_computes_the_plain_load(
+        tmp_path, monkeypatch, device_map):
+    out = compressed_folder(tmp_path)
+    ids = torch.randint(0, 256, (2, 7))
+    plain = load_compressed(out).model
+    reads = []
+    read = Checkpoint.read
+
+    def counted(self, name, *args, **kwargs):
+        reads.append(name)
+        return read(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpoint, "read", counted)
+    mapped = load_compressed(out, device_map=device_map).model
+    assert sorted(reads) == sorted(Checkpoint(out / "model.safetensors").files)  # each saved tensor read once
+    assert set(mapped.hf_device_map.values()) == {"cpu"}
+    floats = {t.dtype for t in mapped.state_dict().values() if t.is_floating_point()}
+    assert floats == {torch.bfloat16}
+    assert mapped.lm_head.embedding is mapped.model.embed_tokens  # the tied head stays tied
+    with torch.no_grad():
+        assert torch.equal(mapped(input_ids=ids).logits, plain(input_ids=ids).logits)  # (2, 7, 256)
+
+
+def test_bad_device_maps_are_one_line_and_an_unknown_device_is_refused_before_reading(tmp_path, monkeypatch):
+    out = compressed_folder(tmp_path)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a weight was read")
+
+    monkeypatch.setattr(Checkpoint, "read", refuse)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    cases = [
+        (dict(device="cpu", device_map="auto"), "not both"),
+        (dict(device_map={"": "tpu"}), "'': 'tpu' is not a device of this machine; choose 'cpu'"),
+        (dict(device_map={"model.layers": f"cuda:{gpus}", "": "cpu"}), f"'cuda:{gpus}' is not a device"),
+        (dict(device_map={"": "disk"}), "'disk' is not a device"),
+        (dict(device_map="fastest"), "neither one of ['auto', 'balanced', 'balanced_low_0', 'sequential']"),
+        (dict(device_map={}), "non-empty mapping"),
+        (dict(device_map={"model.nothing": "cpu", "": "cpu"}), "['model.nothing'], which are not modules"),
+        (dict(device_map={"lm_head": "cpu"}), "places no module holding ['model.layers.0.self_attn.q_proj.a'"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(TensorLMError) as info:
+            load_compressed(out, **kwargs)
+        assert "\n" not in str(info.value) and message in str(info.value), str(info.value)
