@@ -186,7 +186,8 @@ def compress_streaming(folder: str | os.PathLike, recipe: Recipe | str, out: str
     materialise(model, checkpoint, dtype=dtype, finite=True)  # the rest, in the checkpoint's (or the asked) dtype
     notes = [f"compressed by streaming from the safetensors checkpoint {folder} ({checkpoint.nbytes:,} bytes)"]
     if recipe.calibrated:
-        notes.append(f"calibrated block by block on {len(batches)} batch(es) of the recipe's calibration text")
+        how = f", block by block over {len(result.block_seconds)} block(s)" if result.block_seconds else ""
+        notes.append(f"calibrated on {len(batches)} batch(es) of the recipe's calibration text{how}")
     save_compressed(model.eval(), out, tokenizer=tokenizer, kind=kind, recipe=recipe, notes=notes,
                     overwrite=overwrite, inputs=[folder])
     result.seconds = time.perf_counter() - start
