@@ -292,12 +292,7 @@ class KroneckerEmbedding(nn.Module):
         """The equivalent ``nn.Embedding (V, d)``."""
         ids = torch.arange(self.num_embeddings, device=self.b.device)
         with torch.no_grad():
-            weight = self(ids)
-        emb = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
-                           dtype=weight.dtype, device=weight.device)
-        with torch.no_grad():
-            emb.weight.copy_(weight)
-        return emb
+            return nn.Embedding.from_pretrained(self(ids), freeze=False, padding_idx=self.padding_idx)
 
     def tensorlm_config(self) -> dict:
         return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "factor": self.factor,

@@ -63,12 +63,9 @@ class LowRankEmbedding(nn.Module):
 
     def to_dense(self) -> nn.Embedding:
         """The equivalent ``nn.Embedding (V, d)`` with ``E = U V``."""
-        weight = (self.table.weight @ self.v).detach()
-        dense = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
-                             dtype=weight.dtype, device=weight.device)
         with torch.no_grad():
-            dense.weight.copy_(weight)
-        return dense
+            return nn.Embedding.from_pretrained(self.table.weight @ self.v, freeze=False,
+                                                padding_idx=self.padding_idx)
 
     def tensorlm_config(self) -> dict:
         return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "rank": self.rank,

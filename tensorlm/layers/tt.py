@@ -164,11 +164,8 @@ class TTEmbedding(nn.Module):
 
     def to_dense(self) -> nn.Embedding:
         """The equivalent ``nn.Embedding`` (forms the whole ``(V, d)`` table)."""
-        dense = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
-                             device=self.cores[0].device, dtype=self.cores[0].dtype)
         with torch.no_grad():
-            dense.weight.copy_(self.weight_rows())
-        return dense
+            return nn.Embedding.from_pretrained(self.weight_rows(), freeze=False, padding_idx=self.padding_idx)
 
     def extra_repr(self) -> str:
         stored = sum(c.numel() for c in self.cores)
@@ -336,11 +333,8 @@ class RaggedTTEmbedding(nn.Module):
 
     def to_dense(self) -> nn.Embedding:
         """The equivalent ``nn.Embedding`` (forms the whole ``(V, d)`` table)."""
-        dense = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
-                             device=self.values.device, dtype=self.values.dtype)
         with torch.no_grad():
-            dense.weight.copy_(self.weight_rows())
-        return dense
+            return nn.Embedding.from_pretrained(self.weight_rows(), freeze=False, padding_idx=self.padding_idx)
 
     def extra_repr(self) -> str:
         spread = ", ".join(f"{tuple(c)}: {n}" for c, n in zip(self.classes, self.sizes, strict=True) if n)

@@ -159,12 +159,8 @@ class TTMatrixEmbedding(nn.Module):
 
     def to_dense(self) -> nn.Embedding:
         """The equivalent ``nn.Embedding (V, d)``."""
-        table = self.dense_table().detach()
-        dense = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
-                             device=table.device, dtype=table.dtype)
         with torch.no_grad():
-            dense.weight.copy_(table)
-        return dense
+            return nn.Embedding.from_pretrained(self.dense_table(), freeze=False, padding_idx=self.padding_idx)
 
     def extra_repr(self) -> str:
         stored = sum(c.numel() for c in self.cores)
