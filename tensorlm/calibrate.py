@@ -28,7 +28,8 @@ import json
 import os
 import resource
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _as_kwargs(batch: Batch) -> dict[str, torch.Tensor]:
+def batch_kwargs(batch: Batch) -> dict[str, torch.Tensor]:
     """A batch as model keyword arguments: a tensor is ``input_ids``; a mapping is passed as is."""
     if isinstance(batch, torch.Tensor):
         return {"input_ids": batch}
@@ -116,11 +117,19 @@ def _as_kwargs(batch: Batch) -> dict[str, torch.Tensor]:
     return dict(batch)
 
 
+def cache_key(version: int, model_fp: str, names: Sequence[str], data_fp: str) -> str:
+    """The cache key (32 hex digits) of statistics of the modules ``names`` of the model ``model_fp`` on the
+    data ``data_fp`` (from :func:`model_fingerprint` and :func:`data_fingerprint`), for a cache format
+    ``version``; the module order does not matter."""
+    return hashlib.sha256(json.dumps({"version": version, "model": model_fp, "modules": sorted(names),
+                                      "data": data_fp}).encode()).hexdigest()[:32]
+
+
 def data_fingerprint(batches: Sequence[Batch]) -> str:
     """sha256 (hex) of every batch's keys, dtypes, shapes and bytes, in order."""
     h = hashlib.sha256()
     for batch in batches:
-        for key, tensor in sorted(_as_kwargs(batch).items()):
+        for key, tensor in sorted(batch_kwargs(batch).items()):
             h.update(f"|{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
             h.update(_tensor_bytes(tensor))
     return h.hexdigest()
@@ -198,22 +207,19 @@ def collect_second_moments(
             the activations).
     """
     names = list(dict.fromkeys(module_names))
-    modules = _linear_modules(model, names)
+    _linear_modules(model, names)  # checked before the cache and the pass
     batches = list(batches)
     if not batches:
         raise TensorLMError("calibration: no batches given")
     folder = calibration_cache_dir(cache_dir)
     model_fp, data_fp = model_fingerprint(model), data_fingerprint(batches)
-    key = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "model": model_fp, "modules": sorted(names),
-                                     "data": data_fp}).encode()).hexdigest()[:32]
+    key = cache_key(CACHE_VERSION, model_fp, names, data_fp)
     if cache:
         hit = _load_cached(folder, key, names)
         if hit is not None:
             return hit
     start = time.perf_counter()
-    hooks = _MomentHooks(names)
-    _run_hooked(model, modules, hooks, batches, progress)
-    result = _result_from(hooks, names, key, time.perf_counter() - start)
+    result = _run_hooked(model, names, batches, progress).result(key, time.perf_counter() - start)
     if cache:
         meta = {"version": CACHE_VERSION, "key": key, "model_fingerprint": model_fp, "data_fingerprint": data_fp,
                 "modules": {n: {"tokens": c.tokens, "features": c.second_moment.shape[0]} for n, c in result.items()},
@@ -224,11 +230,12 @@ def collect_second_moments(
     return result
 
 
-class _MomentHooks:
+class MomentHooks:
     """The forward hooks' state: running ``x^T x`` sums (float64) and position counts per module name.
 
     ``memo`` holds the last input tensor seen and its ``x^T x``, shared by modules fed the same tensor in
-    one forward; ``mask`` is the current batch's boolean attention mask (or None).
+    one forward; ``mask`` is the current batch's boolean attention mask (or None). Use it through
+    :func:`moment_hooks`, calling :meth:`next_batch` before each batch's forward.
     """
 
     def __init__(self, names: Sequence[str]):
@@ -252,6 +259,12 @@ class _MomentHooks:
                                 f"not match the attention mask {tuple(self.mask.shape)}")
         return rows.float()
 
+    def next_batch(self, batch: Batch) -> None:
+        """Take ``batch``'s attention mask (padded positions are not counted) and forget the last input."""
+        mask = batch_kwargs(batch).get("attention_mask")
+        self.mask = None if mask is None else mask.bool()
+        self.memo.clear()
+
     def hook_for(self, name: str):
         """A ``register_forward_hook(..., with_kwargs=True)`` hook adding the module input's ``x^T x``."""
         def hook(module, args, kwargs, output):
@@ -267,55 +280,67 @@ class _MomentHooks:
             self.counts[name] += self.memo["count"]
         return hook
 
+    def result(self, key: str, seconds: float) -> CalibrationResult:
+        """The :class:`CalibrationResult` of a finished pass, with its cache key, time and memory figures.
 
-def _run_hooked(model: nn.Module, modules: Mapping[str, nn.Module], hooks: _MomentHooks,
-                batches: Sequence[Batch], progress: bool) -> None:
-    """Run every batch through ``model`` (eval mode, no grad) with ``hooks`` on ``modules``.
+        Raises:
+            TensorLMError: a module that never ran, or a non-finite ``G``.
+        """
+        missing = [n for n in self.counts if n not in self.sums]
+        if missing:
+            raise TensorLMError(f"calibration: modules {missing[:3]} never ran in the forward pass")
+        result = CalibrationResult()
+        for name in self.counts:
+            g = self.sums[name].cpu()
+            if not torch.isfinite(g).all():
+                raise TensorLMError(f"calibration: input second moment of {name!r} holds NaN/Inf "
+                                    "(the activations overflowed)")
+            result[name] = Calibration(g, self.counts[name])
+        result.key, result.seconds = key, seconds
+        result.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        result.accumulator_mb = sum(g.numel() * 8 for g in self.sums.values()) / 2**20
+        result.tokens = max(self.counts.values())
+        return result
 
-    The hooks are removed and the model's training flag restored whatever happens.
+
+@contextmanager
+def moment_hooks(model: nn.Module, names: Sequence[str]) -> Iterator[MomentHooks]:
+    """Forward hooks on the modules ``names`` of ``model`` adding ``x^T x`` of their inputs (float64) while the
+    ``with`` block runs; removed whatever happens. Call ``next_batch(batch)`` before each batch's forward and
+    ``result(...)`` after the last.
+
+    Raises:
+        TensorLMError: a name that is not an ``nn.Linear`` or ``Conv1D`` module of ``model``.
+    """
+    hooks = MomentHooks(names)
+    handles = [m.register_forward_hook(hooks.hook_for(n), with_kwargs=True)
+               for n, m in _linear_modules(model, names).items()]
+    try:
+        yield hooks
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _run_hooked(model: nn.Module, names: Sequence[str], batches: Sequence[Batch], progress: bool) -> MomentHooks:
+    """Run every batch through ``model`` (eval mode, no grad) with :func:`moment_hooks` on ``names``.
+
+    The model's training flag is restored whatever happens.
 
     Raises:
         TensorLMError: a batch without ``input_ids`` or a mask that does not match a module's input.
     """
-    handles = [m.register_forward_hook(hooks.hook_for(n), with_kwargs=True) for n, m in modules.items()]
     device = next(iter(model.parameters())).device
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), moment_hooks(model, names) as hooks:
             for batch in tqdm(batches, desc="calibration", unit="batch", disable=None if progress else True):
-                kwargs = {k: v.to(device) for k, v in _as_kwargs(batch).items()}  # the batches stay on the CPU
-                mask = kwargs.get("attention_mask")
-                hooks.mask = None if mask is None else mask.bool()
-                model(**kwargs)
-                hooks.memo.clear()
+                hooks.next_batch(batch)
+                model(**{k: v.to(device) for k, v in batch_kwargs(batch).items()})  # the batches stay on the CPU
     finally:
-        for handle in handles:
-            handle.remove()
         model.train(was_training)
-
-
-def _result_from(hooks: _MomentHooks, names: Sequence[str], key: str, seconds: float) -> CalibrationResult:
-    """The :class:`CalibrationResult` of a finished pass, with its key, time and memory figures.
-
-    Raises:
-        TensorLMError: a module that never ran, or a non-finite ``G``.
-    """
-    missing = [n for n in names if n not in hooks.sums]
-    if missing:
-        raise TensorLMError(f"calibration: modules {missing[:3]} never ran in the forward pass")
-    result = CalibrationResult()
-    for name in names:
-        g = hooks.sums[name].cpu()
-        if not torch.isfinite(g).all():
-            raise TensorLMError(f"calibration: input second moment of {name!r} holds NaN/Inf "
-                                "(the activations overflowed)")
-        result[name] = Calibration(g, hooks.counts[name])
-    result.key, result.seconds = key, seconds
-    result.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    result.accumulator_mb = sum(g.numel() * 8 for g in hooks.sums.values()) / 2**20
-    result.tokens = max(hooks.counts.values())
-    return result
+    return hooks
 
 
 def token_counts(ids_batches: Iterable[Batch], vocab_size: int) -> torch.Tensor:
@@ -330,7 +355,7 @@ def token_counts(ids_batches: Iterable[Batch], vocab_size: int) -> torch.Tensor:
     """
     counts = torch.zeros(vocab_size, dtype=torch.int64)
     for batch in ids_batches:
-        kwargs = _as_kwargs(batch)
+        kwargs = batch_kwargs(batch)
         ids = kwargs["input_ids"]
         mask = kwargs.get("attention_mask")
         ids = (ids[mask.bool()] if mask is not None else ids.reshape(-1)).cpu().long()

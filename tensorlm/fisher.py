@@ -21,8 +21,6 @@ float64. Results are cached beside the second moments (``$TENSORLM_CACHE/calibra
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -33,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from tensorlm.calibrate import calibration_cache_dir, data_fingerprint, model_fingerprint
+from tensorlm.calibrate import cache_key, calibration_cache_dir, data_fingerprint, model_fingerprint
 from tensorlm.errors import TensorLMError
 
 CACHE_VERSION = 1
@@ -70,9 +68,7 @@ def collect_output_fisher(
     if not batches:
         raise TensorLMError("fisher: no calibration batches given")
     folder = calibration_cache_dir(cache_dir)
-    key = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "model": model_fingerprint(model),
-                                     "modules": sorted(names), "data": data_fingerprint(batches)}).encode()
-                         ).hexdigest()[:32]
+    key = cache_key(CACHE_VERSION, model_fingerprint(model), names, data_fingerprint(batches))
     path = folder / f"fisher-{key}.safetensors"
     if cache and path.exists():
         found = load_file(path)

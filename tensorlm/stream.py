@@ -50,7 +50,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from tensorlm.calibrate import _as_kwargs, _linear_modules, _MomentHooks, _result_from, embedding_token_counts
+from tensorlm.calibrate import embedding_token_counts, moment_hooks
 from tensorlm.errors import TensorLMError
 from tensorlm.files import refuse_existing
 from tensorlm.heal.blocks import BlockCall, capture_calls, find_blocks
@@ -300,21 +300,13 @@ def _run_block(model: nn.Module, block: nn.Module, names: list[str], batches: Se
     """Run the (dense) ``block`` on every batch, replacing ``hidden[j]`` by its output (kept where the input
     was), with the calibration hooks on the modules ``names``; return their statistics (name ->
     :class:`~tensorlm.calibrate.Calibration`), empty when ``names`` is."""
-    modules = _linear_modules(model, names)
-    hooks = _MomentHooks(names)
-    handles = [m.register_forward_hook(hooks.hook_for(n), with_kwargs=True) for n, m in modules.items()]
     device = next(block.parameters()).device
     start = time.perf_counter()
-    try:
+    with moment_hooks(model, names) as hooks:
         for j, (batch, call) in enumerate(zip(batches, calls, strict=True)):
-            mask = _as_kwargs(batch).get("attention_mask")
-            hooks.mask = None if mask is None else mask.bool()
+            hooks.next_batch(batch)
             hidden[j] = call(block, hidden[j].to(device)).to(hidden[j].device)
-            hooks.memo.clear()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return _result_from(hooks, names, "", time.perf_counter() - start) if names else {}
+    return hooks.result("", time.perf_counter() - start) if names else {}
 
 
 def _block_index(name: str, path: str, count: int) -> int | None:
