@@ -56,9 +56,9 @@ from tensorlm.recipe import CalibrationSettings, Recipe  # noqa: E402
 RESULTS = HERE / "results"
 MODEL = "smollm2-135m"
 PHASES = ("training-free", "reconstruct", "distill")
-RECIPES = ["smollm2-svd-llm-10", "smollm2-svd-llm-30", "smollm2-tq-whitened-mlp-50"]  # the last two: same count
-BUDGET_CPU_MINUTES = {"smollm2-svd-llm-10": 30.0}  # the others: 60 (the -30% budget)
-TARGET_X_DENSE = {"smollm2-svd-llm-10": 1.2}  # the others: 3.0
+RECIPES = ["smollm2-svd-llm-fisher-10", "smollm2-svd-llm-30", "smollm2-tq-whitened-mlp-50"]  # the last two: same count
+BUDGET_CPU_MINUTES = {"smollm2-svd-llm-fisher-10": 30.0}  # the others: 60 (the -30% budget)
+TARGET_X_DENSE = {"smollm2-svd-llm-fisher-10": 1.2}  # the others: 3.0
 
 
 def cpu_seconds() -> float:
