@@ -5,8 +5,9 @@
     heal:
       reconstruct: {lr: 1.0e-3, max_steps: 200, val_fraction: 0.125}   # block-wise reconstruction
 
-``reconstruct`` is :class:`ReconstructConfig` (``{}`` or ``true``: the defaults). Unknown keys are refused
-with the valid ones listed, like a stage's ``budget``.
+``reconstruct`` is :class:`ReconstructConfig` (``{}`` or ``true``: the defaults; ``joint_steps: 0`` leaves a
+shared Tucker bank frozen instead of training it jointly across its blocks). Unknown keys are refused with the
+valid ones listed, like a stage's ``budget``.
 """
 
 from __future__ import annotations
@@ -30,10 +31,19 @@ class ReconstructConfig:
         eval_every: steps between two held-out evaluations.
         patience: evaluations without improvement before a block stops.
         time_budget_s: wall seconds per block at most (None: no limit); checked after every step.
-        max_memory_mb: the cached activations (three float32 copies of every block's input) stay in memory
-            below this size, else go to numpy memmaps in a temporary folder.
+        max_memory_mb: the cached activations (three float32 copies of every block's input, ``n_blocks + 2``
+            with a joint pass) stay in memory below this size, else go to ``.npy`` files in a temporary folder.
         train_dense: also train the block's dense parameters (norms, biases, unfactorized linears).
         seed: order of the mini-batches.
+        joint_steps: after the block-by-block pass, when blocks share parameters (a Tucker bank), optimizer
+            steps at most of the joint pass that trains the shared factors with every block's own on the sum of
+            the per-block MSE (one step: one mini-batch through every block, each block fed the detached output
+            of the student block before it, so no gradient crosses blocks; early stopping as above, by the
+            summed held-out MSE; see :mod:`tensorlm.heal.reconstruct`). 0: no joint pass, shared parameters stay
+            frozen. Without shared parameters it changes nothing. The joint pass keeps every block's teacher
+            targets: ``n_blocks + 2`` activation sets instead of 3 count against ``max_memory_mb``.
+        joint_lr: Adam learning rate of the joint pass (None: ``lr``).
+        joint_time_budget_s: wall seconds of the joint pass at most (None: no limit); checked after every step.
     """
 
     lr: float = 1e-3
@@ -46,6 +56,9 @@ class ReconstructConfig:
     max_memory_mb: float = 2048.0
     train_dense: bool = False
     seed: int = 0
+    joint_steps: int = 200
+    joint_lr: float | None = None
+    joint_time_budget_s: float | None = None
 
     def __post_init__(self):
         for key in ("lr", "max_memory_mb"):
@@ -56,8 +69,12 @@ class ReconstructConfig:
                 raise TensorLMError(f"reconstruct {key} must be an integer >= 1, got {getattr(self, key)!r}")
         if not 0 < self.val_fraction < 1:
             raise TensorLMError(f"reconstruct val_fraction must be in (0, 1), got {self.val_fraction!r}")
-        if self.time_budget_s is not None and not self.time_budget_s > 0:
-            raise TensorLMError(f"reconstruct time_budget_s must be > 0 or null, got {self.time_budget_s!r}")
+        for key in ("time_budget_s", "joint_lr", "joint_time_budget_s"):
+            if getattr(self, key) is not None and not getattr(self, key) > 0:
+                raise TensorLMError(f"reconstruct {key} must be > 0 or null, got {getattr(self, key)!r}")
+        if isinstance(self.joint_steps, bool) or not isinstance(self.joint_steps, int) or self.joint_steps < 0:
+            raise TensorLMError(f"reconstruct joint_steps must be an integer >= 0 (0: no joint pass), "
+                                f"got {self.joint_steps!r}")
 
     @classmethod
     def from_dict(cls, data: dict | bool | None, where: str = "reconstruct") -> ReconstructConfig:
