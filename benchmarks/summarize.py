@@ -129,13 +129,16 @@ def main(readme: Path = README) -> None:
     if causal := _load("causal_lm"):
         done = {r["recipe"] for r in causal["rows"]}
         todo = [name for name in CAUSAL_RECIPES if name not in done]
+        full = next(r for r in causal["rows"] if r["recipe"] == "dense").get("full", {})
+        whole = (f" Dense on `wt2-full` (the whole test set, {full['protocols']['wikitext2_ppl'].split(', ')[-1]}, "
+                 f"same windows): perplexity {full['wikitext2_ppl']:.2f}." if "wikitext2_ppl" in full else "")
         parts += section("SmolLM2-135M (a real pretrained causal LM), every recipe, training-free", "causal_lm",
                          _table_of("causal_lm") + "\n\nThe teacher is SmolLM2-135M-Instruct's GGUF Q4_1 weights "
                          "dequantized to float32 (itself a 4-bit quantization of the release). `wt2-16k`: the first "
                          "16,384 tokens of WikiText-2 raw test, sliding windows of 1024, stride 512, token-level; "
                          "LAMBADA: first 1,000 passages, last-word accuracy; teacher KL: nats per token on held-out "
                          "`lm_text`. No calibration and no distillation: these are the data-blind methods as "
-                         "published, and they break a real causal LM (see the calibrated results)."
+                         "published, and they break a real causal LM (see the calibrated results)." + whole
                          + (f" Not yet measured (the benchmark resumes there): {', '.join(todo)}." if todo else ""))
     if _load("calibrated"):
         tables = re.findall(r"(?:^\|.*\|\n)+", (RESULTS / "calibrated.md").read_text(), re.M)
