@@ -291,8 +291,9 @@ def plot(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(path: Path) -> str:
-    """The Markdown and PNG of ``path`` (each written to a temporary name, then renamed)."""
+def write_outputs(path: Path, render=render, plot=plot) -> str:
+    """The Markdown (``render(data)``) and PNG (``plot(data, path)``) of the JSON ``path``, each written to a
+    temporary name, then renamed; returns the Markdown."""
     data = json.loads(path.read_text())
     text = render(data)
     md, png = path.with_suffix(".md"), path.with_suffix(".png")

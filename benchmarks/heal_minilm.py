@@ -56,6 +56,7 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
+import heal_causal_lm  # noqa: E402
 from causal_lm import compress_row, log  # noqa: E402  (the same compression call)
 from distill_minilm import dev_subset, pairs_spearman  # noqa: E402  (the same model selection)
 from heal_causal_lm import PHASES, Clock, Rows, load_phase, phase_folder, save_phase  # noqa: E402
@@ -277,15 +278,8 @@ def plot(data: dict, path: Path) -> None:
 
 
 def write_outputs(path: Path) -> str:
-    """The Markdown and PNG of ``path`` (each written to a temporary name, then renamed)."""
-    data = json.loads(path.read_text())
-    text = render(data)
-    md, png = path.with_suffix(".md"), path.with_suffix(".png")
-    md.with_suffix(".md.tmp").write_text(text)
-    os.replace(md.with_suffix(".md.tmp"), md)
-    plot(data, png.with_suffix(".tmp.png"))
-    os.replace(png.with_suffix(".tmp.png"), png)
-    return text
+    """The Markdown and PNG of ``path`` (as :func:`heal_causal_lm.write_outputs`, with this file's table and plot)."""
+    return heal_causal_lm.write_outputs(path, render, plot)
 
 
 def main() -> None:
