@@ -144,14 +144,18 @@ def reconstruct(student, loaded, data_dir, args) -> dict:
 def distill_phase(student, loaded, recipe: str, data_dir, spent_cpu_s: float, budget_cpu_s: float, args) -> dict:
     """End-to-end distillation of ``student`` in place, within what is left of the CPU budget."""
     left = budget_cpu_s - spent_cpu_s
-    # the trainer's budget is wall seconds of its steps; CPU runs ~threads x wall, and the store's teacher
-    # pass comes first, outside the trainer's budget: take the CPU left, the store's estimate off, per thread
-    store_tokens = args.kd_steps * args.kd_batch * args.kd_seq_len
-    store_cpu = store_tokens * args.teacher_cpu_s_per_token
+    # the store's teacher pass (one teacher token per training token) comes first, outside the trainer's
+    # budget: as many steps as the CPU left pays for both (a store sized for --kd-steps ate a whole budget
+    # once, leaving 8 steps), then the trainer's wall budget is the CPU left after the store, per thread
+    tokens = args.kd_batch * args.kd_seq_len
+    per_step = tokens * (args.teacher_cpu_s_per_token + args.student_cpu_s_per_token)
+    steps = max(1, min(args.kd_steps, int(left / per_step)))
+    store_cpu = steps * tokens * args.teacher_cpu_s_per_token
     wall_budget = max(60.0, (left - store_cpu) / max(1, torch.get_num_threads()))
-    config = DistillConfig(loss="logits", teacher_topk=64, trainable="factors", steps=args.kd_steps, lr=args.kd_lr,
-                           batch_size=args.kd_batch, seq_len=args.kd_seq_len, warmup=max(1, args.kd_steps // 10),
-                           eval_every=args.kd_eval_every, save_every=args.kd_eval_every, log_every=5,
+    every = min(args.kd_eval_every, steps)  # at least one evaluation after training
+    config = DistillConfig(loss="logits", teacher_topk=64, trainable="factors", steps=steps, lr=args.kd_lr,
+                           batch_size=args.kd_batch, seq_len=args.kd_seq_len, warmup=max(1, steps // 10),
+                           eval_every=every, save_every=every, log_every=5,
                            val_size=args.kd_val_blocks, data_dir=str(data_dir), time_budget_s=wall_budget)
     run_dir = default_cache_dir() / "heal" / recipe / "distill-run"
     with Clock() as clock:
@@ -312,7 +316,7 @@ def main() -> None:
     parser.add_argument("--rec-samples", type=int, default=64, help="calibration blocks of reconstruction")
     parser.add_argument("--rec-length", type=int, default=256, help="tokens per calibration block")
     parser.add_argument("--rec-batch", type=int, default=4)
-    parser.add_argument("--rec-steps", type=int, default=60, help="Adam steps per block at most")
+    parser.add_argument("--rec-steps", type=int, default=150, help="Adam steps per block at most")
     parser.add_argument("--rec-eval-every", type=int, default=10)
     parser.add_argument("--rec-lr", type=float, default=1e-3)
     parser.add_argument("--rec-block-s", type=float, default=20.0, help="wall seconds per block at most")
@@ -324,6 +328,8 @@ def main() -> None:
     parser.add_argument("--kd-val-blocks", type=int, default=16)
     parser.add_argument("--teacher-cpu-s-per-token", type=float, default=0.01,
                         help="estimated CPU seconds of one teacher token (the store's pass), to size the budget")
+    parser.add_argument("--student-cpu-s-per-token", type=float, default=0.015,
+                        help="estimated CPU seconds of one training token (student forward and backward)")
     parser.add_argument("--until", default=PHASES[-1], choices=PHASES,
                         help="the last phase to reach (with every phase before it)")
     parser.add_argument("--heal-first", action="store_true",
