@@ -210,18 +210,20 @@ def run_recipe(rows: Rows, loaded, data_dir, name: str, args) -> None:
     """The phases of ``name`` up to ``args.until``, in order, not yet in ``rows``: heal (or reload), measure, write.
 
     With ``args.heal_first`` every phase is healed before any is measured, and the last phase is measured
-    first (when the machine is slow, the healed rows land before the training-free one).
+    first (when the machine is slow, the healed rows land before the training-free one). Healing works in
+    place, so the model object then holds the last phase's weights: each phase is measured as its folder
+    saved it.
     """
     budget_s = 60.0 * BUDGET_CPU_MINUTES.get(name, 60.0)
     done = None
-    healed = []
-    for phase in PHASES[:PHASES.index(args.until) + 1]:
+    phases = PHASES[:PHASES.index(args.until) + 1]
+    for phase in phases:
         done = heal_phase(loaded, data_dir, name, phase, done, budget_s, args)
-        healed.append((phase, done))
         if not args.heal_first:
             measure_phase(rows, loaded, data_dir, name, phase, done, budget_s)
-    for phase, done in reversed(healed):
-        measure_phase(rows, loaded, data_dir, name, phase, done, budget_s)
+    for phase in reversed(phases if args.heal_first else ()):
+        if rows.get(name, phase) is None:
+            measure_phase(rows, loaded, data_dir, name, phase, load_phase(name, phase), budget_s)
 
 
 def run_dense(rows: Rows, loaded, data_dir) -> None:
