@@ -23,8 +23,9 @@ given twice: right after loading (untouched weights not yet resident) and after 
 ``runtime_rss_bytes`` is each subprocess's resident memory after its imports (Python, torch, transformers,
 tensorlm), before any weight. Recipe ``scale-lowrank-20``: data-blind truncated SVD (``lowrank``, float64 SVD)
 of the 44 ``gate_proj`` and ``up_proj`` matrices (5632 x 2048) at ratio 0.56 (rank 841), which removes 20.3%
-of all parameters; it takes minutes per target here, so a run that cannot finish is recorded as a ``partial``
-row (the targets done, their seconds, the largest peak after one of them). Rows marked
+of all parameters; about 7 s per target on 2 quiet cores and minutes on a loaded machine, so a run that
+cannot finish is recorded as a ``partial`` row (the targets done, their seconds, the largest peak after one of
+them). Rows marked
 ``[scale-kronecker-2x2]`` run the same steps with a recipe whose decomposition costs seconds per target:
 the nearest Kronecker sum ``A (2816 x 1024) (x) B (2 x 2)``, rank 2, of the same 44 matrices (-23.1% of all
 parameters), so that the whole streaming pass and the load of its result are measured. Targets: peak while
