@@ -24,13 +24,14 @@ harness and protocol, and says so). Budgets (issue 11): -10% at most 30 CPU-minu
 
 Run: ``python benchmarks/heal_causal_lm.py [--recipes NAME ...]`` (resumable: every (recipe, phase) row is
 written as soon as it is measured and a rerun skips it; the model after each phase is kept under
-``~/.cache/tensorlm/heal/<recipe>/<phase>`` (``$TENSORLM_CACHE``) so the next phase resumes from it).
+``~/.cache/tensorlm/heal/<recipe>-<settings digest>/<phase>`` (``$TENSORLM_CACHE``) so the next phase resumes from it).
 ``--render-only`` rewrites the Markdown and PNG from the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -47,10 +48,10 @@ sys.path.insert(0, str(HERE))
 from causal_lm import compress_row, log, measure  # noqa: E402  (the same compression and evaluation calls)
 
 from tensorlm import load_compressed, load_model, save_compressed  # noqa: E402
+from tensorlm.calibrate import calibration_batches  # noqa: E402
 from tensorlm.distill import DistillConfig, distill  # noqa: E402
 from tensorlm.distill.data import default_cache_dir  # noqa: E402
 from tensorlm.heal import ReconstructConfig, reconstruct_blocks  # noqa: E402
-from tensorlm.heal.stage import calibration_batches  # noqa: E402
 from tensorlm.pipeline import machine  # noqa: E402
 from tensorlm.recipe import CalibrationSettings, Recipe  # noqa: E402
 
@@ -103,13 +104,27 @@ class Rows:
         os.replace(tmp, self.path)
 
 
-def phase_folder(recipe: str, phase: str) -> Path:
-    return default_cache_dir() / "heal" / recipe / phase
+SETTINGS: dict = {}  # the healing settings of this run (main fills them); they key the phase folders
 
 
-def save_phase(model, loaded, recipe: str, phase: str, record: dict) -> None:
+def settings_digest(settings: dict) -> str:
+    """8 hex digits of the sha256 of ``settings`` (JSON, sorted keys)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def key(recipe: str) -> str:
+    """The recipe's folder under ``<cache>/heal``: ``<recipe>-<digest of the healing settings>``, so that a run
+    with other settings never resumes from another run's phases."""
+    return f"{recipe}-{settings_digest(SETTINGS)}"
+
+
+def phase_folder(key: str, phase: str) -> Path:
+    return default_cache_dir() / "heal" / key / phase
+
+
+def save_phase(model, loaded, key: str, phase: str, record: dict) -> None:
     """The model after ``phase`` and what the phase cost (``heal.json``), written as one folder."""
-    folder = phase_folder(recipe, phase)
+    folder = phase_folder(key, phase)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_compressed(model, tmp, tokenizer=loaded.tokenizer, kind=loaded.kind)
@@ -118,9 +133,9 @@ def save_phase(model, loaded, recipe: str, phase: str, record: dict) -> None:
     os.replace(tmp, folder)
 
 
-def load_phase(recipe: str, phase: str):
+def load_phase(key: str, phase: str):
     """``(model, record)`` of a finished phase, or None when its folder is not there."""
-    folder = phase_folder(recipe, phase)
+    folder = phase_folder(key, phase)
     if not (folder / "heal.json").exists():
         return None
     return load_compressed(folder).model, json.loads((folder / "heal.json").read_text())
@@ -132,7 +147,8 @@ def reconstruct(student, loaded, data_dir, args) -> dict:
                                eval_every=args.rec_eval_every, patience=3, time_budget_s=args.rec_block_s)
     settings = CalibrationSettings(samples=args.rec_samples, length=args.rec_length, seed=1)
     with Clock() as clock:
-        batches = calibration_batches(loaded.tokenizer, "causal-lm", settings, config.batch_size, data_dir)
+        batches, _ = calibration_batches(settings, loaded.tokenizer, "causal-lm", data_dir,
+                                         batch_size=config.batch_size)
         result = reconstruct_blocks(student, loaded.model, batches, config=config, progress=False, log=log)
     blocks = [{"block": b.index, "val_mse_before": b.val_mse_before, "val_mse_after": b.val_mse_after,
                "steps": b.steps, "best_step": b.best_step, "stopped": b.stopped} for b in result.blocks]
@@ -158,7 +174,7 @@ def distill_phase(student, loaded, recipe: str, data_dir, spent_cpu_s: float, bu
                            batch_size=args.kd_batch, seq_len=args.kd_seq_len, warmup=max(1, steps // 10),
                            eval_every=every, save_every=every, log_every=5,
                            val_size=args.kd_val_blocks, data_dir=str(data_dir), time_budget_s=wall_budget)
-    run_dir = default_cache_dir() / "heal" / recipe / "distill-run"
+    run_dir = phase_folder(key(recipe), "distill-run")
     with Clock() as clock:
         result = distill(student, loaded.model, loaded.tokenizer, config, run_dir, kind="causal-lm", resume=True,
                          progress=False)
@@ -171,7 +187,7 @@ def distill_phase(student, loaded, recipe: str, data_dir, spent_cpu_s: float, bu
 def heal_phase(loaded, data_dir, name: str, phase: str, previous, budget_s: float, args) -> tuple:
     """``(model, record)`` after ``phase`` of ``name``: reloaded from its folder, or healed from ``previous``
     (the phase before's ``(model, record)``; None for ``training-free``, which compresses) and saved."""
-    done = load_phase(name, phase)
+    done = load_phase(key(name), phase)
     if done is not None:
         return done
     if phase == "training-free":
@@ -188,7 +204,7 @@ def heal_phase(loaded, data_dir, name: str, phase: str, previous, budget_s: floa
             heal = distill_phase(student, loaded, name, data_dir, spent, budget_s, args)
         done = student, {"fields": before["fields"], "cpu_s": spent + heal["cpu_s"],
                          "wall_s": before["wall_s"] + heal["wall_s"], "heal": {**before["heal"], phase: heal}}
-    save_phase(done[0], loaded, name, phase, done[1])
+    save_phase(done[0], loaded, key(name), phase, done[1])
     return done
 
 
@@ -224,7 +240,7 @@ def run_recipe(rows: Rows, loaded, data_dir, name: str, args) -> None:
             measure_phase(rows, loaded, data_dir, name, phase, done, budget_s)
     for phase in reversed(phases if args.heal_first else ()):
         if rows.get(name, phase) is None:
-            measure_phase(rows, loaded, data_dir, name, phase, load_phase(name, phase), budget_s)
+            measure_phase(rows, loaded, data_dir, name, phase, load_phase(key(name), phase), budget_s)
 
 
 def run_dense(rows: Rows, loaded, data_dir) -> None:
@@ -239,12 +255,20 @@ def run_dense(rows: Rows, loaded, data_dir) -> None:
               "machine": machine()})
 
 
+def dense_reference(data: dict) -> tuple[dict | None, bool]:
+    """The dense row of ``data``, else ``causal_lm.json``'s (same harness and protocol; ``True``: borrowed)."""
+    dense = next((r for r in data["rows"] if r["recipe"] == "dense"), None)
+    if dense is None and (RESULTS / "causal_lm.json").exists():
+        rows = json.loads((RESULTS / "causal_lm.json").read_text())["rows"]
+        return next(r for r in rows if r["recipe"] == "dense"), True
+    return dense, False
+
+
 def render(data: dict) -> str:
     """The Markdown table of the JSON."""
-    dense = next((r for r in data["rows"] if r["recipe"] == "dense"), None)
+    dense, borrowed = dense_reference(data)
     lines = ["# SmolLM2-135M healed within a CPU budget", "", data["protocol"], "", f"Machine: {data['machine']}.", ""]
-    if dense is None and (RESULTS / "causal_lm.json").exists():
-        dense = next(r for r in json.loads((RESULTS / "causal_lm.json").read_text())["rows"] if r["recipe"] == "dense")
+    if borrowed:
         lines += [f"Dense is not measured in this file; `x dense` divides by the dense row of `causal_lm.json` (the "
                   f"same harness and protocol, another run on this machine): wt2-16k {dense['wikitext2_ppl']:.2f}, "
                   f"LAMBADA {dense['lambada_acc']:.3f}.", ""]
@@ -271,8 +295,11 @@ def render(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(data: dict, path: Path) -> None:
-    """wt2-16k perplexity (log scale) against healing CPU minutes, one line per recipe, dense as a line."""
+def plot_phases(data: dict, path: Path, metric: str, fmt: str, ylabel: str, title: str, *, dense: dict | None = None,
+                log_scale: bool = False, targets: tuple[float, ...] = (), budget: float | None = None) -> None:
+    """``metric`` of every phase against healing CPU minutes, one line per recipe (points labelled with
+    ``fmt``), ``dense`` (a row) as a dashed line, each of ``targets`` as a dotted line, ``budget`` (CPU
+    minutes) as a red one."""
     import matplotlib  # noqa: PLC0415  (only to draw)
 
     matplotlib.use("Agg")
@@ -281,23 +308,36 @@ def plot(data: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     recipes = list(dict.fromkeys(r["recipe"] for r in data["rows"] if r["recipe"] != "dense"))
     for name in recipes:
-        points = sorted((PHASES.index(r["phase"]), r["cpu_minutes"], r["wikitext2_ppl"])
+        points = sorted((PHASES.index(r["phase"]), r["cpu_minutes"], r[metric])
                         for r in data["rows"] if r["recipe"] == name)
         ax.plot([p[1] for p in points], [p[2] for p in points], marker="o", label=name.replace("smollm2-", ""))
         for _, x, y in points:
-            ax.annotate(f"{y:,.1f}", (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
-    dense = next((r for r in data["rows"] if r["recipe"] == "dense"), None)
+            ax.annotate(format(y, fmt), (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
     if dense is not None:
-        ax.axhline(dense["wikitext2_ppl"], color="gray", linestyle="--", label=f"dense {dense['wikitext2_ppl']:.2f}")
-    ax.set_yscale("log")
+        ax.axhline(dense[metric], color="gray", linestyle="--", label=f"dense {dense[metric]:.4g}")
+    for value in sorted(set(targets)):
+        ax.axhline(value, color="gray", linestyle=":", linewidth=0.8)
+        ax.annotate(f"target {value}", (0, value), fontsize=7, xytext=(2, 2), textcoords="offset points")
+    if budget is not None:
+        ax.axvline(budget, color="red", linestyle=":", linewidth=0.8, label="CPU budget")
+    if log_scale:
+        ax.set_yscale("log")
     ax.set_xlabel("healing CPU minutes (process time; reconstruction, then distillation)")
-    ax.set_ylabel("WikiText-2 perplexity (wt2-16k, log scale)")
-    ax.set_title("SmolLM2-135M: training-free -> reconstruction -> distillation")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot(data: dict, path: Path) -> None:
+    """wt2-16k perplexity (log scale) against healing CPU minutes, one line per recipe, dense as a line
+    (:func:`dense_reference`)."""
+    plot_phases(data, path, "wikitext2_ppl", ",.1f", "WikiText-2 perplexity (wt2-16k, log scale)",
+                "SmolLM2-135M: training-free -> reconstruction -> distillation", dense=dense_reference(data)[0],
+                log_scale=True)
 
 
 def write_outputs(path: Path, render=render, plot=plot) -> str:
@@ -342,11 +382,13 @@ def main() -> None:
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args()
     path = RESULTS / "heal_causal_lm.json"
+    SETTINGS.update({k: v for k, v in vars(args).items() if k.startswith(("rec_", "kd_", "teacher_", "student_"))
+                     or k == "threads"})
     if not args.render_only:
         torch.set_num_threads(args.threads)
         loaded = load_model(MODEL, data_dir=args.data_dir)
         rows = Rows(path, {"protocol": __doc__.split("Run:")[0].strip(), "model": loaded.notes[0],
-                           "machine": machine(), "threads": args.threads})
+                           "machine": machine(), "threads": args.threads, "settings": SETTINGS})
         for n, name in enumerate(args.recipes):
             run_recipe(rows, loaded, args.data_dir, name, args)
             write_outputs(path)

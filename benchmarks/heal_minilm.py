@@ -20,7 +20,7 @@ three phases (issue 11, point 5; the encoder version of ``benchmarks/heal_causal
 
 Training text: the training sentences of ``tensorlm.distill.data.SentencePool`` (``lm_text`` sentences plus
 STS-B and SICK **train** pairs, any sentence of an evaluation split dropped) for both the reconstruction's
-calibration batches (``tensorlm.heal.stage.calibration_batches``) and distillation; never a test split.
+calibration batches (``tensorlm.calibrate.calibration_batches``) and distillation; never a test split.
 Model selection: Spearman on a fixed subset of STS-B **dev** pairs (300, seed 0, as ``distill_minilm.py``),
 evaluated during distillation (its step 0 is the reconstructed model, so distillation keeps it when no step
 beats it on dev). STS-B test (1,379 pairs) and SICK-R test (4,927 pairs) Spearman of mask-aware mean-pooled
@@ -44,7 +44,6 @@ the JSON. A smoke run: ``--results /tmp/x --rec-samples 128 --rec-steps 5 --kd-s
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -62,10 +61,10 @@ from distill_minilm import dev_subset, pairs_spearman  # noqa: E402  (the same m
 from heal_causal_lm import PHASES, Clock, Rows, load_phase, phase_folder, save_phase  # noqa: E402
 
 from tensorlm import load_model  # noqa: E402
+from tensorlm.calibrate import calibration_batches  # noqa: E402
 from tensorlm.data import load_sts, resolve_data_dir  # noqa: E402
 from tensorlm.distill import DistillConfig, distill  # noqa: E402
 from tensorlm.heal import ReconstructConfig, reconstruct_blocks  # noqa: E402
-from tensorlm.heal.stage import calibration_batches  # noqa: E402
 from tensorlm.pipeline import machine  # noqa: E402
 from tensorlm.recipe import CalibrationSettings, Recipe  # noqa: E402
 
@@ -87,8 +86,7 @@ SETTINGS: dict = {}  # the healing settings of this run (main fills it); they ke
 def key(recipe: str) -> str:
     """The recipe's folder under ``<cache>/heal``: ``minilm/<recipe>-<hash of the healing settings>`` (apart from
     the SmolLM2 runs; a run with other settings, e.g. a smoke run, never resumes from these phases)."""
-    digest = hashlib.sha256(json.dumps(SETTINGS, sort_keys=True).encode()).hexdigest()[:8]
-    return f"minilm/{recipe}-{digest}"
+    return f"minilm/{recipe}-{heal_causal_lm.settings_digest(SETTINGS)}"
 
 
 def target(recipe: str) -> float:
@@ -107,7 +105,8 @@ def reconstruct(student, loaded, data_dir, args) -> dict:
                                train_dense=args.rec_train_dense)
     settings = CalibrationSettings(samples=args.rec_samples, length=args.rec_length, seed=1)
     with Clock() as clock:
-        batches = calibration_batches(loaded.tokenizer, "encoder", settings, config.batch_size, data_dir)
+        batches, _ = calibration_batches(settings, loaded.tokenizer, "encoder", data_dir,
+                                         batch_size=config.batch_size)
         result = reconstruct_blocks(student, loaded.model, batches, config=config, progress=False, log=log)
     blocks = [{"block": b.index, "trainable": b.trainable, "val_mse_before": b.val_mse_before,
                "val_mse_after": b.val_mse_after, "steps": b.steps, "best_step": b.best_step, "stopped": b.stopped,
@@ -247,34 +246,11 @@ def render(data: dict) -> str:
 
 def plot(data: dict, path: Path) -> None:
     """STS-B test Spearman against healing CPU minutes, one line per recipe, dense and the targets as lines."""
-    import matplotlib  # noqa: PLC0415  (only to draw)
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    recipes = list(dict.fromkeys(r["recipe"] for r in data["rows"] if r["recipe"] != "dense"))
-    for name in recipes:
-        points = sorted((PHASES.index(r["phase"]), r["cpu_minutes"], r["stsb"])
-                        for r in data["rows"] if r["recipe"] == name)
-        ax.plot([p[1] for p in points], [p[2] for p in points], marker="o", label=name)
-        for _, x, y in points:
-            ax.annotate(f"{y:.3f}", (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
-    dense = next((r for r in data["rows"] if r["recipe"] == "dense"), None)
-    if dense is not None:
-        ax.axhline(dense["stsb"], color="gray", linestyle="--", label=f"dense {dense['stsb']:.4f}")
-    for value in sorted({target(n) for n in recipes}):
-        ax.axhline(value, color="gray", linestyle=":", linewidth=0.8)
-        ax.annotate(f"target {value}", (0, value), fontsize=7, xytext=(2, 2), textcoords="offset points")
-    ax.axvline(BUDGET_CPU_MINUTES, color="red", linestyle=":", linewidth=0.8, label="CPU budget")
-    ax.set_xlabel("healing CPU minutes (process time; reconstruction, then distillation)")
-    ax.set_ylabel("STS-B test Spearman")
-    ax.set_title("all-MiniLM-L6-v2: training-free -> reconstruction -> distillation")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    recipes = {r["recipe"] for r in data["rows"] if r["recipe"] != "dense"}
+    heal_causal_lm.plot_phases(data, path, "stsb", ".3f", "STS-B test Spearman",
+                               "all-MiniLM-L6-v2: training-free -> reconstruction -> distillation",
+                               dense=next((r for r in data["rows"] if r["recipe"] == "dense"), None),
+                               targets=tuple(target(n) for n in recipes), budget=BUDGET_CPU_MINUTES)
 
 
 def write_outputs(path: Path) -> str:

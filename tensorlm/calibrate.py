@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from tensorlm.data import resolve_data_dir
 from tensorlm.distill.data import LMBlocks, SentencePool, default_cache_dir
 from tensorlm.errors import TensorLMError
 from tensorlm.layers.base import is_conv1d
@@ -475,3 +476,30 @@ def sentence_calibration_batches(
     return [dict(tokenizer(sentences[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
                            return_tensors="pt"))
             for i in range(0, n_samples, batch_size)]
+
+
+def calibration_batches(settings, tokenizer, kind: str = "causal-lm", data_dir=None, *,
+                        batch_size: int | None = None) -> tuple[list, dict]:
+    """A recipe's calibration text in batches, and a JSON-able description of it (text folder, sample count,
+    length, seed, kind): what calibration, streaming calibration and block-wise reconstruction all read.
+
+    ``settings`` is the recipe's :class:`~tensorlm.recipe.CalibrationSettings`. Causal LMs: ``samples``
+    (default 128) packed ``lm_text`` training blocks of ``length`` (default 512) tokens, ``(<= batch_size,
+    length)`` int64 per batch (:func:`lm_calibration_batches`, default batch 8); encoders: ``samples``
+    (default 1,024) training sentences of at most ``length`` (default 128) tokens, padded tokenizer batches
+    (:func:`sentence_calibration_batches`, default batch 32); ``seed`` picks them. Never a test split.
+
+    Raises:
+        TensorLMError: no data folder, calibration text too short for the asked sample count.
+    """
+    text_dir = resolve_data_dir(data_dir) / "lm_text"
+    sizes = {} if batch_size is None else {"batch_size": batch_size}
+    if kind == "causal-lm":
+        samples, length = settings.samples or 128, settings.length or 512
+        batches = lm_calibration_batches(tokenizer, text_dir, n_samples=samples, seq_len=length, seed=settings.seed,
+                                         **sizes)
+    else:
+        samples, length = settings.samples or 1024, settings.length or 128
+        batches = sentence_calibration_batches(tokenizer, text_dir, data_dir, n_samples=samples, max_length=length,
+                                               seed=settings.seed, **sizes)
+    return batches, {"text": str(text_dir), "samples": samples, "length": length, "seed": settings.seed, "kind": kind}

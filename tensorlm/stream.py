@@ -10,7 +10,7 @@ last, once, in the checkpoint's dtype (or ``dtype``). The result is written atom
 :func:`tensorlm.io.save_compressed`.
 
 Calibrated stages (a method option ``calibration``) run block by block. The recipe's calibration text is
-the in-memory path's (:func:`tensorlm.surgery.calibration_batches`: the same samples, lengths and seed). The
+the in-memory path's (:func:`tensorlm.calibrate.calibration_batches`: the same samples, lengths and seed). The
 tensors outside the transformer blocks are read first, and one forward pass per batch, with every block
 replaced by the identity, records the hidden states entering the first block and the arguments each block
 receives (rotary position embeddings, masks; :func:`tensorlm.heal.blocks.capture_calls`). Then, for each
@@ -50,7 +50,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from tensorlm.calibrate import embedding_token_counts, moment_hooks
+from tensorlm.calibrate import calibration_batches, embedding_token_counts, moment_hooks
 from tensorlm.errors import TensorLMError
 from tensorlm.files import refuse_existing
 from tensorlm.heal.blocks import BlockCall, capture_calls, find_blocks
@@ -61,7 +61,7 @@ from tensorlm.plan import Plan, StagePlan
 from tensorlm.preflight import check_device
 from tensorlm.recipe import Recipe
 from tensorlm.shards import Checkpoint, materialise
-from tensorlm.surgery import apply_stage, calibrated_targets, calibration_batches, plan_reads_weights, plan_recipe
+from tensorlm.surgery import apply_stage, calibrated_targets, plan_reads_weights, plan_recipe
 
 __all__ = ["StreamResult", "compress_streaming", "streaming_refusal"]
 
@@ -218,7 +218,7 @@ def _calibration_pass(model: nn.Module, checkpoint: Checkpoint, recipe: Recipe, 
         raise TensorLMError(f"recipe {recipe.name!r}: calibrated target(s) {outside[:3]} lie outside the transformer "
                             f"blocks ({path}); streaming collects inputs block by block, so load the model and use "
                             "tensorlm.compress")
-    batches, _ = calibration_batches(recipe, tokenizer, kind, data_dir)
+    batches, _ = calibration_batches(recipe.calibration, tokenizer, kind, data_dir)
     if tables:
         stats.update(embedding_token_counts(model, tables, batches))
     if not names:

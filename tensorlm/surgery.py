@@ -19,14 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tensorlm.allocate import allocate
-from tensorlm.calibrate import (
-    CalibrationResult,
-    collect_second_moments,
-    embedding_token_counts,
-    lm_calibration_batches,
-    sentence_calibration_batches,
-)
-from tensorlm.data import resolve_data_dir
+from tensorlm.calibrate import CalibrationResult, calibration_batches, collect_second_moments, embedding_token_counts
 from tensorlm.errors import TensorLMError
 from tensorlm.fisher import collect_output_fisher
 from tensorlm.layers.base import LAYERS
@@ -251,37 +244,13 @@ def calibrated_targets(recipe: Recipe, plan: Plan) -> tuple[list[str], list[str]
             [name for how, name in chosen if how == "frequency"])
 
 
-def calibration_batches(recipe: Recipe, tokenizer, kind: str = "causal-lm", data_dir=None) -> tuple[list, dict]:
-    """The calibration batches of ``recipe`` and a JSON-able description of them (text folder, sample count,
-    length, seed, kind), as :func:`calibrate` uses them.
-
-    Causal LMs: ``samples`` (default 128) packed ``lm_text`` training blocks of ``length`` (default 512)
-    tokens, ``(<= 8, length)`` int64 per batch (:func:`~tensorlm.calibrate.lm_calibration_batches`); encoders:
-    ``samples`` (default 1,024) training sentences of at most ``length`` (default 128) tokens, padded tokenizer
-    batches (:func:`~tensorlm.calibrate.sentence_calibration_batches`); ``seed`` picks them.
-
-    Raises:
-        TensorLMError: no data folder, calibration text too short for the asked sample count.
-    """
-    settings = recipe.calibration
-    text_dir = resolve_data_dir(data_dir) / "lm_text"
-    if kind == "causal-lm":
-        samples, length = settings.samples or 128, settings.length or 512
-        batches = lm_calibration_batches(tokenizer, text_dir, n_samples=samples, seq_len=length, seed=settings.seed)
-    else:
-        samples, length = settings.samples or 1024, settings.length or 128
-        batches = sentence_calibration_batches(tokenizer, text_dir, data_dir, n_samples=samples, max_length=length,
-                                               seed=settings.seed)
-    return batches, {"text": str(text_dir), "samples": samples, "length": length, "seed": settings.seed, "kind": kind}
-
-
 def calibrate(model: nn.Module, recipe: Recipe, plan: Plan, tokenizer, kind: str = "causal-lm",
               data_dir=None, *, progress: bool = True) -> CalibrationResult | None:
     """Second moments of the inputs of every target of the recipe's calibrated stages, on training text.
 
-    One pass of the recipe's calibration text (:func:`calibration_batches`: ``lm_text`` blocks for causal
-    LMs, training sentences for encoders; never a test split) through the uncompressed ``model``, cached on
-    disk (:mod:`tensorlm.calibrate`). Targets of stages with ``calibration: frequency``
+    One pass of the recipe's calibration text (:func:`~tensorlm.calibrate.calibration_batches`: ``lm_text``
+    blocks for causal LMs, training sentences for encoders; never a test split) through the uncompressed
+    ``model``, cached on disk (:mod:`tensorlm.calibrate`). Targets of stages with ``calibration: frequency``
     (token tables) get their token counts ``(V,)`` float64 on the same text instead
     (:func:`~tensorlm.calibrate.embedding_token_counts`, no forward pass, not cached). None when no stage
     is calibrated.
@@ -294,7 +263,7 @@ def calibrate(model: nn.Module, recipe: Recipe, plan: Plan, tokenizer, kind: str
     names, tables = calibrated_targets(recipe, plan)
     if not names and not tables:
         return None
-    batches, description = calibration_batches(recipe, tokenizer, kind, data_dir)
+    batches, description = calibration_batches(recipe.calibration, tokenizer, kind, data_dir)
     counts = embedding_token_counts(model, tables, batches) if tables else None
     if not names:
         return counts

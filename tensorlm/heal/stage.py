@@ -14,8 +14,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from tensorlm.calibrate import lm_calibration_batches, sentence_calibration_batches
-from tensorlm.data import resolve_data_dir
+from tensorlm.calibrate import calibration_batches
 from tensorlm.errors import TensorLMError
 from tensorlm.heal.blocks import find_blocks
 from tensorlm.heal.reconstruct import reconstruct_blocks, split_batches
@@ -62,21 +61,6 @@ def check_heal_plan(model: nn.Module, recipe: Recipe, plan: Plan, kind: str = "c
                             "train_dense: true")
 
 
-def calibration_batches(tokenizer, kind: str, settings: CalibrationSettings, batch_size: int, data_dir=None) -> list:
-    """The recipe's calibration text in batches of ``batch_size``: ``samples`` x ``length`` ``lm_text`` blocks
-    (causal LMs, default 128 x 512) or ``samples`` training sentences (encoders, default 1,024 of 128 tokens).
-
-    Raises:
-        TensorLMError: no data folder, or text too short for the sample count.
-    """
-    text_dir = resolve_data_dir(data_dir) / "lm_text"
-    if kind == "causal-lm":
-        return lm_calibration_batches(tokenizer, text_dir, n_samples=settings.samples or 128,
-                                      seq_len=settings.length or 512, seed=settings.seed, batch_size=batch_size)
-    return sentence_calibration_batches(tokenizer, text_dir, data_dir, n_samples=settings.samples or 1024,
-                                        max_length=settings.length or 128, seed=settings.seed, batch_size=batch_size)
-
-
 def reconstruct_stage(student: nn.Module, teacher: nn.Module, tokenizer, kind: str, stage: Stage,
                       settings: CalibrationSettings, data_dir=None, *, progress: bool = True,
                       log: Callable[[str], None] | None = None) -> dict:
@@ -92,6 +76,6 @@ def reconstruct_stage(student: nn.Module, teacher: nn.Module, tokenizer, kind: s
     config = _reconstruct_config(stage)
     if config is None:
         raise TensorLMError(f"stage {stage.name!r} has no heal: {{reconstruct: ...}} block")
-    batches = calibration_batches(tokenizer, kind, settings, config.batch_size, data_dir)
+    batches, _ = calibration_batches(settings, tokenizer, kind, data_dir, batch_size=config.batch_size)
     kwargs = {} if log is None else {"log": log}
     return reconstruct_blocks(student, teacher, batches, config=config, progress=progress, **kwargs).to_dict()
