@@ -366,6 +366,58 @@ class _BlockData:
         return total / max(count, 1)
 
 
+@dataclass
+class _Fit:
+    """The outcome of :func:`_adam_with_early_stopping`: the best held-out value, its detail and step."""
+
+    best: float
+    detail: object
+    best_step: int = 0
+    steps: int = 0
+    stopped: str = "max_steps"
+
+
+def _adam_with_early_stopping(params: list, train: list[int], backward: Callable[[int], None],
+                              evaluate: Callable[[], tuple[float, object]], initial: tuple[float, object], *,
+                              lr: float, max_steps: int, eval_every: int, patience: int,
+                              time_budget_s: float | None, seed: int, at_max_steps: str = "max_steps") -> _Fit:
+    """Adam on ``params`` over the training batches ``train`` in a seeded random order (``backward(j)``
+    backpropagates batch ``j``), evaluated every ``eval_every`` steps and at the last (``evaluate()`` ->
+    ``(held-out value, detail)``, lower is better; ``initial``: its value before training); stops after
+    ``patience`` evaluations without improvement or past ``time_budget_s`` seconds; ``params`` end as they
+    were at the best evaluation (step 0: as given)."""
+    t0 = time.perf_counter()
+    fit = _Fit(*initial, stopped=at_max_steps)
+    best_weights = [p.detach().clone() for p in params]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    stale = 0
+    for step in range(1, max_steps + 1):
+        if not order:
+            order = [train[k] for k in torch.randperm(len(train), generator=generator).tolist()]
+        optimizer.zero_grad(set_to_none=True)
+        backward(order.pop())
+        optimizer.step()
+        fit.steps = step
+        out_of_time = time_budget_s is not None and time.perf_counter() - t0 > time_budget_s
+        if step % eval_every and step != max_steps and not out_of_time:
+            continue
+        value, detail = evaluate()
+        if value < fit.best:
+            fit.best, fit.detail, fit.best_step, stale = value, detail, step, 0
+            best_weights = [p.detach().clone() for p in params]
+        else:
+            stale += 1
+        if out_of_time or stale >= patience:
+            fit.stopped = "time_budget" if out_of_time else "patience"
+            break
+    with torch.no_grad():
+        for p, w in zip(params, best_weights, strict=True):
+            p.copy_(w)
+    return fit
+
+
 def _fit_block(block: nn.Module, params: list, data: _BlockData, config: ReconstructConfig, index: int,
                name: str) -> BlockResult:
     """Train ``params`` of ``block`` by Adam on ``data.train``, keep the best held-out weights."""
@@ -373,38 +425,19 @@ def _fit_block(block: nn.Module, params: list, data: _BlockData, config: Reconst
     if not params:
         return result
     t0 = time.perf_counter()
+
+    def backward(j: int) -> None:
+        squared, count = data.squared_error(block, j)
+        (squared / count).backward()
+
     with _only_trainable(block, params):
-        best = result.val_mse_before = data.val_mse(block)
-        best_weights = [p.detach().clone() for p in params]
-        optimizer = torch.optim.Adam(params, lr=config.lr)
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
-        order: list[int] = []
-        stale = 0
-        result.stopped = "max_steps"
-        for step in range(1, config.max_steps + 1):
-            if not order:
-                order = [data.train[k] for k in torch.randperm(len(data.train), generator=generator).tolist()]
-            squared, count = data.squared_error(block, order.pop())
-            optimizer.zero_grad(set_to_none=True)
-            (squared / count).backward()
-            optimizer.step()
-            result.steps = step
-            out_of_time = config.time_budget_s is not None and time.perf_counter() - t0 > config.time_budget_s
-            if step % config.eval_every and step != config.max_steps and not out_of_time:
-                continue
-            value = data.val_mse(block)
-            if value < best:
-                best, stale, result.best_step = value, 0, step
-                best_weights = [p.detach().clone() for p in params]
-            else:
-                stale += 1
-            if out_of_time or stale >= config.patience:
-                result.stopped = "time_budget" if out_of_time else "patience"
-                break
-        with torch.no_grad():
-            for p, w in zip(params, best_weights, strict=True):
-                p.copy_(w)
-    result.val_mse_after, result.seconds = best, time.perf_counter() - t0
+        result.val_mse_before = data.val_mse(block)
+        fit = _adam_with_early_stopping(
+            params, data.train, backward, lambda: (data.val_mse(block), None), (result.val_mse_before, None),
+            lr=config.lr, max_steps=config.max_steps, eval_every=config.eval_every, patience=config.patience,
+            time_budget_s=config.time_budget_s, seed=config.seed * 1_000_003 + index)
+    result.steps, result.best_step, result.stopped = fit.steps, fit.best_step, fit.stopped
+    result.val_mse_after, result.seconds = fit.best, time.perf_counter() - t0
     return result
 
 
@@ -456,40 +489,24 @@ def _fit_joint(blocks: nn.ModuleList, params: list, data: _Chain, config: Recons
     detached inputs, by Adam; keep the state of the best summed held-out MSE (see the module docstring)."""
     result = JointResult(sum(p.numel() for p in params), sum(p.numel() for p in params if id(p) in shared))
     t0 = time.perf_counter()
+    chosen = {id(p) for p in params}
+    active = [any(id(p) in chosen for p in b.parameters()) for b in blocks]  # others only pass on
+
+    def evaluate() -> tuple[float, list[float]]:
+        values = data.val_mse(blocks)
+        return sum(values), values
+
     with _only_trainable(blocks, params):
-        result.block_val_mse_before = result.block_val_mse_after = data.val_mse(blocks)
-        best = result.val_mse_before = sum(result.block_val_mse_before)
-        best_weights = [p.detach().clone() for p in params]
-        optimizer = torch.optim.Adam(params, lr=config.joint_lr or config.lr)
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + len(blocks))
-        chosen = {id(p) for p in params}
-        active = [any(id(p) in chosen for p in b.parameters()) for b in blocks]  # others only pass on
-        order: list[int] = []
-        stale = 0
-        for step in range(1, config.joint_steps + 1):
-            if not order:
-                order = [data.train[k] for k in torch.randperm(len(data.train), generator=generator).tolist()]
-            optimizer.zero_grad(set_to_none=True)
-            data.squared_errors(blocks, order.pop(), active)
-            optimizer.step()
-            result.steps = step
-            out_of_time = (config.joint_time_budget_s is not None
-                           and time.perf_counter() - t0 > config.joint_time_budget_s)
-            if step % config.eval_every and step != config.joint_steps and not out_of_time:
-                continue
-            values = data.val_mse(blocks)
-            if sum(values) < best:
-                best, stale, result.best_step, result.block_val_mse_after = sum(values), 0, step, values
-                best_weights = [p.detach().clone() for p in params]
-            else:
-                stale += 1
-            if out_of_time or stale >= config.patience:
-                result.stopped = "time_budget" if out_of_time else "patience"
-                break
-        with torch.no_grad():
-            for p, w in zip(params, best_weights, strict=True):
-                p.copy_(w)
-    result.val_mse_after, result.seconds = best, time.perf_counter() - t0
+        result.val_mse_before, result.block_val_mse_before = evaluate()
+        fit = _adam_with_early_stopping(
+            params, data.train, lambda j: data.squared_errors(blocks, j, active), evaluate,
+            (result.val_mse_before, result.block_val_mse_before), lr=config.joint_lr or config.lr,
+            max_steps=config.joint_steps, eval_every=config.eval_every, patience=config.patience,
+            time_budget_s=config.joint_time_budget_s,
+            seed=config.seed * 1_000_003 + len(blocks), at_max_steps="joint_steps")
+    result.steps, result.best_step, result.stopped = fit.steps, fit.best_step, fit.stopped
+    result.val_mse_after, result.block_val_mse_after = fit.best, fit.detail
+    result.seconds = time.perf_counter() - t0
     return result
 
 
