@@ -38,9 +38,11 @@ import resource
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -184,28 +186,39 @@ def distill_phase(student, loaded, recipe: str, data_dir, spent_cpu_s: float, bu
             "teacher_val": result.teacher_metrics, "val_curve": curve}
 
 
-def heal_phase(loaded, data_dir, name: str, phase: str, previous, budget_s: float, args) -> tuple:
-    """``(model, record)`` after ``phase`` of ``name``: reloaded from its folder, or healed from ``previous``
-    (the phase before's ``(model, record)``; None for ``training-free``, which compresses) and saved."""
-    done = load_phase(key(name), phase)
+def run_phase(loaded, folder: str, name: str, phase: str, previous, budget_s: float, compress: Callable[[], tuple],
+              heal: Callable[[str, nn.Module, float], dict]) -> tuple:
+    """``(model, record)`` after ``phase`` of ``name``: reloaded from ``phase_folder(folder, phase)``, or made
+    and saved there: ``compress()`` -> ``(model, fields)`` for ``training-free``; else ``heal(phase, student,
+    CPU seconds spent so far)`` -> the phase's record, healing ``previous`` (the phase before's ``(model,
+    record)``) in place."""
+    done = load_phase(folder, phase)
     if done is not None:
         return done
     if phase == "training-free":
         log(f"{name}: compressing")
-        small, fields = compress_row(loaded, Recipe.load(name), data_dir)
+        small, fields = compress()
         done = small, {"fields": fields, "cpu_s": 0.0, "wall_s": 0.0, "heal": {}}
     else:
         student, before = previous
         spent = before["cpu_s"]
         log(f"{name}: {phase} (healing CPU so far {spent / 60:.1f} min of {budget_s / 60:.0f})")
-        if phase == "reconstruct":
-            heal = reconstruct(student, loaded, data_dir, args)
-        else:
-            heal = distill_phase(student, loaded, name, data_dir, spent, budget_s, args)
-        done = student, {"fields": before["fields"], "cpu_s": spent + heal["cpu_s"],
-                         "wall_s": before["wall_s"] + heal["wall_s"], "heal": {**before["heal"], phase: heal}}
-    save_phase(done[0], loaded, key(name), phase, done[1])
+        record = heal(phase, student, spent)
+        done = student, {"fields": before["fields"], "cpu_s": spent + record["cpu_s"],
+                         "wall_s": before["wall_s"] + record["wall_s"], "heal": {**before["heal"], phase: record}}
+    save_phase(done[0], loaded, folder, phase, done[1])
     return done
+
+
+def heal_phase(loaded, data_dir, name: str, phase: str, previous, budget_s: float, args) -> tuple:
+    """:func:`run_phase` with SmolLM2's compression, reconstruction and distillation."""
+    def heal(phase: str, student, spent: float) -> dict:
+        if phase == "reconstruct":
+            return reconstruct(student, loaded, data_dir, args)
+        return distill_phase(student, loaded, name, data_dir, spent, budget_s, args)
+
+    return run_phase(loaded, key(name), name, phase, previous, budget_s,
+                     lambda: compress_row(loaded, Recipe.load(name), data_dir), heal)
 
 
 def measure_phase(rows: Rows, loaded, data_dir, name: str, phase: str, done: tuple, budget_s: float) -> None:

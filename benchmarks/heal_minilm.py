@@ -58,7 +58,7 @@ sys.path.insert(0, str(HERE))
 import heal_causal_lm  # noqa: E402
 from causal_lm import compress_row, log  # noqa: E402  (the same compression call)
 from distill_minilm import dev_subset, pairs_spearman  # noqa: E402  (the same model selection)
-from heal_causal_lm import PHASES, Clock, Rows, load_phase, phase_folder, save_phase  # noqa: E402
+from heal_causal_lm import PHASES, Clock, Rows, phase_folder  # noqa: E402
 
 from tensorlm import load_model  # noqa: E402
 from tensorlm.calibrate import calibration_batches  # noqa: E402
@@ -142,27 +142,14 @@ def distill_phase(student, loaded, recipe: str, data_dir, dev: list, spent_cpu_s
 
 
 def heal_phase(loaded, data_dir, dev: list, name: str, phase: str, previous, budget_s: float, args) -> tuple:
-    """``(model, record)`` after ``phase`` of ``name``: reloaded from its folder, or healed from ``previous``
-    (the phase before's ``(model, record)``; None for ``training-free``, which compresses) and saved."""
-    done = load_phase(key(name), phase)
-    if done is not None:
-        return done
-    if phase == "training-free":
-        log(f"{name}: compressing")
-        small, fields = compress_row(loaded, Recipe.load(name), data_dir, kind="encoder")
-        done = small, {"fields": fields, "cpu_s": 0.0, "wall_s": 0.0, "heal": {}}
-    else:
-        student, before = previous
-        spent = before["cpu_s"]
-        log(f"{name}: {phase} (healing CPU so far {spent / 60:.1f} min of {budget_s / 60:.0f})")
+    """:func:`heal_causal_lm.run_phase` with MiniLM's compression, reconstruction and distillation."""
+    def heal(phase: str, student, spent: float) -> dict:
         if phase == "reconstruct":
-            heal = reconstruct(student, loaded, data_dir, args)
-        else:
-            heal = distill_phase(student, loaded, name, data_dir, dev, spent, budget_s, args)
-        done = student, {"fields": before["fields"], "cpu_s": spent + heal["cpu_s"],
-                         "wall_s": before["wall_s"] + heal["wall_s"], "heal": {**before["heal"], phase: heal}}
-    save_phase(done[0], loaded, key(name), phase, done[1])
-    return done
+            return reconstruct(student, loaded, data_dir, args)
+        return distill_phase(student, loaded, name, data_dir, dev, spent, budget_s, args)
+
+    return heal_causal_lm.run_phase(loaded, key(name), name, phase, previous, budget_s,
+                                    lambda: compress_row(loaded, Recipe.load(name), data_dir, kind="encoder"), heal)
 
 
 def scores(model, tokenizer, tests: dict, dev: list) -> dict:
