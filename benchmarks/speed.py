@@ -19,12 +19,12 @@ loaded too and each timed call of the compressed model follows one of dense on t
 pairs after one warm-up pair; ``value`` and ``dense_value`` are the two medians of that row, so their ratio
 sees the same load.
 
-Run: ``python benchmarks/speed.py [--models smollm2-135m,all-MiniLM-L6-v2] [--recipes a,b] [--redo a,b]``
-(resumable: rows already in the JSON are kept, except those of the ``--redo`` recipes (``dense`` included),
-measured again after a change of code; the file is rewritten atomically after every row; compressed folders
-are cached under ``--cache-dir``). ``--render-only`` rewrites the Markdown and PNG from the JSON. ``--smoke``
-runs the whole pipeline on tiny random models (a Llama and a BERT, seconds) into ``--out`` (default a
-temporary folder), never into benchmarks/results.
+Run: ``python benchmarks/speed.py [--models smollm2-135m,all-MiniLM-L6-v2] [--recipes a,b] [--redo a,b]
+[--forwards factorized,chosen]`` (resumable: rows already in the JSON are kept, except those of the ``--redo``
+recipes (``dense`` included), measured again after a change of code; the file is rewritten atomically after
+every row; compressed folders are cached under ``--cache-dir``). ``--render-only`` rewrites the Markdown and
+PNG from the JSON. ``--smoke`` runs the whole pipeline on tiny random models (a Llama and a BERT, seconds)
+into ``--out`` (default a temporary folder), never into benchmarks/results.
 """
 
 from __future__ import annotations
@@ -314,13 +314,14 @@ def run(args) -> None:
                                      "smoke": bool(args.smoke)})
     cache = Path(args.cache_dir)
     redo = set(args.redo.split(",")) if args.redo else set()
+    forwards = args.forwards.split(",")
     for model in models:
         names = SMOKE_RECIPES[model] if args.smoke else recipes_for(model)
         if args.recipes:
             names = [n for n in names if n in args.recipes.split(",")]
         for recipe in ["dense", *names]:
             folder = cache / model / recipe
-            for forward in (["dense"] if recipe == "dense" else ["factorized", "chosen"]):
+            for forward in (["dense"] if recipe == "dense" else forwards):
                 paired_only = args.paired_only and recipe != "dense" and rows.has(model, recipe, forward)
                 if rows.has(model, recipe, forward, paired_only) and recipe not in redo:
                     log(f"{model} {recipe} {forward}: kept")
@@ -410,6 +411,8 @@ def main() -> None:
     parser.add_argument("--models", help="comma-separated (default: smollm2-135m,all-MiniLM-L6-v2)")
     parser.add_argument("--recipes", help="comma-separated recipe names (default: every built-in of the model)")
     parser.add_argument("--redo", help="comma-separated recipes (or dense) measured again though already in the JSON")
+    parser.add_argument("--forwards", default="factorized,chosen",
+                        help="forward paths of the compressed rows, comma-separated (factorized, chosen)")
     parser.add_argument("--paired-only", action="store_true",
                         help="rows already measured get only their paired metrics (the others are kept)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (>= 5 for results)")
@@ -430,6 +433,8 @@ def main() -> None:
         return
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if not args.forwards or set(args.forwards.split(",")) - {"factorized", "chosen"}:
+        parser.error(f"--forwards {args.forwards!r}: comma-separated factorized and/or chosen")
     smoke_dir = Path(tempfile.gettempdir()) / "tensorlm-speed-smoke"
     args.out = args.out or str(smoke_dir if args.smoke else RESULTS)
     args.cache_dir = args.cache_dir or str(smoke_dir / "folders" if args.smoke
