@@ -90,6 +90,25 @@ def test_every_kronecker_contraction_order_computes_the_same_map():
         KroneckerLinear((8, 16), (4, 4), order="c_first")
 
 
+@pytest.mark.parametrize("b_shape", [(2, 1), (1, 2), (1, 1)])
+@pytest.mark.parametrize("rank", [1, 2])
+def test_column_and_row_b_factors_take_the_copy_free_contractions_exactly(b_shape, rank):
+    # B_k of one column (n2 = 1) or one row (m2 = 1): the A-first / B-first contractions skip the transposed
+    # copies; every order, permuted rows and columns included, still computes the dense map
+    torch.manual_seed(0)
+    (m2, n2), (m1, n1) = b_shape, (8, 6)
+    rank = min(rank, m2 * n2)  # the Kronecker rank is at most min(m1 n1, m2 n2)
+    dense = nn.Linear(n1 * n2, m1 * m2)
+    layer = KroneckerLinear.from_dense(dense, (m1, n1), b_shape, rank, row_perm=torch.randperm(m1 * m2),
+                                       col_perm=torch.randperm(n1 * n2))
+    x = torch.randn(3, 5, n1 * n2)
+    with torch.no_grad():
+        expected = layer.to_dense()(x)
+        for order in CONTRACTIONS:
+            layer.order = order
+            torch.testing.assert_close(layer(x), expected, **TOL)
+
+
 def test_choices_are_checked_and_pairs_pick_the_nearest_row_count():
     assert normalize_forward([[512, "reconstructed"], [1, "reconstructed"]]) == RECONSTRUCTED
     pairs = normalize_forward([[512, RECONSTRUCTED], [1, FACTORIZED]])

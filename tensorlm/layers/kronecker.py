@@ -52,6 +52,13 @@ def _contract_b_first(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torc
     intermediate ``(N, n1, r, m2)`` once to bring ``(k, j1)`` next to each other.
     """
     (r, m1, n1), (_, m2, n2), n = a.shape, b.shape, x.shape[0]
+    if m2 == 1:  # B_k are rows: reduce X over n2, then one GEMM straight to (N, m1), no transposed copy
+        if r == 1 and n2 <= 4:  # a few strided multiply-adds beat a GEMM of output width 1
+            t = sum(x[:, :, j] * b[0, 0, j] for j in range(n2))  # (N, n1)
+        else:
+            t = x.reshape(n * n1, n2) @ b.reshape(r, n2).T  # (N*n1, r)
+            t = t.reshape(n, n1, r).transpose(1, 2).reshape(n, r * n1)  # (N, r*n1)
+        return (t @ a.permute(1, 0, 2).reshape(m1, r * n1).T).reshape(n, m1, 1)  # (N, m1, 1)
     t = x.reshape(n * n1, n2) @ b.permute(2, 0, 1).reshape(n2, r * m2)  # (N*n1, r*m2)
     t = t.reshape(n, n1, r, m2).permute(2, 1, 0, 3).reshape(r * n1, n * m2)  # (r*n1, N*m2)
     y = a.permute(1, 0, 2).reshape(m1, r * n1) @ t  # (m1, N*m2)
@@ -62,6 +69,12 @@ def _contract_a_first(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torc
     """``Y = sum_k (A_k X) B_k^T``: one large GEMM with all ``A_k`` on ``X`` laid out ``(n1, N*n2)`` (a copy
     of the input), then one thin GEMM with all ``B_k``. Shapes as :func:`_contract_b_first`."""
     (r, m1, n1), (_, m2, n2), n = a.shape, b.shape, x.shape[0]
+    if n2 == 1:  # B_k are columns: X is (N, n1), one GEMM on it in place, then the outer products with B_k
+        t = x.reshape(n, n1) @ a.reshape(r * m1, n1).T  # (N, r*m1)
+        if r == 1:  # the outer product by broadcasting (a GEMM of inner size 1 is slower)
+            return t.unsqueeze(-1) * b.reshape(1, 1, m2)  # (N, m1, m2)
+        t = t.reshape(n, r, m1).transpose(1, 2).reshape(n * m1, r)  # (N*m1, r)
+        return (t @ b.reshape(r, m2)).reshape(n, m1, m2)  # (N, m1, m2)
     t = a.reshape(r * m1, n1) @ x.transpose(0, 1).reshape(n1, n * n2)  # (r*m1, N*n2)
     t = t.reshape(r, m1, n, n2).permute(2, 1, 0, 3).reshape(n * m1, r * n2)  # (N*m1, r*n2)
     return (t @ b.permute(0, 2, 1).reshape(r * n2, m2)).reshape(n, m1, m2)  # (N, m1, m2)
@@ -176,7 +189,9 @@ class KroneckerLinear(nn.Module):
         if self.col_perm is not None:
             x = x.index_select(-1, self.col_perm)
         y = CONTRACTIONS[self.order](self.a, self.b, x.reshape(-1, n1, n2))  # (N, m1, m2)
-        y = _unpermute(y.reshape(*lead, m1 * m2), self.row_perm)
+        y = y.reshape(*lead, m1 * m2)
+        if self.row_perm is not None:  # y[..., p] = Y as one gather (no zero fill): Y[..., argsort(p)]
+            y = y.index_select(-1, torch.argsort(self.row_perm))
         return y if self.bias is None else y + self.bias
 
     def kronecker_weight(self) -> torch.Tensor:
