@@ -174,9 +174,12 @@ def main(readme: Path = README) -> None:
                          "values when its metrics come from runs at different loads). The plain columns compare with "
                          "the dense row, measured at the load in its row: a row measured on a busier machine is "
                          "slower for that alone, and only its `_paired` columns (each call timed alternately with "
-                         "dense in the same worker, so that both see the same load) compare fairly. Peak RSS includes "
-                         "the Python, torch and transformers runtime (about 0.45 GiB). Only the rows shown are "
-                         "measured.")
+                         "dense in the same worker, so that both see the same load) compare fairly: on this shared "
+                         "virtual machine the same dense forward measured 0.90 s and 1.37 s twenty minutes apart, "
+                         "so unpaired differences under about 30% (SmolLM2's decoding, which is not paired) are "
+                         "noise. Peak RSS includes the Python, torch and transformers runtime (about 0.45 GiB); a "
+                         "`chosen` layer that takes the reconstructed path keeps its dense weight beside its factors "
+                         "(more resident memory for the speed). Only the rows shown are measured.")
     if _load("model_latency"):
         parts += section("Forward latency on this CPU, same models", "model_latency", _table_of("model_latency"))
     if _load("kronecker_real_weights"):
