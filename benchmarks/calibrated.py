@@ -49,11 +49,12 @@ def smollm2_rows() -> list[tuple[str, str, Recipe]]:
     rows = [("svd-whitened-allocated", f"whole {cut}", stage("lowrank", [ATTN_MLP], {"ratio": keep, "calibration":
                                                                                       "whitened"}, {"ratio": keep}))
             for cut, keep in WHOLE.items()]
-    rows.insert(0, ("svd-whitened-allocated-fisher", "whole -10%", stage(
-        "lowrank", [ATTN_MLP], {"ratio": WHOLE["-10%"], "calibration": "whitened"},
-        {"ratio": WHOLE["-10%"], "sensitivity": "fisher"})))
-    rows.insert(2, ("svd-whitened", "mlp 80%", stage("lowrank", [MLP], {"ratio": 0.8, "calibration": "whitened"})))
-    rows.insert(3, ("kronecker-whitened", "mlp 50%", stage("kronecker", [MLP], {"shapes": KRON,
+    fisher = [("svd-whitened-allocated-fisher", f"whole {cut}", stage(
+        "lowrank", [ATTN_MLP], {"ratio": keep, "calibration": "whitened"}, {"ratio": keep, "sensitivity": "fisher"}))
+        for cut, keep in WHOLE.items()]
+    rows = [fisher[0], rows[0], *fisher[1:], *rows[1:]]  # Fisher at -20/-30%: SVD-LLM V2's comparison
+    rows.insert(4, ("svd-whitened", "mlp 80%", stage("lowrank", [MLP], {"ratio": 0.8, "calibration": "whitened"})))
+    rows.insert(5, ("kronecker-whitened", "mlp 50%", stage("kronecker", [MLP], {"shapes": KRON,
                                                                                 "calibration": "whitened"})))
     for share in (0.9, 0.5):
         rows.append(("svd-whitened", f"mlp {share:.0%}", stage("lowrank", [MLP], {"ratio": share,
