@@ -19,7 +19,7 @@ from tensorlm.decompose.kronecker import (
 )
 from tensorlm.errors import TensorLMError
 from tensorlm.layers.base import TiedHead as TiedHead  # the tied head of every factored table
-from tensorlm.layers.base import dense_linear, dense_weight, fill, project, register_layer
+from tensorlm.layers.base import cached, dense_linear, dense_weight, fill, project, register_layer
 
 
 def check_permutation(perm: torch.Tensor, length: int, name: str) -> torch.Tensor:
@@ -191,7 +191,7 @@ class KroneckerLinear(nn.Module):
         y = CONTRACTIONS[self.order](self.a, self.b, x.reshape(-1, n1, n2))  # (N, m1, m2)
         y = y.reshape(*lead, m1 * m2)
         if self.row_perm is not None:  # y[..., p] = Y as one gather (no zero fill): Y[..., argsort(p)]
-            y = y.index_select(-1, torch.argsort(self.row_perm))
+            y = y.index_select(-1, cached(self, "_tensorlm_row_gather", lambda: torch.argsort(self.row_perm)))
         return y if self.bias is None else y + self.bias
 
     def kronecker_weight(self) -> torch.Tensor:
