@@ -13,11 +13,11 @@ its measurements, and ``size_on_disk`` is its ``model.safetensors``. Forward pat
 (every factored layer runs its factored forward); ``chosen`` (``tensorlm.layers.base.choose_forward`` at the
 measured shapes, right after loading: per layer, the faster of the factored forward and the forward through
 the reconstructed dense weight). The thread count and the load average (before and after) are recorded.
-Paired metrics (``<metric>_paired``: prefill and lookup of causal LMs, both forwards and the lookup of
-encoders), for a machine that is not quiet: in the same worker, after the metrics above, the dense folder is
-loaded too and each timed call of the compressed model follows one of dense on the same input, ``--repeats``
-pairs after one warm-up pair; ``value`` and ``dense_value`` are the two medians of that row, so their ratio
-sees the same load.
+Paired metrics (``<metric>_paired``: prefill, decoding at batch 1 and lookup of causal LMs, both forwards
+and the lookup of encoders), for a machine that is not quiet: in the same worker, after the metrics above,
+the dense folder is loaded too and each timed call of the compressed model follows one of dense on the same
+input, ``--repeats`` pairs after one warm-up pair; ``value`` and ``dense_value`` are the two medians of that
+row, so their ratio sees the same load.
 
 Run: ``python benchmarks/speed.py [--models smollm2-135m,all-MiniLM-L6-v2] [--recipes a,b] [--redo a,b]
 [--forwards factorized,chosen]`` (resumable: rows already in the JSON are kept, except those of the ``--redo``
@@ -76,7 +76,7 @@ METRICS = {  # metric -> (kind, unit, higher is better)
     "peak_rss_mib": (None, "MiB", False),
     "resident_after_load_mib": (None, "MiB", False), "size_on_disk_mib": (None, "MiB", False),
 }
-PAIRED = {"causal-lm": ("prefill_1x512_s", "lookup_32x128_s"),
+PAIRED = {"causal-lm": ("prefill_1x512_s", "decode_b1_tokens_per_s", "lookup_32x128_s"),
           "encoder": ("forward_32x128_s", "forward_1x128_s", "lookup_32x128_s")}
 """The metrics also timed against dense in the same worker, interleaved (``<metric>_paired``)."""
 METRICS.update({f"{m}_paired": METRICS[m] for m in dict.fromkeys(PAIRED["causal-lm"] + PAIRED["encoder"])})
@@ -211,14 +211,19 @@ def measure(folder: Path, kind: str, forward: str, repeats: int, small: bool, de
 
 
 def paired_metrics(model, dense, kind: str, repeats: int, seq: int) -> dict:
-    """``<metric>_paired -> [model median, dense median]`` (seconds) for the metrics of :data:`PAIRED`: each
-    timed call of ``model`` right after one of ``dense`` on the same ids, ``repeats`` pairs after one warm-up."""
+    """``<metric>_paired -> [model median, dense median]`` (seconds; tokens per second for decoding) for the
+    metrics of :data:`PAIRED`: each timed call of ``model`` right after one of ``dense`` on the same ids,
+    ``repeats`` pairs after one warm-up pair."""
     tokens = 128 if seq == 512 else 16
     shapes = {"prefill_1x512_s": (1, seq), "forward_32x128_s": (32, tokens), "forward_1x128_s": (1, tokens),
               "lookup_32x128_s": (32, tokens)}
     out = {}
     with torch.no_grad():
         for metric in PAIRED[kind]:
+            if metric == "decode_b1_tokens_per_s":  # one generate() of `tokens` new tokens per call
+                calls = [lambda m=m: decode_throughput(m, 1, tokens, repeats=1, warmup=0) for m in (model, dense)]
+                out[f"{metric}_paired"] = [tokens / statistics.median(t) for t in interleaved_seconds(calls, repeats)]
+                continue
             ids = torch.randint(0, model.config.vocab_size, shapes[metric], generator=torch.Generator().manual_seed(0))
             calls = [(lambda m=m, ids=ids: m.get_input_embeddings()(ids)) if metric.startswith("lookup") else
                      (lambda m=m, ids=ids: m(input_ids=ids, **(prefill_kwargs(m) if kind == "causal-lm" else {})))
@@ -379,13 +384,14 @@ def render(data: dict, out: Path) -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Horizontal bars: ratio to dense (> 1 better) of each (model, recipe, forward) per time metric."""
+    """Horizontal bars: ratio to dense (> 1 better) of each (model, recipe, forward) per paired time metric
+    (timed beside dense, so the ratio sees one load) and for the peak memory."""
     import matplotlib  # noqa: PLC0415  (optional, only to draw)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    timed = [m for m in METRICS if METRICS[m][0] is not None or m in ("peak_rss_mib", "lookup_32x128_s")]
+    timed = [m for m in METRICS if m.endswith("_paired") or m == "peak_rss_mib"]
     series = [r for r in rows if r["recipe"] != "dense" and r["dense_value"] and r["value"] and r["metric"] in timed]
     labels = list(dict.fromkeys(f"{r['model']} {r['recipe']} ({r['forward']})" for r in series))
     metrics = list(dict.fromkeys(r["metric"] for r in series))
