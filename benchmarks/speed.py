@@ -111,9 +111,12 @@ class Rows:
         return row["model"], row["recipe"], row["forward"], row["metric"]
 
     def has(self, model: str, recipe: str, forward: str, paired_only: bool = False) -> bool:
-        """A row of ``(model, recipe, forward)`` is in the file (with ``paired_only``: one of its paired metrics)."""
-        return any(r["model"] == model and r["recipe"] == recipe and r["forward"] == forward
-                   and (not paired_only or r["metric"].endswith("_paired")) for r in self.data["rows"])
+        """A row of ``(model, recipe, forward)`` is in the file (with ``paired_only``: every paired metric of the
+        model's kind, so that a metric added to :data:`PAIRED` is measured for the rows that lack it)."""
+        metrics = {r["metric"] for r in self.data["rows"]
+                   if (r["model"], r["recipe"], r["forward"]) == (model, recipe, forward)}
+        wanted = {f"{m}_paired" for m in PAIRED[model_kind(model)]} if paired_only else set()
+        return bool(metrics) and wanted <= metrics
 
     def put_all(self, rows: list[dict]) -> None:
         keys = {self.key(r) for r in rows}
