@@ -114,10 +114,11 @@ def settings_digest(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def key(recipe: str) -> str:
-    """The recipe's folder under ``<cache>/heal``: ``<recipe>-<digest of the healing settings>``, so that a run
-    with other settings never resumes from another run's phases."""
-    return f"{recipe}-{settings_digest(SETTINGS)}"
+def phase_key(recipe: str, settings: dict | None = None, prefix: str = "") -> str:
+    """The recipe's folder under ``<cache>/heal``: ``<prefix><recipe>-<digest of the healing settings>`` (this
+    run's :data:`SETTINGS` unless ``settings``), so that a run with other settings (a smoke run) never resumes
+    from another run's phases."""
+    return f"{prefix}{recipe}-{settings_digest(SETTINGS if settings is None else settings)}"
 
 
 def phase_folder(key: str, phase: str) -> Path:
@@ -176,7 +177,7 @@ def distill_phase(student, loaded, recipe: str, data_dir, spent_cpu_s: float, bu
                            batch_size=args.kd_batch, seq_len=args.kd_seq_len, warmup=max(1, steps // 10),
                            eval_every=every, save_every=every, log_every=5,
                            val_size=args.kd_val_blocks, data_dir=str(data_dir), time_budget_s=wall_budget)
-    run_dir = phase_folder(key(recipe), "distill-run")
+    run_dir = phase_folder(phase_key(recipe), "distill-run")
     with Clock() as clock:
         result = distill(student, loaded.model, loaded.tokenizer, config, run_dir, kind="causal-lm", resume=True,
                          progress=False)
@@ -217,7 +218,7 @@ def heal_phase(loaded, data_dir, name: str, phase: str, previous, budget_s: floa
             return reconstruct(student, loaded, data_dir, args)
         return distill_phase(student, loaded, name, data_dir, spent, budget_s, args)
 
-    return run_phase(loaded, key(name), name, phase, previous, budget_s,
+    return run_phase(loaded, phase_key(name), name, phase, previous, budget_s,
                      lambda: compress_row(loaded, Recipe.load(name), data_dir), heal)
 
 
@@ -253,7 +254,7 @@ def run_recipe(rows: Rows, loaded, data_dir, name: str, args) -> None:
             measure_phase(rows, loaded, data_dir, name, phase, done, budget_s)
     for phase in reversed(phases if args.heal_first else ()):
         if rows.get(name, phase) is None:
-            measure_phase(rows, loaded, data_dir, name, phase, load_phase(key(name), phase), budget_s)
+            measure_phase(rows, loaded, data_dir, name, phase, load_phase(phase_key(name), phase), budget_s)
 
 
 def run_dense(rows: Rows, loaded, data_dir) -> None:

@@ -83,10 +83,9 @@ KD_STEPS = {"minilm-kronecker-ffn": 150}  # the others: 300
 SETTINGS: dict = {}  # the healing settings of this run (main fills it); they key the phase folders
 
 
-def key(recipe: str) -> str:
-    """The recipe's folder under ``<cache>/heal``: ``minilm/<recipe>-<hash of the healing settings>`` (apart from
-    the SmolLM2 runs; a run with other settings, e.g. a smoke run, never resumes from these phases)."""
-    return f"minilm/{recipe}-{heal_causal_lm.settings_digest(SETTINGS)}"
+def phase_key(recipe: str) -> str:
+    """``minilm/<recipe>-<digest of this run's SETTINGS>``: apart from the SmolLM2 runs' folders."""
+    return heal_causal_lm.phase_key(recipe, SETTINGS, prefix="minilm/")
 
 
 def target(recipe: str) -> float:
@@ -130,7 +129,7 @@ def distill_phase(student, loaded, recipe: str, data_dir, dev: list, spent_cpu_s
                            max_length=args.kd_max_length, warmup=max(1, steps // 12),
                            eval_every=args.kd_eval_every, save_every=args.kd_eval_every, log_every=10,
                            val_size=64, seed=0, data_dir=str(data_dir), time_budget_s=wall_budget)
-    run_dir = phase_folder(key(recipe), "distill-run")
+    run_dir = phase_folder(phase_key(recipe), "distill-run")
     with Clock() as clock:
         result = distill(student, loaded.model, loaded.tokenizer, config, run_dir, kind="encoder", resume=True,
                          eval_fn=lambda m: pairs_spearman(m, loaded.tokenizer, dev), progress=False)
@@ -148,7 +147,7 @@ def heal_phase(loaded, data_dir, dev: list, name: str, phase: str, previous, bud
             return reconstruct(student, loaded, data_dir, args)
         return distill_phase(student, loaded, name, data_dir, dev, spent, budget_s, args)
 
-    return heal_causal_lm.run_phase(loaded, key(name), name, phase, previous, budget_s,
+    return heal_causal_lm.run_phase(loaded, phase_key(name), name, phase, previous, budget_s,
                                     lambda: compress_row(loaded, Recipe.load(name), data_dir, kind="encoder"), heal)
 
 

@@ -40,6 +40,18 @@ def _link(name: str) -> str:
     return ", ".join(f"[{f}](benchmarks/results/{f})" for f in files)
 
 
+def _dense_spread(rows: list[dict]) -> str:
+    """How much dense itself varied across the paired rows of ``speed.json``: its lowest and highest median per
+    paired metric, e.g. ``the dense median of forward_32x128_s_paired ranged 0.90-1.37 s over 24 rows``."""
+    spans = []
+    for metric in dict.fromkeys(r["metric"] for r in rows if r.get("paired")):
+        dense = [r["dense_value"] for r in rows if r["metric"] == metric and r.get("paired")]
+        if len(dense) > 1 and metric.startswith(("forward_32x128", "prefill", "decode_b1")):
+            unit = next(r["unit"] for r in rows if r["metric"] == metric)
+            spans.append(f"{metric} {min(dense):.3g}-{max(dense):.3g} {unit} over {len(dense)} rows")
+    return "the dense medians measured beside the rows ranged: " + "; ".join(spans)
+
+
 def section(title: str, name: str, body: str) -> list[str]:
     return [f"### {title}", "", body.strip(), "", f"Files: {_link(name)}.", ""]
 
@@ -162,7 +174,7 @@ def main(readme: Path = README) -> None:
                          _table_of("minilm_recipes") + "\n\nSTS-B and SICK-R test Spearman of mean-pooled "
                          "embeddings (cosine); parameters counted as unique tensors; `tensorlm run`, the "
                          "uncompressed model measured in the same run.")
-    if _load("speed"):
+    if speed := _load("speed"):
         tables = re.findall(r"(?:^\|.*\|\n)+", (RESULTS / "speed.md").read_text(), re.M)
         parts += section("Inference speed and memory against dense (issue 14)", "speed",
                          "\n\n".join(t.rstrip() for t in tables)
@@ -175,9 +187,8 @@ def main(readme: Path = README) -> None:
                          "the dense row, measured at the load in its row: a row measured on a busier machine is "
                          "slower for that alone, and only its `_paired` columns (each call timed alternately with "
                          "dense in the same worker, so that both see the same load) compare fairly: on this shared "
-                         "virtual machine the same dense forward measured 0.90 s and 1.37 s twenty minutes apart, "
-                         "so unpaired differences under about 30% (SmolLM2's decoding, which is not paired) are "
-                         "noise. Peak RSS includes the Python, torch and transformers runtime (about 0.45 GiB); a "
+                         f"virtual machine {_dense_spread(speed['rows'])}. "
+                         "Peak RSS includes the Python, torch and transformers runtime (about 0.45 GiB); a "
                          "`chosen` layer that takes the reconstructed path keeps its dense weight beside its factors "
                          "(more resident memory for the speed). Only the rows shown are measured.")
     if _load("model_latency"):

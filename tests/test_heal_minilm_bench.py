@@ -56,9 +56,9 @@ def test_phase_folders_keyed_by_settings():
     try:
         heal_minilm.SETTINGS.clear()
         heal_minilm.SETTINGS.update({"rec_steps": 300})
-        full = heal_minilm.key("tucker-bank-1x48")
+        full = heal_minilm.phase_key("tucker-bank-1x48")
         heal_minilm.SETTINGS["rec_steps"] = 3
-        assert heal_minilm.key("tucker-bank-1x48") != full
+        assert heal_minilm.phase_key("tucker-bank-1x48") != full
         assert full.startswith("minilm/tucker-bank-1x48-")
     finally:
         heal_minilm.SETTINGS.clear()

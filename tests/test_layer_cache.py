@@ -1,7 +1,7 @@
 """Inference caches of factored layers (issue 14): a Tucker bank's cores, a TT table behind a tied head and a
-Kronecker layer's inverse row permutation
-are built once without a gradient to record, equal the uncached computation, are rebuilt after an optimiser
-step, and never stand in for the parameters while training."""
+Kronecker layer's inverse row permutation are built once without a gradient to record, equal the uncached
+computation, are rebuilt after an optimiser step or a load, and never stand in for the parameters while
+training."""
 
 import json
 
