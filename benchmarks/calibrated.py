@@ -65,6 +65,9 @@ def smollm2_rows() -> list[tuple[str, str, Recipe]]:
     rows.append(("kronecker-whitened-permuted", "mlp 50%",
                  stage("kronecker", [MLP], {"shapes": KRON, "calibration": "whitened",
                                             "permute": {"time_budget_s": 5, "max_rounds": 2}})))
+    rows += [("svd", "whole -10%", stage("lowrank", [ATTN_MLP], {"ratio": WHOLE["-10%"]})),
+             ("svd-whitened", "whole -10%", stage("lowrank", [ATTN_MLP], {"ratio": WHOLE["-10%"],
+                                                                         "calibration": "whitened"}))]
     return [(m, b, Recipe.from_dict({"name": f"{m} {b}", "calibration": CALIBRATION, "stages": [s]}))
             for m, b, s in rows]
 
@@ -102,7 +105,10 @@ def run_minilm(rows: Rows, data_dir) -> None:
                 ("svd-whitened-allocated", stage("lowrank", ffn, {"rank": 153, "calibration": "whitened"},
                                                  {"ratio": 0.498})),
                 ("kronecker", stage("kronecker", ffn, {"shapes": kron})),
-                ("kronecker-whitened", stage("kronecker", ffn, {"shapes": kron, "calibration": "whitened"}))]
+                ("kronecker-whitened", stage("kronecker", ffn, {"shapes": kron, "calibration": "whitened"})),
+                ("kronecker-whitened-permuted", stage("kronecker", ffn, {"shapes": kron, "calibration": "whitened",
+                                                                         "permute": {"time_budget_s": 5,
+                                                                                     "max_rounds": 2}}))]
     for method, spec in variants:
         name = f"minilm {method}"
         if rows.get(name) is not None:
