@@ -41,14 +41,17 @@ def _link(name: str) -> str:
 
 
 def _dense_spread(rows: list[dict]) -> str:
-    """How much dense itself varied across the paired rows of ``speed.json``: its lowest and highest median per
-    paired metric, e.g. ``the dense median of forward_32x128_s_paired ranged 0.90-1.37 s over 24 rows``."""
+    """How much dense itself varied across the paired rows of ``speed.json``: its lowest and highest median for
+    each paired forward, prefill and decoding metric, e.g. ``... ranged: forward_32x128_s_paired 0.959-1.63 s
+    over 22 rows; ...``."""
     spans = []
     for metric in dict.fromkeys(r["metric"] for r in rows if r.get("paired")):
-        dense = [r["dense_value"] for r in rows if r["metric"] == metric and r.get("paired")]
-        if len(dense) > 1 and metric.startswith(("forward_32x128", "prefill", "decode_b1")):
-            unit = next(r["unit"] for r in rows if r["metric"] == metric)
-            spans.append(f"{metric} {min(dense):.3g}-{max(dense):.3g} {unit} over {len(dense)} rows")
+        if not metric.startswith(("forward_32x128", "prefill", "decode_b1")):
+            continue
+        paired = [r for r in rows if r["metric"] == metric and r.get("paired")]
+        dense = [r["dense_value"] for r in paired]
+        if len(dense) > 1:
+            spans.append(f"{metric} {min(dense):.3g}-{max(dense):.3g} {paired[0]['unit']} over {len(dense)} rows")
     return "the dense medians measured beside the rows ranged: " + "; ".join(spans)
 
 
