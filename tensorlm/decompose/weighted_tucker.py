@@ -60,6 +60,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from tensorlm.decompose.linalg import check_finite
 from tensorlm.decompose.tucker import (
@@ -381,9 +382,10 @@ def _block_step(problem: BankProblem, proj: _Projection, factors: BankFactors, w
     return _step_core(problem, proj, factors, which, cg_steps), proj
 
 
-def _refine(problem: BankProblem, factors: BankFactors, sweeps: int, cg_steps: int, tol: float
+def _refine(problem: BankProblem, factors: BankFactors, sweeps: int, cg_steps: int, tol: float, bar: tqdm
             ) -> tuple[BankFactors, list[float], int]:
-    """Step 2 of the module docstring; returns ``(factors, F after each kept sweep, sweeps kept)``."""
+    """Step 2 of the module docstring; returns ``(factors, F after each kept sweep, sweeps kept)``; ``bar``
+    advances by one a sweep."""
     proj = _project(problem, factors.U, factors.V)
     value = _core_objective(problem, proj, factors)
     history, kept = [value], 0
@@ -394,6 +396,8 @@ def _refine(problem: BankProblem, factors: BankFactors, sweeps: int, cg_steps: i
             found = _core_objective(problem, cand_proj, candidate)
             if found <= value:  # False for NaN: a failed step is rejected
                 factors, value, proj = candidate, found, cand_proj
+        bar.set_postfix_str(f"relative error {_relative(value, problem.total):.4f}")
+        bar.update()
         if before_value - value <= tol * before_value:
             factors, value = before, before_value  # too small a gain: keep the stationary start as it was
             break
@@ -435,11 +439,18 @@ def weighted_tucker_bank(
     if tuple(ranks) == (layout.n_blocks, layout.block_size):
         return WeightedBankFit(identity_bank(blocks), layout, problem.alphas, 0.0, 0.0, 0.0, "plain", [0.0], 0)
     hooi = {"n_iter_max": n_iter_max, "tol": tol, "seed": seed}
-    plain = tucker_bank(blocks, ranks, **hooi)
-    white = orthonormalised(_whitened_start(problem, blocks, ranks, damp, hooi))
-    f_plain, f_white = bank_objective(problem, plain), bank_objective(problem, white)
-    start = "whitened" if f_white < f_plain else "plain"
-    factors, history, kept = _refine(problem, white if start == "whitened" else plain, sweeps, cg_steps, tol)
+    with tqdm(total=2 + sweeps, desc=f"tucker bank ({layout.n_blocks} blocks): plain HOOI", unit="step",
+              disable=None) as bar:  # shown on a terminal only
+        plain = tucker_bank(blocks, ranks, **hooi)
+        bar.update()
+        bar.set_description_str(f"tucker bank ({layout.n_blocks} blocks): whitened HOOI")
+        white = orthonormalised(_whitened_start(problem, blocks, ranks, damp, hooi))
+        bar.update()
+        f_plain, f_white = bank_objective(problem, plain), bank_objective(problem, white)
+        start = "whitened" if f_white < f_plain else "plain"
+        bar.set_description_str(f"tucker bank ({layout.n_blocks} blocks): refinement")
+        factors, history, kept = _refine(problem, white if start == "whitened" else plain, sweeps, cg_steps, tol,
+                                         bar)
     return WeightedBankFit(factors, layout, problem.alphas, _relative(f_plain, total), _relative(f_white, total),
                            _relative(history[-1], total), start, [_relative(v, total) for v in history], kept)
 
