@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -262,6 +263,26 @@ def test_causal_kl_by_hand(gpt2_tokenizer):
     kl = causal_kl(student, teacher, gpt2_tokenizer, TEXT, context=10, batch_size=2, progress=False)
     assert kl == pytest.approx(total / len(ids), rel=1e-4)
     assert kl > 0
+
+
+def test_logits_budget_splits_batches_and_changes_nothing(gpt2_tokenizer, monkeypatch):
+    """Windows whose logits exceed LOGITS_BUDGET go one forward at a time: same perplexity and KL."""
+    teacher, student = tiny_gpt2(seed=0), tiny_gpt2(seed=3)
+    options = {"context": 16, "stride": 5, "batch_size": 4, "progress": False}
+    ppl = perplexity(student, gpt2_tokenizer, TEXT, **options)["perplexity"]
+    kl = causal_kl(student, teacher, gpt2_tokenizer, TEXT, context=10, batch_size=4, progress=False)
+    rows = []
+    student.register_forward_pre_hook(lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]),
+                                      with_kwargs=True)
+    assert perplexity(student, gpt2_tokenizer, TEXT, **options)["perplexity"] == pytest.approx(ppl, rel=1e-6)
+    assert max(rows) == 4  # the default budget keeps the asked batch
+    rows.clear()
+    module = sys.modules["tensorlm.evaluate.perplexity"]  # tensorlm.evaluate.perplexity is also a function's name
+    monkeypatch.setattr(module, "LOGITS_BUDGET", 4 * 16 * student.config.vocab_size)  # one window
+    assert perplexity(student, gpt2_tokenizer, TEXT, **options)["perplexity"] == pytest.approx(ppl, rel=1e-6)
+    assert causal_kl(student, teacher, gpt2_tokenizer, TEXT, context=10, batch_size=4,
+                     progress=False) == pytest.approx(kl, rel=1e-6)
+    assert rows and max(rows) == 1
 
 
 # ---------------------------------------------------------------- speed and run mode

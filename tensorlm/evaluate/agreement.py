@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tensorlm.errors import TensorLMError
-from tensorlm.evaluate.perplexity import causal_logits, context_limit
+from tensorlm.evaluate.perplexity import causal_logits, context_limit, rows_per_forward
 from tensorlm.evaluate.runtime import inference, model_device
 from tensorlm.evaluate.sts import sentence_embeddings
 
@@ -66,7 +66,8 @@ def causal_kl(
         text: held-out text, tokenized as a whole.
         context: window length, clipped to the smaller number of positions of the two models.
         max_tokens: use only the first ``max_tokens`` tokens.
-        batch_size: windows per forward pass.
+        batch_size: windows per forward pass, fewer when their logits exceed
+            :data:`tensorlm.evaluate.perplexity.LOGITS_BUDGET`.
         progress: show a progress bar (only on a terminal).
 
     Raises:
@@ -84,10 +85,11 @@ def causal_kl(
     windows = list(ids.split(context))  # non-overlapping, the last one may be shorter
     device = model_device(student)
     total, positions = 0.0, 0
+    rows = rows_per_forward(student, context, batch_size)
     bar = tqdm(total=len(windows), desc="causal KL", disable=None if progress else True)
     with inference(student), inference(teacher), bar:
-        for start in range(0, len(windows), batch_size):
-            group = windows[start : start + batch_size]
+        for start in range(0, len(windows), rows):
+            group = windows[start : start + rows]
             for size in sorted({w.numel() for w in group}):
                 batch = torch.stack([w for w in group if w.numel() == size])  # (B, T)
                 log_s = F.log_softmax(causal_logits(student, batch.to(device)).float(), dim=-1)  # (B, T, V)

@@ -27,6 +27,10 @@ from tensorlm.errors import TensorLMError
 from tensorlm.evaluate.runtime import inference, model_device
 
 PROTOCOLS = ("sliding", "chunked")
+LOGITS_BUDGET = 1 << 30
+"""Bytes of float32 logits (1 GiB) that one forward pass of the causal evaluators may produce. Several such
+tensors are alive at once (logits, log-probabilities, teacher and student): with Gemma 3's 262,144-token
+vocabulary, four 512-token windows would make each 2 GiB; SmolLM2's (49,152) batches are unchanged."""
 
 
 def _windowing(model: nn.Module, protocol: str, context: int, stride: int, batch_size: int,
@@ -93,7 +97,8 @@ def perplexity(
             ``max_position_embeddings``), when it scales ``stride`` by the same factor.
         stride: sliding step in tokens, ``1 <= stride <= context`` (ignored by ``chunked``).
         max_tokens: score only the first ``max_tokens`` tokens of the text.
-        batch_size: windows per forward pass (full windows only; memory ~ ``batch_size * context * V * 4`` B).
+        batch_size: windows per forward pass (full windows only; memory ~ ``batch_size * (stride + 1) * V * 4`` B,
+            fewer windows when that exceeds :data:`LOGITS_BUDGET`).
         name: how the protocol string names the text, e.g. ``"wikitext-2-raw test"``.
         progress: show a progress bar (only on a terminal).
 
@@ -160,6 +165,16 @@ def context_limit(model: nn.Module) -> int | None:
     return None
 
 
+def rows_per_forward(model: nn.Module, positions: int, batch_size: int) -> int:
+    """How many of ``batch_size`` rows of ``positions`` logits each one forward pass takes: at most
+    ``batch_size``, at least 1, and within :data:`LOGITS_BUDGET` for the model's ``config.vocab_size`` (no cap
+    when the model has none)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(vocab, int) or vocab < 1:
+        return batch_size
+    return max(1, min(batch_size, LOGITS_BUDGET // (4 * positions * vocab)))
+
+
 def causal_logits(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -195,9 +210,10 @@ def _score_windows(
     device = model_device(model)
     nll, scored = 0.0, 0
     batches: list[list[tuple[int, int, int]]] = []
+    rows = rows_per_forward(model, max(n for *_, n in windows) + 1, batch_size)
     for begin, end, n_scored in windows:
         last = batches[-1] if batches else None
-        if last and len(last) < batch_size and last[0][1] - last[0][0] == end - begin:
+        if last and len(last) < rows and last[0][1] - last[0][0] == end - begin:
             last.append((begin, end, n_scored))
         else:
             batches.append([(begin, end, n_scored)])
