@@ -561,7 +561,7 @@ def load_compressed(folder: str | os.PathLike, *, device=None, dtype: torch.dtyp
     _fill(model, folder, target, dtype, device_map)
     tokenizer = None
     with contextlib.suppress(OSError, ValueError):
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, config=config)  # not the guarded config.json
     kind = manifest.get("kind") or "encoder"
     notes = list(manifest.get("notes", []))
     model = place(model, device, dtype, str(folder))

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, configuration_utils
 
 from tensorlm import Recipe, compress, count_parameters, load_compressed, save_compressed
 from tensorlm.errors import TensorLMError
@@ -44,6 +45,22 @@ def test_save_load_gives_bit_identical_outputs(compressed, tmp_path):
     assert count_parameters(loaded.model) == count_parameters(small)
     assert loaded.kind == "causal-lm" and loaded.tokenizer("Hello world").input_ids == [15496, 995]
     assert torch.equal(loaded.model.transformer.h[1].mlp.c_fc.row_perm, small.transformer.h[1].mlp.c_fc.row_perm)
+
+
+def test_a_generic_tokenizer_loads_without_reading_the_guarded_config(tmp_path, monkeypatch):
+    """A tokenizer saved as transformers' generic ``TokenizersBackend`` (as GGUF models' are) makes
+    ``AutoTokenizer`` look for a config: it gets the base one, not the guarded ``config.json`` (whose unknown
+    model type made transformers warn on every load)."""
+    table = Tokenizer(models.WordLevel({"hello": 0, "world": 1, "<unk>": 2}, unk_token="<unk>"))
+    table.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=table, unk_token="<unk>")
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=32, vocab_size=3))
+    folder = save_compressed(model, tmp_path / "out", tokenizer=tokenizer, kind="causal-lm")
+    warned = []
+    monkeypatch.setattr(configuration_utils.logger, "warning", lambda message, *args, **kwargs: warned.append(message))
+    loaded = load_compressed(folder)
+    assert loaded.tokenizer("hello world").input_ids == [0, 1]
+    assert not [m for m in warned if "model of type" in m]
 
 
 def test_existing_output_folder_is_refused(compressed, tmp_path):
