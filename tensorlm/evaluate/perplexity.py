@@ -166,9 +166,9 @@ def context_limit(model: nn.Module) -> int | None:
 
 
 def rows_per_forward(model: nn.Module, positions: int, batch_size: int) -> int:
-    """How many of ``batch_size`` rows of ``positions`` logits each one forward pass takes: at most
-    ``batch_size``, at least 1, and within :data:`LOGITS_BUDGET` for the model's ``config.vocab_size`` (no cap
-    when the model has none)."""
+    """Windows per forward pass: ``batch_size`` lowered so that ``rows * positions * V * 4`` bytes of float32
+    logits ``(rows, positions, V)`` stay within :data:`LOGITS_BUDGET` (``V``: ``model.config.vocab_size``); at
+    least 1, and ``batch_size`` when the model has no ``config.vocab_size``."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if not isinstance(vocab, int) or vocab < 1:
         return batch_size
