@@ -34,6 +34,12 @@ ATTN_MLP = "re:model\\.layers\\.\\d+\\.(self_attn\\.(q|k|v|o)|mlp\\.(gate|up|dow
 MLP = "re:model\\.layers\\.\\d+\\.mlp\\.(gate|up|down)_proj"
 KRON = {"1536x576": {"a_shape": [768, 288], "b_shape": [2, 2], "rank": 2},
         "576x1536": {"a_shape": [288, 768], "b_shape": [2, 2], "rank": 2}}
+# budget-allocated Kronecker sums: B large enough that a rank step is 0.5-0.8% of a matrix, n1 and n2 small
+# enough that one ALS sweep stays cheap (its Cholesky factors are (rank n1)^2 and (rank n2)^2)
+KRON_TERMS = {"1536x576": {"a_shape": [96, 48], "b_shape": [16, 12]},
+              "576x1536": {"a_shape": [96, 48], "b_shape": [6, 32]},
+              "576x576": {"a_shape": [48, 48], "b_shape": [12, 12]},
+              "192x576": {"a_shape": [16, 48], "b_shape": [12, 12]}}
 CALIBRATION = {"samples": 32, "length": 512, "seed": 0}
 # the share of the 210 attention and MLP parameters (106,168,320) that leaves the whole model 10/20/30% smaller
 WHOLE = {"-10%": 0.8733, "-20%": 0.7466, "-30%": 0.6199}
@@ -68,6 +74,20 @@ def smollm2_rows() -> list[tuple[str, str, Recipe]]:
     rows += [("svd", "whole -10%", stage("lowrank", [ATTN_MLP], {"ratio": WHOLE["-10%"]})),
              ("svd-whitened", "whole -10%", stage("lowrank", [ATTN_MLP], {"ratio": WHOLE["-10%"],
                                                                          "calibration": "whitened"}))]
+    whitened = {"calibration": "whitened", "als_sweeps": 1}
+    kron = [("kronecker-whitened-allocated-fisher", "whole -10%", ATTN_MLP, WHOLE["-10%"], whitened, "fisher"),
+            ("kronecker-whitened-allocated", "mlp 50%", MLP, 0.5, whitened, None),
+            ("kronecker-allocated", "mlp 50%", MLP, 0.5, {}, None),
+            ("kronecker-allocated", "whole -10%", ATTN_MLP, WHOLE["-10%"], {}, None),
+            ("kronecker-whitened-allocated", "mlp 90%", MLP, 0.9, whitened, None)]
+    for method, budget, target, keep, options, sensitivity in kron:
+        rows.append((method, budget, stage("kronecker", [target], {"shapes": {k: {**v, "rank": 1} for k, v in
+                                                                              KRON_TERMS.items()}, **options},
+                                           {"ratio": keep, **({"sensitivity": sensitivity} if sensitivity else {})})))
+    for cut in ("-20%", "-30%"):
+        rows += [("svd", f"whole {cut}", stage("lowrank", [ATTN_MLP], {"ratio": WHOLE[cut]})),
+                 ("svd-whitened", f"whole {cut}", stage("lowrank", [ATTN_MLP], {"ratio": WHOLE[cut],
+                                                                              "calibration": "whitened"}))]
     return [(m, b, Recipe.from_dict({"name": f"{m} {b}", "calibration": CALIBRATION, "stages": [s]}))
             for m, b, s in rows]
 

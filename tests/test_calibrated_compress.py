@@ -7,8 +7,10 @@ from conftest import make_tiny_llama
 from tensorlm import TensorLMError, compress, count_parameters
 from tensorlm.allocate import allocate
 from tensorlm.calibrate import collect_second_moments
+from tensorlm.decompose.weighted_kronecker import start_errors
 from tensorlm.decompose.whitening import psd_sqrt
 from tensorlm.layers.base import dense_weight
+from tensorlm.methods import get_method
 from tensorlm.recipe import Recipe
 from tensorlm.surgery import plan_recipe
 
@@ -84,14 +86,59 @@ def test_more_budget_never_raises_the_total_whitened_loss():
     assert losses[0] >= losses[1] >= losses[2]
 
 
+KRON_SHAPES = {"128x64": {"a_shape": [16, 8], "b_shape": [8, 8], "rank": 4},
+               "64x128": {"a_shape": [8, 16], "b_shape": [8, 8], "rank": 4}}
+
+
+def test_kronecker_budget_meets_it_and_each_plain_curve_point_is_the_van_loan_pitsianis_error():
+    model = make_tiny_llama()
+    r = recipe("kronecker", {"shapes": KRON_SHAPES}, budget={"ratio": 0.3, "normalise": False})
+    plan = plan_recipe(model, r)
+    before = sum(e.params_before for e in plan.entries)
+    plan = allocate(model, plan, r)
+    assert sum(e.params_after for e in plan.entries) <= 0.3 * before
+    assert len({e.ranks[0] for e in plan.entries}) > 1  # the terms differ across matrices
+    small = compress(model, r, plan=plan, progress=False)
+    assert count_parameters(small)["total"] == plan.params_after
+    unit = 16 * 8 + 8 * 8  # m1 n1 + m2 n2
+    for e in plan.entries:
+        assert e.params_after == e.ranks[0] * unit and small.get_submodule(e.name).a.shape[0] == e.ranks[0]
+        w, _ = dense_weight(model.get_submodule(e.name))
+        approx, _ = dense_weight(small.get_submodule(e.name).to_dense())
+        curve = get_method("kronecker").rank_curve(model.get_submodule(e.name), e, None, normalise=False)
+        loss = curve.losses[curve.ranks.index(e.ranks[0])]
+        assert float((w - approx).double().square().sum()) == pytest.approx(loss, rel=1e-6)
+
+
+def test_whitened_kronecker_budget_has_a_lower_weighted_loss_than_the_plain_one():
+    model = make_tiny_llama()
+    names = [e.name for e in plan_recipe(model, recipe("lowrank", {"rank": 1})).entries]
+    stats = stats_for(model, names)
+    total = {}
+    for calibration in (None, "whitened"):
+        r = recipe("kronecker", {"shapes": KRON_SHAPES, "calibration": calibration}, budget={"ratio": 0.3})
+        plan = allocate(model, plan_recipe(model, r), r, stats)
+        assert sum(e.params_after for e in plan.entries) <= 0.3 * sum(e.params_before for e in plan.entries)
+        small = compress(model, r, plan=plan, stats=stats, progress=False)
+        assert count_parameters(small)["total"] == plan.params_after
+        total[calibration] = sum(weighted(model, small, n, stats[n].second_moment) ** 2 for n in names)
+        if calibration:  # each built fit is at most the start the curve measured at its rank
+            for e in plan.entries:
+                w, _ = dense_weight(model.get_submodule(e.name))
+                g = stats[e.name].second_moment
+                start = start_errors(w, g, e.config["a_shape"], e.config["b_shape"], [e.ranks[0]])[0]
+                assert weighted(model, small, e.name, g) ** 2 <= start * (1 + 1e-9)
+    assert total["whitened"] < total[None]
+
+
 def test_bad_calibrated_input_is_one_line():
     model = make_tiny_llama()
     with pytest.raises(TensorLMError, match="is calibrated: pass tokenizer="):
         compress(model, recipe("lowrank", {"rank": 4, "calibration": "whitened"}), progress=False)
     with pytest.raises(TensorLMError, match="calibration must be one of"):
         recipe("lowrank", {"rank": 4, "calibration": "whitend"})
-    with pytest.raises(TensorLMError, match="cannot allocate ranks to a budget; methods that can: lowrank"):
-        compress(model, recipe("kronecker", {"ratio": 0.5}, budget={"ratio": 0.5}), progress=False)
+    with pytest.raises(TensorLMError, match="cannot allocate ranks to a budget; methods that can: kronecker, lowrank"):
+        compress(model, recipe("tt_linear", {"ranks": 2}, budget={"ratio": 0.5}), progress=False)
     with pytest.raises(TensorLMError, match="below the minimum"):
         compress(model, recipe("lowrank", {"rank": 4}, budget={"params": 100}), progress=False)
     with pytest.raises(TensorLMError, match="budget needs exactly one of ratio or params"):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tensorlm.decompose.kronecker import kronecker_sum, nearest_kronecker
-from tensorlm.decompose.weighted_kronecker import permute_second_moment, weighted_kronecker
+from tensorlm.decompose.weighted_kronecker import permute_second_moment, start_errors, weighted_kronecker
 from tensorlm.decompose.whitening import weighted_error
 from tensorlm.errors import TensorLMError
 
@@ -62,6 +62,20 @@ def test_beats_plain_kronecker_in_the_weighted_norm():
         assert abs(res.rel_error_plain - plain_err) < 1e-12
         assert res.rel_error <= min(res.rel_error_whitened, plain_err) and res.rel_error < 0.9 * plain_err
         assert abs(weighted_error(w, kronecker_sum(res.a, res.b), g) - res.rel_error) < 1e-9
+
+
+def test_start_errors_are_the_weighted_errors_of_the_unrefined_fit_at_each_rank():
+    w, g = _weight(5), _second_moment(20, 6)
+    ranks = [1, 3, 7, 12]
+    errors = start_errors(w, g, A_SHAPE, B_SHAPE, ranks)
+    total = ((w @ g) * w).sum().item()
+    for rank, error in zip(ranks, errors, strict=True):
+        start = weighted_kronecker(w, g, A_SHAPE, B_SHAPE, rank, sweeps=0)
+        assert (error / total) ** 0.5 == pytest.approx(start.rel_error, rel=1e-9)
+        assert weighted_kronecker(w, g, A_SHAPE, B_SHAPE, rank).rel_error <= start.rel_error
+    assert start_errors(w, g, A_SHAPE, B_SHAPE, [15])[0] < 1e-20 * total  # full rank min(6*4, 3*5): exact
+    with pytest.raises(TensorLMError, match="must be in 1..15"):
+        start_errors(w, g, A_SHAPE, B_SHAPE, [0, 3])
 
 
 def test_als_never_increases_the_weighted_error():

@@ -84,8 +84,29 @@ def lowrank_curve(
     Raises:
         TensorLMError: ``min_rank`` outside ``1..max_rank``.
     """
+    return tail_curve(name, singular_values, shape[0] + shape[1], normalise=normalise, min_rank=min_rank,
+                      max_rank=max_rank or min(shape))
+
+
+def tail_curve(
+    name: str, singular_values: torch.Tensor, cost_per_rank: int, *, normalise: bool = True, min_rank: int = 1,
+    max_rank: int | None = None,
+) -> RankCurve:
+    """Rank curve of any truncated-SVD fit: loss ``sum_{k>=r} s_k^2`` at rank ``r`` (relative to
+    ``sum_k s_k^2`` when ``normalise``), ``cost_per_rank`` parameters a rank.
+
+    The low-rank ``U V`` (:func:`lowrank_curve`, cost ``m + n``) and the Kronecker sum, whose rank-``r``
+    error is the SVD tail of the rearrangement ``R(W)`` (Van Loan-Pitsianis; cost ``m1*n1 + m2*n2``).
+
+    Args:
+        name: module name; singular_values: ``(k,)`` descending; cost_per_rank: ``>= 1``.
+        min_rank: smallest rank offered; max_rank: largest (default and at most ``len(singular_values)``).
+
+    Raises:
+        TensorLMError: ``min_rank`` outside ``1..max_rank``.
+    """
     s2 = singular_values.detach().to(torch.float64).square()
-    top = min(max_rank or min(shape), len(s2))
+    top = min(max_rank or len(s2), len(s2))
     tails = s2.flip(0).cumsum(0).flip(0)  # tails[r] = sum_{k>=r} s_k^2
     total = tails[0].item() if len(s2) else 0.0
     scale = 1.0 / total if normalise and total > 0 else 1.0
@@ -95,7 +116,7 @@ def lowrank_curve(
     # round-off can make a tail of zeros rise by an ulp; keep the curve non-increasing
     for i in range(1, len(losses)):
         losses[i] = min(losses[i], losses[i - 1])
-    return RankCurve(name, tuple(range(min_rank, top + 1)), tuple(losses), shape[0] + shape[1])
+    return RankCurve(name, tuple(range(min_rank, top + 1)), tuple(losses), cost_per_rank)
 
 
 def _hull(curve: RankCurve) -> list[int]:

@@ -5,11 +5,17 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from tensorlm.decompose.kronecker import KroneckerShape, check_factor_shapes, choose_kronecker_shape
+from tensorlm.decompose.allocation import RankCurve, tail_curve
+from tensorlm.decompose.kronecker import KroneckerShape, check_factor_shapes, choose_kronecker_shape, rearrange
 from tensorlm.decompose.permutation import SEARCHED_B_SIDES, search_permutations
-from tensorlm.decompose.weighted_kronecker import permute_second_moment, weighted_kronecker
+from tensorlm.decompose.weighted_kronecker import (
+    permute_second_moment,
+    start_errors,
+    weighted_kronecker,
+)
 from tensorlm.errors import TensorLMError
 from tensorlm.layers.base import dense_weight
 from tensorlm.layers.kronecker import KroneckerLinear
@@ -158,6 +164,58 @@ def prepare(module: nn.Module, entry: LayerPlan) -> None:
                                 entry.permute, entry.name)
 
 
+CURVE_POINTS = 33  # ranks at which a whitened curve measures the weighted error (each costs O(m n^2))
+
+
+def rerank(entry: LayerPlan, rank: int) -> LayerPlan | None:
+    """``entry`` with ``rank`` Kronecker terms (what the budget allocator chose), same factor shapes and
+    permutation search; None (keep the dense matrix) at a rank whose factors would hold at least as many
+    values as ``W``."""
+    shape = KroneckerShape(tuple(entry.config["a_shape"]), tuple(entry.config["b_shape"]), rank)
+    m, n = entry.dense_shape
+    if shape.params >= m * n:
+        return None
+    bias = entry.config["bias"]
+    return LayerPlan(entry.name, entry.method, entry.stage, entry.dense_shape, entry.layer,
+                     {**entry.config, "rank": rank}, {"a": [rank, *shape.a_shape], "b": [rank, *shape.b_shape]},
+                     [rank], entry.params_before, shape.params + bias * m, options=entry.options,
+                     permute=entry.permute)
+
+
+def rank_curve(module: nn.Module, entry: LayerPlan, stats, normalise: bool = True, floor: float = 0.0) -> RankCurve:
+    """Loss of every number of Kronecker terms at the planned factor shapes, from ``floor`` of the dense
+    parameters up, for the budget allocator.
+
+    Plain: the SVD tail of ``R(W)``, exactly the Van Loan-Pitsianis error, at every rank. Whitened: the
+    weighted squared error ``||(W - W~) G^{1/2}||_F^2`` of the ALS start at ``CURVE_POINTS`` ranks spread
+    evenly (:func:`tensorlm.decompose.weighted_kronecker.start_errors`; the built fit, after its sweeps,
+    does not exceed it), made non-increasing; relative to ``||W G^{1/2}||_F^2`` when ``normalise``. A
+    permutation search runs after the allocation, at the chosen rank; the curve is the unpermuted weight's.
+    A last point of loss 0 at the first rank whose factors hold ``m n`` values stands for keeping ``W``
+    dense (its cost is charged, so the budget holds).
+    """
+    w, _ = dense_weight(module, entry.name)
+    a_shape, b_shape = tuple(entry.config["a_shape"]), tuple(entry.config["b_shape"])
+    m, n = entry.dense_shape
+    unit = KroneckerShape(a_shape, b_shape, 1).params
+    dense = -(-m * n // unit)  # the smallest rank whose factors hold at least m n values: keep W itself
+    if dense == 1:  # even one term costs as much as W
+        return RankCurve(entry.name, (1,), (0.0,), unit)
+    min_rank = min(dense - 1, max(1, int(floor * m * n / unit)))
+    if not entry.options.get("calibration"):
+        s = torch.linalg.svdvals(rearrange(w.detach().to(torch.float64), a_shape, b_shape))
+        tails = tail_curve(entry.name, s, unit, normalise=normalise, min_rank=min_rank, max_rank=dense - 1)
+        return RankCurve(entry.name, (*tails.ranks, dense), (*tails.losses, 0.0), unit)
+    g = second_moment(stats, entry)  # (n, n)
+    ranks = sorted({round(min_rank + i * (dense - 1 - min_rank) / (CURVE_POINTS - 1)) for i in range(CURVE_POINTS)})
+    losses = start_errors(w, g, a_shape, b_shape, ranks, name=entry.name)
+    if normalise:
+        total = ((w.detach().to(torch.float64) @ g) * w.detach().to(torch.float64)).sum().item()
+        losses = [x / total for x in losses] if total > 0 else losses
+    losses = [min(losses[: i + 1]) for i in range(len(losses))]
+    return RankCurve(entry.name, (*ranks, dense), (*losses, 0.0), unit)
+
+
 def build(module: nn.Module, entry: LayerPlan, stats=None) -> KroneckerLinear:
     """Nearest Kronecker sum of the (permuted) weight; with a search, its factors are used as they are; with
     ``calibration: whitened``, the data-aware sum of the (permuted) weight under its (permuted) ``G``."""
@@ -185,4 +243,5 @@ def build(module: nn.Module, entry: LayerPlan, stats=None) -> KroneckerLinear:
 
 
 register_method(Method("kronecker", KroneckerConfig, accepts=is_linear, plan=plan, build=build, prepare=prepare,
+                       rank_curve=rank_curve, rerank=rerank,
                        plan_reads_weights=lambda options: options.a_shape is None and options.shapes is None))
