@@ -8,7 +8,9 @@ passages; teacher KL on held-out ``lm_text``). The dense model and the data-blin
 measured earlier; this script measures the calibrated rows and reads those. Calibration: 32 x 512 tokens of
 ``lm_text`` training blocks (never a test split). all-MiniLM-L6-v2: FFNs at half their parameters, STS-B
 and SICK-R test Spearman, calibrated on 1,024 training sentences (``lm_text`` sentences and STS-B/SICK
-train pairs), dense measured in this run.
+train pairs), dense measured in this run. ``*-allocated`` rows spend one budget across their targets (stage
+``budget``); for ``kronecker`` the number of terms of each matrix at the factor shapes ``KRON_TERMS``
+(whitened: one ALS sweep), ``-fisher`` weighting the losses by the output Fisher.
 
 Run: ``python benchmarks/calibrated.py`` (resumable; rows are written as they finish, in the order of
 ``SMOLLM2_ROWS``). ``--render-only`` rewrites the Markdown and PNG from the JSON.
@@ -71,19 +73,21 @@ def smollm2_rows() -> list[tuple[str, str, Recipe]]:
     rows.append(("kronecker-whitened-permuted", "mlp 50%",
                  stage("kronecker", [MLP], {"shapes": KRON, "calibration": "whitened",
                                             "permute": {"time_budget_s": 5, "max_rounds": 2}})))
-    rows += [("svd", "whole -10%", stage("lowrank", [ATTN_MLP], {"ratio": WHOLE["-10%"]})),
-             ("svd-whitened", "whole -10%", stage("lowrank", [ATTN_MLP], {"ratio": WHOLE["-10%"],
-                                                                         "calibration": "whitened"}))]
     whitened = {"calibration": "whitened", "als_sweeps": 1}
-    kron = [("kronecker-whitened-allocated-fisher", "whole -10%", ATTN_MLP, WHOLE["-10%"], whitened, "fisher"),
-            ("kronecker-whitened-allocated", "mlp 50%", MLP, 0.5, whitened, None),
-            ("kronecker-allocated", "mlp 50%", MLP, 0.5, {}, None),
-            ("kronecker-allocated", "whole -10%", ATTN_MLP, WHOLE["-10%"], {}, None),
-            ("kronecker-whitened-allocated", "mlp 90%", MLP, 0.9, whitened, None)]
-    for method, budget, target, keep, options, sensitivity in kron:
-        rows.append((method, budget, stage("kronecker", [target], {"shapes": {k: {**v, "rank": 1} for k, v in
-                                                                              KRON_TERMS.items()}, **options},
-                                           {"ratio": keep, **({"sensitivity": sensitivity} if sensitivity else {})})))
+    shapes = {k: {**v, "rank": 1} for k, v in KRON_TERMS.items()}
+
+    def kron(method, budget, target, keep, options, sensitivity=None):
+        return (method, budget, stage("kronecker", [target], {"shapes": shapes, **options},
+                                      {"ratio": keep, **({"sensitivity": sensitivity} if sensitivity else {})}))
+
+    rows += [kron("kronecker-whitened-allocated", "mlp 50%", MLP, 0.5, whitened),
+             kron("kronecker-allocated", "mlp 50%", MLP, 0.5, {}),
+             kron("kronecker-allocated", "whole -10%", ATTN_MLP, WHOLE["-10%"], {}),
+             ("svd", "whole -10%", stage("lowrank", [ATTN_MLP], {"ratio": WHOLE["-10%"]})),
+             ("svd-whitened", "whole -10%", stage("lowrank", [ATTN_MLP], {"ratio": WHOLE["-10%"],
+                                                                         "calibration": "whitened"})),
+             kron("kronecker-whitened-allocated-fisher", "whole -10%", ATTN_MLP, WHOLE["-10%"], whitened, "fisher"),
+             kron("kronecker-whitened-allocated", "mlp 90%", MLP, 0.9, whitened)]
     for cut in ("-20%", "-30%"):
         rows += [("svd", f"whole {cut}", stage("lowrank", [ATTN_MLP], {"ratio": WHOLE[cut]})),
                  ("svd-whitened", f"whole {cut}", stage("lowrank", [ATTN_MLP], {"ratio": WHOLE[cut],
