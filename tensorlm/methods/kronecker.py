@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 from torch import nn
@@ -11,11 +12,7 @@ from torch import nn
 from tensorlm.decompose.allocation import RankCurve, tail_curve
 from tensorlm.decompose.kronecker import KroneckerShape, check_factor_shapes, choose_kronecker_shape, rearrange
 from tensorlm.decompose.permutation import SEARCHED_B_SIDES, search_permutations
-from tensorlm.decompose.weighted_kronecker import (
-    permute_second_moment,
-    start_errors,
-    weighted_kronecker,
-)
+from tensorlm.decompose.weighted_kronecker import permute_second_moment, start_errors, weighted_kronecker
 from tensorlm.errors import TensorLMError
 from tensorlm.layers.base import dense_weight
 from tensorlm.layers.kronecker import KroneckerLinear
@@ -188,8 +185,8 @@ def rank_curve(module: nn.Module, entry: LayerPlan, stats, normalise: bool = Tru
 
     Plain: the SVD tail of ``R(W)``, exactly the Van Loan-Pitsianis error, at every rank. Whitened: the
     weighted squared error ``||(W - W~) G^{1/2}||_F^2`` of the ALS start at ``CURVE_POINTS`` ranks spread
-    evenly (:func:`tensorlm.decompose.weighted_kronecker.start_errors`; the built fit, after its sweeps,
-    does not exceed it), made non-increasing; relative to ``||W G^{1/2}||_F^2`` when ``normalise``. A
+    evenly (:func:`tensorlm.decompose.weighted_kronecker.start_errors`; the build starts there and its sweeps
+    only lower it), made non-increasing; relative to ``||W G^{1/2}||_F^2`` when ``normalise``. A
     permutation search runs after the allocation, at the chosen rank; the curve is the unpermuted weight's.
     A last point of loss 0 at the first rank whose factors hold ``m n`` values stands for keeping ``W``
     dense (its cost is charged, so the budget holds).
@@ -209,11 +206,11 @@ def rank_curve(module: nn.Module, entry: LayerPlan, stats, normalise: bool = Tru
     g = second_moment(stats, entry)  # (n, n)
     ranks = sorted({round(min_rank + i * (dense - 1 - min_rank) / (CURVE_POINTS - 1)) for i in range(CURVE_POINTS)})
     losses = start_errors(w, g, a_shape, b_shape, ranks, name=entry.name)
-    if normalise:
-        total = ((w.detach().to(torch.float64) @ g) * w.detach().to(torch.float64)).sum().item()
-        losses = [x / total for x in losses] if total > 0 else losses
-    losses = [min(losses[: i + 1]) for i in range(len(losses))]
-    return RankCurve(entry.name, (*ranks, dense), (*losses, 0.0), unit)
+    w64 = w.detach().to(torch.float64)
+    total = ((w64 @ g) * w64).sum().item()  # ||W G^{1/2}||_F^2
+    if normalise and total > 0:
+        losses = [x / total for x in losses]
+    return RankCurve(entry.name, (*ranks, dense), (*accumulate(losses, min), 0.0), unit)
 
 
 def build(module: nn.Module, entry: LayerPlan, stats=None) -> KroneckerLinear:
