@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from tensorlm.decompose.kronecker import kronecker_sum, nearest_kronecker
-from tensorlm.decompose.weighted_kronecker import permute_second_moment, start_errors, weighted_kronecker
+from tensorlm.decompose.weighted_kronecker import (
+    DEFAULT_RIDGE,
+    permute_second_moment,
+    start_errors,
+    weighted_kronecker,
+    with_ridge,
+)
 from tensorlm.decompose.whitening import weighted_error
 from tensorlm.errors import TensorLMError
 
@@ -57,18 +63,32 @@ def test_beats_plain_kronecker_in_the_weighted_norm():
     for seed in range(3):
         w, g = _weight(10 + seed), _second_moment(20, 20 + seed)
         plain = nearest_kronecker(w, A_SHAPE, B_SHAPE, 2)
-        res = weighted_kronecker(w, g, A_SHAPE, B_SHAPE, 2)
+        res = weighted_kronecker(w, g, A_SHAPE, B_SHAPE, 2, ridge=0.0)  # errors in G's own norm
         plain_err = weighted_error(w, kronecker_sum(plain.a, plain.b), g)
         assert abs(res.rel_error_plain - plain_err) < 1e-12
         assert res.rel_error <= min(res.rel_error_whitened, plain_err) and res.rel_error < 0.9 * plain_err
         assert abs(weighted_error(w, kronecker_sum(res.a, res.b), g) - res.rel_error) < 1e-9
 
 
+def test_ridge_moves_the_fit_from_the_weighted_towards_plain_van_loan_pitsianis():
+    w = _weight(3)
+    g = _second_moment(20, 4, rank=7)  # singular: the calibration excites 7 of 20 input directions
+    plain = kronecker_sum(*(lambda f: (f.a, f.b))(nearest_kronecker(w, A_SHAPE, B_SHAPE, 3)))
+    fits = {ridge: weighted_kronecker(w, g, A_SHAPE, B_SHAPE, 3, ridge=ridge) for ridge in (0.0, 1e-2, 1e6)}
+    frob = {ridge: _rel(kronecker_sum(f.a, f.b), w) for ridge, f in fits.items()}
+    assert frob[0.0] > frob[1e-2] > frob[1e6]  # less weight-space error as the ridge grows
+    assert _rel(kronecker_sum(fits[1e6].a, fits[1e6].b), plain) < 1e-4  # G_ridge ~ c I: plain
+    raw = {ridge: weighted_error(w, kronecker_sum(f.a, f.b), g) for ridge, f in fits.items()}
+    assert max(raw[0.0], raw[1e-2]) < 0.9 * raw[1e6]  # both still fit the calibration norm far better
+    with pytest.raises(TensorLMError, match="ridge must be a finite number >= 0"):
+        weighted_kronecker(w, g, A_SHAPE, B_SHAPE, 3, ridge=-1.0)
+
+
 def test_start_errors_are_the_weighted_errors_of_the_unrefined_fit_at_each_rank():
     w, g = _weight(5), _second_moment(20, 6)
     ranks = [1, 3, 7, 12]
-    errors = start_errors(w, g, A_SHAPE, B_SHAPE, ranks)
-    total = ((w @ g) * w).sum().item()
+    errors = start_errors(w, g, A_SHAPE, B_SHAPE, ranks)  # in the default G_ridge norm, as the fit's errors
+    total = ((w @ with_ridge(g, DEFAULT_RIDGE)) * w).sum().item()
     for rank, error in zip(ranks, errors, strict=True):
         start = weighted_kronecker(w, g, A_SHAPE, B_SHAPE, rank, sweeps=0)
         assert (error / total) ** 0.5 == pytest.approx(start.rel_error, rel=1e-9)

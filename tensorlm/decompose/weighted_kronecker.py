@@ -68,6 +68,7 @@ from tensorlm.decompose.whitening import DEFAULT_DAMP, check_second_moment, weig
 from tensorlm.errors import TensorLMError
 
 _JITTER = 1e-13
+DEFAULT_RIDGE = 1e-2  # GPTQ's dampening: 1% of the mean eigenvalue of G added to its diagonal (weighted_kronecker)
 
 
 @dataclass
@@ -164,6 +165,19 @@ class _ALS:
         return (max(err, 0.0) / self.total) ** 0.5 if self.total > 0 else 0.0
 
 
+def with_ridge(g: torch.Tensor, ridge: float, name: str = "weight") -> torch.Tensor:
+    """``G + ridge * trace(G) / n * I`` for ``g: (n, n)`` (a copy; ``g`` itself when ``ridge`` is 0).
+
+    Raises:
+        TensorLMError: ``ridge`` negative or not finite.
+    """
+    if not ridge >= 0 or ridge == float("inf"):
+        raise TensorLMError(f"{name}: ridge must be a finite number >= 0, got {ridge!r}")
+    if ridge == 0:
+        return g
+    return g + (ridge * torch.trace(g) / g.shape[0]) * torch.eye(g.shape[0], dtype=g.dtype)
+
+
 def _kronecker_factored_roots(g: torch.Tensor, n1: int, n2: int, damp: float, name: str):
     """Damped roots of the nearest Kronecker product ``G1 (x) G2`` of ``g (n1*n2, n1*n2)``: two
     :class:`~tensorlm.decompose.whitening.Whitening` of ``(n1, n1)`` and ``(n2, n2)``."""
@@ -201,7 +215,7 @@ def kronecker_factored_whitening(
 
 def start_errors(
     w: torch.Tensor, g: torch.Tensor, a_shape: tuple[int, int], b_shape: tuple[int, int], ranks: list[int],
-    *, damp: float = DEFAULT_DAMP, name: str = "weight",
+    *, damp: float = DEFAULT_DAMP, ridge: float = DEFAULT_RIDGE, name: str = "weight",
 ) -> list[float]:
     """``trace(D G D^T)``, ``D = W - W~``, of the start :func:`weighted_kronecker` would take at each rank.
 
@@ -216,15 +230,18 @@ def start_errors(
     Args:
         w: ``(m, n)``; g: ``(n, n)`` second moment; a_shape: ``(m1, n1)``; b_shape: ``(m2, n2)``;
         ranks: Kronecker terms, each in ``1..min(m1*n1, m2*n2)``. Cost per rank: ``O(m n r + m n^2)``.
+        damp, ridge: as in :func:`weighted_kronecker`.
 
     Returns:
-        one float per rank (absolute: divide by ``trace(W G W^T)`` for the relative squared error).
+        one float per rank, in the ``G_ridge`` norm (absolute: divide by ``trace(W G_ridge W^T)`` for the
+        relative squared error).
 
     Raises:
         TensorLMError: as :func:`weighted_kronecker` (shapes, a rank out of range, non-finite input).
     """
     for rank in (min(ranks), max(ranks)):
-        g = _checked_inputs(w, g, a_shape, b_shape, rank, 0, name)
+        checked = _checked_inputs(w, g, a_shape, b_shape, rank, 0, name)
+    g = with_ridge(checked, ridge, name)
     w64 = w.detach().to(torch.float64)
     wh1, wh2 = _kronecker_factored_roots(g, a_shape[1], b_shape[1], damp, name)
     plain = thin_svd(rearrange(w64, a_shape, b_shape))  # U (p, k), s (k,), V^T (k, q)
@@ -243,13 +260,20 @@ def start_errors(
 
 def weighted_kronecker(
     w: torch.Tensor, g: torch.Tensor, a_shape: tuple[int, int], b_shape: tuple[int, int], rank: int = 1,
-    *, sweeps: int = 4, tol: float = 1e-6, damp: float = DEFAULT_DAMP, name: str = "weight",
+    *, sweeps: int = 4, tol: float = 1e-6, damp: float = DEFAULT_DAMP, ridge: float = DEFAULT_RIDGE,
+    name: str = "weight",
 ) -> WeightedKroneckerFactors:
     """Data-aware nearest Kronecker sum: KF-whitened (or plain, if better) start, then ALS with the full ``G``.
 
-    Minimises ``||(W - sum_k A_k (x) B_k) G^{1/2}||_F`` (module docstring for the method and its cost).
-    With ``G = I`` (or any ``c I``) the result is plain Van Loan-Pitsianis
-    (:func:`tensorlm.decompose.kronecker.nearest_kronecker`), which ALS leaves in place.
+    Minimises ``||(W - sum_k A_k (x) B_k) G_ridge^{1/2}||_F`` with ``G_ridge = G + ridge * trace(G) / n * I``
+    (module docstring for the method and its cost). With ``G = I`` (or any ``c I``) the result is plain
+    Van Loan-Pitsianis (:func:`tensorlm.decompose.kronecker.nearest_kronecker`), which ALS leaves in place.
+    The ridge is GPTQ's dampening (Frantar et al., arXiv 2210.17323: 1% of the mean diagonal): unlike the
+    whitened SVD, whose ``U_r U_r^T W`` can never be larger than ``W``, a Kronecker sum fitted to a
+    calibration ``G`` of condition number 1e9 puts large values in directions the calibration text barely
+    excites. Measured on SmolLM2-135M (``model.layers.1.mlp.gate_proj``, 170 terms, no ridge): weighted
+    error 0.17 on the calibration ``G`` but ``||W - W~||_F = 1.23 ||W||_F``; the MLPs at half the
+    parameters gave a perplexity of 7e7.
 
     Args:
         w: ``(m, n)`` weight, ``(out, in)``; already permuted as ``W[p][:, q]`` when permutations are used.
@@ -258,13 +282,15 @@ def weighted_kronecker(
         sweeps: ALS sweeps (one A half-step and one B half-step each); 0 returns the starting factors.
         tol: stop when a sweep lowers the weighted squared error by less than ``tol`` times its value.
         damp: eigenvalue floor of the ``G1``, ``G2`` roots (:func:`tensorlm.decompose.whitening.whitening`).
+        ridge: ``>= 0``, added to ``G`` as ``ridge * trace(G) / n * I``; every error reported (the
+            ``rel_error*`` fields, ``history``) is in that ``G_ridge`` norm.
         name: the module's name, for error messages.
 
     Raises:
         TensorLMError: shapes that do not divide ``w``, rank out of range, ``g`` not ``(n, n)``, NaN/Inf in
-            ``w`` or ``g``, ``trace(G) <= 0``, or ``sweeps < 0``.
+            ``w`` or ``g``, ``trace(G) <= 0``, ``sweeps < 0`` or ``ridge < 0``.
     """
-    g = _checked_inputs(w, g, a_shape, b_shape, rank, sweeps, name)
+    g = with_ridge(_checked_inputs(w, g, a_shape, b_shape, rank, sweeps, name), ridge, name)
     w64 = w.detach().to(torch.float64)
     a, b = _balanced(*kronecker_factored_whitening(w64, g, a_shape, b_shape, rank, damp=damp, name=name))
     return _refine(w, w64, (a, b), lambda approx: weighted_error(w64, approx, g), _ALS(w64, g, a_shape, b_shape),

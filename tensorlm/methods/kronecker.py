@@ -12,7 +12,13 @@ from torch import nn
 from tensorlm.decompose.allocation import RankCurve, tail_curve
 from tensorlm.decompose.kronecker import KroneckerShape, check_factor_shapes, choose_kronecker_shape, rearrange
 from tensorlm.decompose.permutation import SEARCHED_B_SIDES, search_permutations
-from tensorlm.decompose.weighted_kronecker import permute_second_moment, start_errors, weighted_kronecker
+from tensorlm.decompose.weighted_kronecker import (
+    DEFAULT_RIDGE,
+    permute_second_moment,
+    start_errors,
+    weighted_kronecker,
+    with_ridge,
+)
 from tensorlm.errors import TensorLMError
 from tensorlm.layers.base import dense_weight
 from tensorlm.layers.kronecker import KroneckerLinear
@@ -58,7 +64,9 @@ class KroneckerConfig:
     nearest Kronecker sum minimising ``||(W - W~) G^{1/2}||_F`` with ``G`` the second moment of the layer's
     inputs (Kronecker-factored whitening, then ``als_sweeps`` sweeps of exact alternating least squares with
     the full ``G``; :func:`tensorlm.decompose.weighted_kronecker.weighted_kronecker`). With ``permute``,
-    the permutations are searched first and ``G`` is permuted with the columns.
+    the permutations are searched first and ``G`` is permuted with the columns. ``ridge`` (default 0.01)
+    adds ``ridge * trace(G) / n`` to ``G``'s diagonal before fitting (GPTQ's dampening; see
+    :func:`~tensorlm.decompose.weighted_kronecker.weighted_kronecker` for why a Kronecker fit needs it).
     """
 
     a_shape: list[int] | None = None
@@ -69,10 +77,13 @@ class KroneckerConfig:
     permute: PermuteConfig | None = None
     calibration: str | None = None
     als_sweeps: int = 4
+    ridge: float = DEFAULT_RIDGE
 
     def __post_init__(self):
         self.permute = permute_option(self.permute)
         check_calibration(self.calibration, "kronecker")
+        if not isinstance(self.ridge, int | float) or not 0 <= self.ridge < float("inf"):
+            raise TensorLMError(f"kronecker ridge must be a number >= 0, got {self.ridge!r}")
         if not isinstance(self.als_sweeps, int) or self.als_sweeps < 0:
             raise TensorLMError(f"kronecker als_sweeps must be an integer >= 0, got {self.als_sweeps!r}")
         given = sum(x is not None for x in (self.a_shape, self.shapes, self.ratio))
@@ -205,9 +216,10 @@ def rank_curve(module: nn.Module, entry: LayerPlan, stats, normalise: bool = Tru
         return RankCurve(entry.name, (*tails.ranks, dense), (*tails.losses, 0.0), unit)
     g = second_moment(stats, entry)  # (n, n)
     ranks = sorted({round(min_rank + i * (dense - 1 - min_rank) / (CURVE_POINTS - 1)) for i in range(CURVE_POINTS)})
-    losses = start_errors(w, g, a_shape, b_shape, ranks, name=entry.name)
+    ridge = entry.options.get("ridge", DEFAULT_RIDGE)
+    losses = start_errors(w, g, a_shape, b_shape, ranks, ridge=ridge, name=entry.name)
     w64 = w.detach().to(torch.float64)
-    total = ((w64 @ g) * w64).sum().item()  # ||W G^{1/2}||_F^2
+    total = ((w64 @ with_ridge(g, ridge)) * w64).sum().item()  # ||W G_ridge^{1/2}||_F^2
     if normalise and total > 0:
         losses = [x / total for x in losses]
     return RankCurve(entry.name, (*ranks, dense), (*accumulate(losses, min), 0.0), unit)
@@ -235,7 +247,8 @@ def build(module: nn.Module, entry: LayerPlan, stats=None) -> KroneckerLinear:
         if col_perm is not None:
             w, g = w[:, col_perm], permute_second_moment(g, col_perm)
         factors = weighted_kronecker(w, g, cfg["a_shape"], cfg["b_shape"], cfg["rank"],
-                                     sweeps=entry.options.get("als_sweeps", 4), name=entry.name)
+                                     sweeps=entry.options.get("als_sweeps", 4),
+                                     ridge=entry.options.get("ridge", DEFAULT_RIDGE), name=entry.name)
     return KroneckerLinear.from_factors(factors, bias, row_perm, col_perm)
 
 
