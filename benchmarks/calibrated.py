@@ -108,9 +108,15 @@ def data_blind_rows(causal: dict) -> list[dict]:
              "source": "causal_lm.json"} for r in causal["rows"] if r["recipe"] in named]
 
 
-def run_smollm2(rows: Rows, data_dir, limit: int | None) -> None:
+def run_smollm2(rows: Rows, data_dir, limit: int | None, names: list[str] | None = None) -> None:
+    """Measure the SmolLM2 rows not yet in ``rows``: the first ``limit``, or those named, in the order given."""
+    recipes = {recipe.name: (method, budget, recipe) for method, budget, recipe in smollm2_rows()}
+    if names:
+        unknown = [n for n in names if n not in recipes]
+        if unknown:
+            raise SystemExit(f"calibrated.py: no SmolLM2 row named {unknown}; rows: {sorted(recipes)}")
     loaded = load_model(MODEL, data_dir=data_dir)
-    for method, budget, recipe in smollm2_rows()[:limit]:
+    for method, budget, recipe in [recipes[n] for n in names] if names else smollm2_rows()[:limit]:
         if rows.get(recipe.name) is None:
             log(f"{recipe.name}: calibrating and compressing")
             small, fields = compress_row(loaded, recipe, data_dir)
@@ -198,6 +204,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("TENSORLM_DATA", "../shared/data"))
     parser.add_argument("--limit", type=int, help="measure only the first N SmolLM2 rows")
     parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--rows", nargs="+", help="measure only these SmolLM2 rows (recipe names), in this order")
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args()
     path = RESULTS / "calibrated.json"
@@ -205,7 +212,7 @@ def main() -> None:
         rows = Rows(path, {"protocol": __doc__.split("Run:")[0].strip(), "machine": machine()})
         if not args.skip_minilm:
             run_minilm(rows, args.data_dir)
-        run_smollm2(rows, args.data_dir, args.limit)
+        run_smollm2(rows, args.data_dir, args.limit, args.rows)
     data = json.loads(path.read_text())
     causal = json.loads((RESULTS / "causal_lm.json").read_text())
     (RESULTS / "calibrated.md").write_text(render(data, causal))
