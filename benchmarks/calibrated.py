@@ -12,10 +12,12 @@ train pairs), dense measured in this run. ``*-allocated`` rows spend one budget 
 ``budget``); for ``kronecker`` the number of terms of each matrix at the factor shapes ``KRON_TERMS``
 (whitened: one ALS sweep), ``-fisher`` weighting the losses by the output Fisher. Rows with ``forward:
 reconstructed`` were evaluated through each factored layer's cached dense reconstruction (the same function,
-at dense speed; earlier rows ran the factored forward).
+at dense speed; earlier rows ran the factored forward). ``*-ridge0``: data-aware Kronecker rows measured
+before ``weighted_kronecker`` damped ``G`` (``ridge: 0``), kept beside their reruns for comparison.
 
 Run: ``python benchmarks/calibrated.py`` (resumable; rows are written as they finish, in the order of
-``SMOLLM2_ROWS``). ``--render-only`` rewrites the Markdown and PNG from the JSON.
+``smollm2_rows``, or ``--rows NAME ...`` in the order given). ``--render-only`` rewrites the Markdown and PNG
+from the JSON.
 """
 
 from __future__ import annotations
