@@ -88,6 +88,14 @@ def lowrank_curve(
                       max_rank=max_rank or min(shape))
 
 
+def rank_window(values: int, cost_per_rank: int, floor: float = 0.0) -> tuple[int, int]:
+    """``(min_rank, dense)`` of a matrix of ``values`` weights whose factors cost ``cost_per_rank`` a rank:
+    ``dense`` the smallest rank whose factors hold at least ``values`` (offered as "keep the matrix dense"),
+    ``min_rank`` the rank at ``floor`` of the dense parameters (at least 1, at most ``dense - 1``)."""
+    dense = -(-values // cost_per_rank)
+    return min(dense - 1, max(1, int(floor * values / cost_per_rank))), dense
+
+
 def tail_curve(
     name: str, singular_values: torch.Tensor, cost_per_rank: int, *, normalise: bool = True, min_rank: int = 1,
     max_rank: int | None = None,

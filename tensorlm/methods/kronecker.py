@@ -9,7 +9,7 @@ from itertools import accumulate
 import torch
 from torch import nn
 
-from tensorlm.decompose.allocation import RankCurve, tail_curve
+from tensorlm.decompose.allocation import RankCurve, rank_window, tail_curve
 from tensorlm.decompose.kronecker import KroneckerShape, check_factor_shapes, choose_kronecker_shape, rearrange
 from tensorlm.decompose.permutation import SEARCHED_B_SIDES, search_permutations
 from tensorlm.decompose.weighted_kronecker import (
@@ -206,10 +206,9 @@ def rank_curve(module: nn.Module, entry: LayerPlan, stats, normalise: bool = Tru
     a_shape, b_shape = tuple(entry.config["a_shape"]), tuple(entry.config["b_shape"])
     m, n = entry.dense_shape
     unit = KroneckerShape(a_shape, b_shape, 1).params
-    dense = -(-m * n // unit)  # the smallest rank whose factors hold at least m n values: keep W itself
+    min_rank, dense = rank_window(m * n, unit, floor)  # dense: the rank that stands for keeping W itself
     if dense == 1:  # even one term costs as much as W
         return RankCurve(entry.name, (1,), (0.0,), unit)
-    min_rank = min(dense - 1, max(1, int(floor * m * n / unit)))
     if not entry.options.get("calibration"):
         s = torch.linalg.svdvals(rearrange(w.detach().to(torch.float64), a_shape, b_shape))
         tails = tail_curve(entry.name, s, unit, normalise=normalise, min_rank=min_rank, max_rank=dense - 1)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tensorlm.decompose.allocation import RankCurve, lowrank_curve
+from tensorlm.decompose.allocation import RankCurve, lowrank_curve, rank_window
 from tensorlm.decompose.lowrank import rank_for_ratio
 from tensorlm.decompose.whitening import truncate_basis, whitened_basis, whitened_svd
 from tensorlm.errors import TensorLMError
@@ -88,8 +88,7 @@ def rank_curve(module: nn.Module, entry: LayerPlan, stats, normalise: bool = Tru
     else:
         s = torch.linalg.svdvals(w.to(torch.float64))
     m, n = entry.dense_shape
-    dense = -(-m * n // (m + n))  # the smallest rank whose factors hold at least m n values: keep W itself
-    min_rank = min(dense - 1, max(1, int(floor * m * n / (m + n))))
+    min_rank, dense = rank_window(m * n, m + n, floor)  # dense: the rank that stands for keeping W itself
     tails = lowrank_curve(entry.name, s, (m, n), normalise=normalise, min_rank=min_rank, max_rank=dense - 1)
     return RankCurve(entry.name, (*tails.ranks, dense), (*tails.losses, 0.0), m + n)
 
