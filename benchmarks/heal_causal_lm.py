@@ -22,6 +22,13 @@ same script, after the first recipe (a run stopped before it divides by ``causal
 harness and protocol, and says so). Budgets (issue 11): -10% at most 30 CPU-minutes of healing, -30% at most
 60; targets: wt2-16k perplexity at most 1.2x dense at -10%, at most 3x at -30%.
 
+GPU scale (issue 11: "where the device tool lends a GPU, run the same benchmark at GPU scale too"):
+``--device cuda --json results/heal_causal_lm_gpu.json`` runs the same recipes, phases and evaluation with
+more calibration blocks in the reconstruction and a live teacher (full-vocabulary logit KL, bf16 autocast)
+in the distillation, whose length is set in wall seconds (``--kd-wall-s``) instead of CPU minutes; compression
+itself still runs on the CPU. ``--deadline-s`` ends the run in time: a phase that would not fit is left out
+and says so.
+
 Run: ``python benchmarks/heal_causal_lm.py [--recipes NAME ...]`` (resumable: every (recipe, phase) row is
 written as soon as it is measured and a rerun skips it; the model after each phase is kept under
 ``~/.cache/tensorlm/heal/<recipe>-<settings digest>/<phase>`` (``$TENSORLM_CACHE``) so the next phase resumes from it).
@@ -60,9 +67,10 @@ from tensorlm.recipe import CalibrationSettings, Recipe  # noqa: E402
 RESULTS = HERE / "results"
 MODEL = "smollm2-135m"
 PHASES = ("training-free", "reconstruct", "distill")
-RECIPES = ["smollm2-svd-llm-fisher-10", "smollm2-svd-llm-30", "smollm2-tq-whitened-mlp-50"]  # the last two: same count
+RECIPES = ["smollm2-svd-llm-fisher-10", "smollm2-svd-llm-fisher-30", "smollm2-tq-whitened-mlp-50"]  # last two: -30%
 BUDGET_CPU_MINUTES = {"smollm2-svd-llm-fisher-10": 30.0}  # the others: 60 (the -30% budget)
-TARGET_X_DENSE = {"smollm2-svd-llm-fisher-10": 1.2}  # the others: 3.0
+TARGET_X_DENSE = {"smollm2-svd-llm-fisher-10": 1.2}  # the others: 3.0 on a CPU
+GPU_TARGET_X_DENSE = 1.5  # at -30% where a GPU is lent (TQ: 1.31x, DistilGPT2: 1.48x)
 
 
 def cpu_seconds() -> float:
@@ -107,6 +115,12 @@ class Rows:
 
 
 SETTINGS: dict = {}  # the healing settings of this run (main fills them); they key the phase folders
+DEADLINE = [float("inf")]  # perf_counter time by which the run must end (--deadline-s)
+
+
+def seconds_left() -> float:
+    """Wall seconds until the run's deadline (infinite without ``--deadline-s``)."""
+    return DEADLINE[0] - time.perf_counter()
 
 
 def settings_digest(settings: dict) -> str:
@@ -161,8 +175,17 @@ def reconstruct(student, loaded, data_dir, args) -> dict:
             "storage": result.storage, "activation_mb": result.activation_mb, "blocks": blocks}
 
 
-def distill_phase(student, loaded, recipe: str, data_dir, spent_cpu_s: float, budget_cpu_s: float, args) -> dict:
-    """End-to-end distillation of ``student`` in place, within what is left of the CPU budget."""
+def distill_config(spent_cpu_s: float, budget_cpu_s: float, data_dir, args) -> DistillConfig:
+    """The distillation of a phase: on a CPU, as many steps as the CPU budget left pays for; on any other
+    device, ``--kd-steps`` at most within ``--kd-wall-s`` and what the deadline leaves after ``--eval-reserve-s``
+    (30 s at least). The teacher is a top-``--kd-topk`` store, or live with ``--kd-topk 0``."""
+    if args.device != "cpu":
+        wall = min(args.kd_wall_s, seconds_left() - args.eval_reserve_s)
+        every = min(args.kd_eval_every, args.kd_steps)
+        return DistillConfig(loss="logits", teacher_topk=args.kd_topk, trainable="factors", steps=args.kd_steps,
+                             lr=args.kd_lr, batch_size=args.kd_batch, seq_len=args.kd_seq_len,
+                             warmup=max(1, args.kd_steps // 20), eval_every=every, save_every=every, log_every=50,
+                             val_size=args.kd_val_blocks, data_dir=str(data_dir), time_budget_s=max(30.0, wall))
     left = budget_cpu_s - spent_cpu_s
     # the store's teacher pass (one teacher token per training token) comes first, outside the trainer's
     # budget: as many steps as the CPU left pays for both (a store sized for --kd-steps ate a whole budget
@@ -173,10 +196,16 @@ def distill_phase(student, loaded, recipe: str, data_dir, spent_cpu_s: float, bu
     store_cpu = steps * tokens * args.teacher_cpu_s_per_token
     wall_budget = max(60.0, (left - store_cpu) / max(1, torch.get_num_threads()))
     every = min(args.kd_eval_every, steps)  # at least one evaluation after training
-    config = DistillConfig(loss="logits", teacher_topk=64, trainable="factors", steps=steps, lr=args.kd_lr,
-                           batch_size=args.kd_batch, seq_len=args.kd_seq_len, warmup=max(1, steps // 10),
-                           eval_every=every, save_every=every, log_every=5,
-                           val_size=args.kd_val_blocks, data_dir=str(data_dir), time_budget_s=wall_budget)
+    return DistillConfig(loss="logits", teacher_topk=args.kd_topk, trainable="factors", steps=steps, lr=args.kd_lr,
+                         batch_size=args.kd_batch, seq_len=args.kd_seq_len, warmup=max(1, steps // 10),
+                         eval_every=every, save_every=every, log_every=5,
+                         val_size=args.kd_val_blocks, data_dir=str(data_dir), time_budget_s=wall_budget)
+
+
+def distill_phase(student, loaded, recipe: str, data_dir, spent_cpu_s: float, budget_cpu_s: float, args) -> dict:
+    """End-to-end distillation of ``student`` in place, within what is left of its budget
+    (:func:`distill_config`)."""
+    config = distill_config(spent_cpu_s, budget_cpu_s, data_dir, args)
     run_dir = phase_folder(phase_key(recipe), "distill-run")
     with Clock() as clock:
         result = distill(student, loaded.model, loaded.tokenizer, config, run_dir, kind="causal-lm", resume=True,
@@ -218,18 +247,29 @@ def heal_phase(loaded, data_dir, name: str, phase: str, previous, budget_s: floa
             return reconstruct(student, loaded, data_dir, args)
         return distill_phase(student, loaded, name, data_dir, spent, budget_s, args)
 
-    return run_phase(loaded, phase_key(name), name, phase, previous, budget_s,
-                     lambda: compress_row(loaded, Recipe.load(name), data_dir), heal)
+    def compress() -> tuple:  # on the CPU (the decompositions' own device); healed and measured on args.device
+        loaded.model.cpu()
+        small, fields = compress_row(loaded, Recipe.load(name), data_dir)
+        loaded.model.to(args.device)
+        return small, fields
+
+    model, record = run_phase(loaded, phase_key(name), name, phase, previous, budget_s, compress, heal)
+    return model.to(args.device), record
 
 
-def measure_phase(rows: Rows, loaded, data_dir, name: str, phase: str, done: tuple, budget_s: float) -> None:
-    """Measure the model after ``phase`` (unless its row is in ``rows``) and write its row at once."""
+def measure_phase(rows: Rows, loaded, data_dir, name: str, phase: str, done: tuple, budget_s: float,
+                  full: bool = False) -> None:
+    """Measure the model after ``phase`` (unless its row is in ``rows``) and write its row at once; ``full``:
+    also on the ``full`` protocol (``wt2-full``, every LAMBADA passage), as ``full``."""
     if rows.get(name, phase) is not None:
         return
     model, record = done
     log(f"{name}: measuring after {phase} ({record['cpu_s'] / 60:.1f} CPU-min of healing)")
     t0 = time.perf_counter()
     metrics = measure(model, loaded.model, loaded.tokenizer, data_dir)
+    if full:
+        metrics["full"] = {k: v for k, v in measure(model, loaded.model, loaded.tokenizer, data_dir, "full").items()
+                           if k != "sample"}
     rows.put({"recipe": name, "phase": phase, "params": record["fields"]["params"],
               "cpu_minutes": record["cpu_s"] / 60, "wall_minutes": record["wall_s"] / 60,
               "budget_cpu_minutes": budget_s / 60, **metrics, "eval_wall_s": time.perf_counter() - t0,
@@ -249,21 +289,30 @@ def run_recipe(rows: Rows, loaded, data_dir, name: str, args) -> None:
     done = None
     phases = PHASES[:PHASES.index(args.until) + 1]
     for phase in phases:
+        if rows.get(name, phase) is None and seconds_left() < args.phase_reserve_s:
+            log(f"{name}: {phase} left out: {seconds_left():.0f} s to the deadline, a phase needs "
+                f"{args.phase_reserve_s:.0f}")
+            return
         done = heal_phase(loaded, data_dir, name, phase, done, budget_s, args)
         if not args.heal_first:
-            measure_phase(rows, loaded, data_dir, name, phase, done, budget_s)
+            measure_phase(rows, loaded, data_dir, name, phase, done, budget_s, args.full_final and phase == phases[-1])
     for phase in reversed(phases if args.heal_first else ()):
         if rows.get(name, phase) is None:
-            measure_phase(rows, loaded, data_dir, name, phase, load_phase(phase_key(name), phase), budget_s)
+            model, record = load_phase(phase_key(name), phase)
+            measure_phase(rows, loaded, data_dir, name, phase, (model.to(args.device), record), budget_s,
+                          args.full_final and phase == phases[-1])
 
 
-def run_dense(rows: Rows, loaded, data_dir) -> None:
-    """The dense row, measured by the same harness in the same script."""
+def run_dense(rows: Rows, loaded, data_dir, full: bool = False) -> None:
+    """The dense row, measured by the same harness in the same script (``full``: also on ``wt2-full``)."""
     if rows.get("dense", "dense") is not None:
         return
     log("dense: measuring")
     t0 = time.perf_counter()
     metrics = measure(loaded.model, loaded.model, loaded.tokenizer, data_dir)
+    if full:
+        metrics["full"] = {k: v for k, v in measure(loaded.model, loaded.model, loaded.tokenizer, data_dir,
+                                                    "full").items() if k != "sample"}
     rows.put({"recipe": "dense", "phase": "dense", "params": sum(p.numel() for p in loaded.model.parameters()),
               "cpu_minutes": 0.0, "wall_minutes": 0.0, **metrics, "eval_wall_s": time.perf_counter() - t0,
               "machine": machine()})
@@ -278,16 +327,28 @@ def dense_reference(data: dict) -> tuple[dict | None, bool]:
     return dense, False
 
 
+def on_gpu(data: dict) -> bool:
+    """The JSON was measured at GPU scale (``--device cuda``): costs are wall minutes, the -30% target 1.5x."""
+    return data.get("device", "cpu") != "cpu"
+
+
+def target_x_dense(recipe: str, gpu: bool) -> float:
+    """The issue's perplexity target of ``recipe``, as a multiple of dense."""
+    return TARGET_X_DENSE.get(recipe, GPU_TARGET_X_DENSE if gpu else 3.0)
+
+
 def render(data: dict) -> str:
     """The Markdown table of the JSON."""
     dense, borrowed = dense_reference(data)
+    gpu = on_gpu(data)
     lines = ["# SmolLM2-135M healed within a CPU budget", "", data["protocol"], "", f"Machine: {data['machine']}.", ""]
     if borrowed:
         lines += [f"Dense is not measured in this file; `x dense` divides by the dense row of `causal_lm.json` (the "
                   f"same harness and protocol, another run on this machine): wt2-16k {dense['wikitext2_ppl']:.2f}, "
                   f"LAMBADA {dense['lambada_acc']:.3f}.", ""]
-    lines += ["| recipe | params | phase | healing CPU-min (budget) | wall min | load avg | wt2-16k ppl | x dense | "
-              "target | LAMBADA acc | teacher KL |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    cost = "healing CPU-min (process time)" if gpu else "healing CPU-min (budget)"
+    lines += [f"| recipe | params | phase | {cost} | wall min | load avg | wt2-16k ppl | x dense | target | "
+              "LAMBADA acc | teacher KL | wt2-full ppl |", "|---|---:|---|" + "---:|" * 9]
     for r in data["rows"]:
         ratio = r["wikitext2_ppl"] / dense["wikitext2_ppl"] if dense else None
         if r["recipe"] == "dense":
@@ -296,12 +357,14 @@ def render(data: dict) -> str:
             heal = r["heal"].get(r["phase"], {})
             budget = f"{r['cpu_minutes']:.1f} ({r['budget_cpu_minutes']:.0f})"
             load = f"{heal['load_before']:.1f}-{heal['load_after']:.1f}" if heal else "-"
-            limit = TARGET_X_DENSE.get(r["recipe"], 3.0)
+            limit = target_x_dense(r["recipe"], gpu)
             target = f"<= {limit}x: {'met' if ratio is not None and ratio <= limit else 'missed'}"
+            budget = f"{r['cpu_minutes']:.1f}" if gpu else budget
             budget = budget if r["phase"] != "training-free" else "0"
+        full = f"{r['full']['wikitext2_ppl']:,.2f}" if "full" in r else "-"
         lines.append(f"| {r['recipe']} | {r['params']:,} | {r['phase']} | {budget} | {r['wall_minutes']:.1f} | "
                      f"{load} | {r['wikitext2_ppl']:,.2f} | {'-' if ratio is None else f'{ratio:,.2f}'} | {target} | "
-                     f"{r['lambada_acc']:.3f} | {r['teacher_kl']:.3f} |")
+                     f"{r['lambada_acc']:.3f} | {r['teacher_kl']:.3f} | {full} |")
     lines += ["", "Healing settings and per-phase costs are in the JSON (`heal`: reconstruction config, per-block "
               "held-out MSE before and after, distillation config, steps and held-out curve).", "",
               "Greedy continuations of 'The capital of France is':", ""]
@@ -310,10 +373,11 @@ def render(data: dict) -> str:
 
 
 def plot_phases(data: dict, path: Path, metric: str, fmt: str, ylabel: str, title: str, *, dense: dict | None = None,
-                log_scale: bool = False, targets: tuple[float, ...] = (), budget: float | None = None) -> None:
-    """``metric`` of every phase against healing CPU minutes, one line per recipe (points labelled with
-    ``fmt``), ``dense`` (a row) as a dashed line, each of ``targets`` as a dotted line, ``budget`` (CPU
-    minutes) as a red one."""
+                log_scale: bool = False, targets: tuple[float, ...] = (), budget: float | None = None,
+                cost: str = "cpu_minutes") -> None:
+    """``metric`` of every phase against healing minutes (the rows' ``cost``: ``cpu_minutes``, or
+    ``wall_minutes`` at GPU scale), one line per recipe (points labelled with ``fmt``), ``dense`` (a row) as a
+    dashed line, each of ``targets`` as a dotted line, ``budget`` (CPU minutes) as a red one."""
     import matplotlib  # noqa: PLC0415  (only to draw)
 
     matplotlib.use("Agg")
@@ -322,7 +386,7 @@ def plot_phases(data: dict, path: Path, metric: str, fmt: str, ylabel: str, titl
     fig, ax = plt.subplots(figsize=(8, 5))
     recipes = list(dict.fromkeys(r["recipe"] for r in data["rows"] if r["recipe"] != "dense"))
     for name in recipes:
-        points = sorted((PHASES.index(r["phase"]), r["cpu_minutes"], r[metric])
+        points = sorted((PHASES.index(r["phase"]), r[cost], r[metric])
                         for r in data["rows"] if r["recipe"] == name)
         ax.plot([p[1] for p in points], [p[2] for p in points], marker="o", label=name.replace("smollm2-", ""))
         for _, x, y in points:
@@ -336,7 +400,8 @@ def plot_phases(data: dict, path: Path, metric: str, fmt: str, ylabel: str, titl
         ax.axvline(budget, color="red", linestyle=":", linewidth=0.8, label="CPU budget")
     if log_scale:
         ax.set_yscale("log")
-    ax.set_xlabel("healing CPU minutes (process time; reconstruction, then distillation)")
+    ax.set_xlabel("healing CPU minutes (process time; reconstruction, then distillation)" if cost == "cpu_minutes"
+                  else "healing wall minutes on the GPU (reconstruction, then distillation)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
@@ -349,9 +414,10 @@ def plot_phases(data: dict, path: Path, metric: str, fmt: str, ylabel: str, titl
 def plot(data: dict, path: Path) -> None:
     """wt2-16k perplexity (log scale) against healing CPU minutes, one line per recipe, dense as a line
     (:func:`dense_reference`)."""
+    gpu = on_gpu(data)
     plot_phases(data, path, "wikitext2_ppl", ",.1f", "WikiText-2 perplexity (wt2-16k, log scale)",
-                "SmolLM2-135M: training-free -> reconstruction -> distillation", dense=dense_reference(data)[0],
-                log_scale=True)
+                f"SmolLM2-135M{' at GPU scale' if gpu else ''}: training-free -> reconstruction -> distillation",
+                dense=dense_reference(data)[0], log_scale=True, cost="wall_minutes" if gpu else "cpu_minutes")
 
 
 def write_outputs(path: Path, render=render, plot=plot) -> str:
@@ -385,6 +451,9 @@ def main() -> None:
     parser.add_argument("--kd-lr", type=float, default=2e-4)
     parser.add_argument("--kd-eval-every", type=int, default=25)
     parser.add_argument("--kd-val-blocks", type=int, default=16)
+    parser.add_argument("--kd-topk", type=int, default=64, help="teacher store's k (0: the live teacher)")
+    parser.add_argument("--kd-wall-s", type=float, default=600.0,
+                        help="on a GPU: wall seconds of distillation at most (a CPU sizes it by CPU minutes)")
     parser.add_argument("--teacher-cpu-s-per-token", type=float, default=0.01,
                         help="estimated CPU seconds of one teacher token (the store's pass), to size the budget")
     parser.add_argument("--student-cpu-s-per-token", type=float, default=0.015,
@@ -393,21 +462,34 @@ def main() -> None:
                         help="the last phase to reach (with every phase before it)")
     parser.add_argument("--heal-first", action="store_true",
                         help="heal every phase before measuring any; measure the last phase first")
+    parser.add_argument("--device", default="cpu", help="where healing and evaluation run (cpu, cuda)")
+    parser.add_argument("--json", type=Path, default=RESULTS / "heal_causal_lm.json", help="the results file")
+    parser.add_argument("--full-final", action="store_true",
+                        help="also measure the last phase (and dense) on wt2-full and every LAMBADA passage")
+    parser.add_argument("--deadline-s", type=float, default=None, help="wall seconds the whole run may take")
+    parser.add_argument("--phase-reserve-s", type=float, default=0.0,
+                        help="with --deadline-s: a phase starts only with this many seconds left")
+    parser.add_argument("--eval-reserve-s", type=float, default=60.0,
+                        help="on a GPU: seconds kept for measuring after distillation")
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args()
-    path = RESULTS / "heal_causal_lm.json"
+    path = args.json
+    if args.deadline_s is not None:
+        DEADLINE[0] = time.perf_counter() + args.deadline_s
     SETTINGS.update({k: v for k, v in vars(args).items() if k.startswith(("rec_", "kd_", "teacher_", "student_"))
-                     or k == "threads"})
+                     or k in ("threads", "device")})
     if not args.render_only:
         torch.set_num_threads(args.threads)
         loaded = load_model(MODEL, data_dir=args.data_dir)
+        loaded.model.to(args.device)
         rows = Rows(path, {"protocol": __doc__.split("Run:")[0].strip(), "model": loaded.notes[0],
-                           "machine": machine(), "threads": args.threads, "settings": SETTINGS})
+                           "machine": machine(), "device": args.device, "threads": args.threads,
+                           "settings": SETTINGS})
         for n, name in enumerate(args.recipes):
             run_recipe(rows, loaded, args.data_dir, name, args)
             write_outputs(path)
             if n == 0:
-                run_dense(rows, loaded, args.data_dir)
+                run_dense(rows, loaded, args.data_dir, args.full_final)
                 write_outputs(path)
     print(write_outputs(path))
 

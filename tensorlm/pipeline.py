@@ -43,8 +43,9 @@ AGREEMENT_SENTENCES = 500
 
 def machine() -> str:
     """A one-line description of where the numbers were measured."""
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores (load average "
-            f"{os.getloadavg()[0]:.1f} at the time), torch {torch.__version__} with {torch.get_num_threads()} "
+            f"{os.getloadavg()[0]:.1f} at the time){gpu}, torch {torch.__version__} with {torch.get_num_threads()} "
             f"threads, Python {platform.python_version()}")
 
 

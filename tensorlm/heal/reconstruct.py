@@ -329,13 +329,14 @@ def _describe_joint(r: JointResult) -> str:
 def _forward_all(block: nn.Module, calls: Sequence[BlockCall], source: ActivationStore,
                  target: ActivationStore) -> None:
     """``target[j] = block(source[j])`` for every batch ``j`` (``target`` may be ``source``)."""
-    dtype = _dtype(block)
     for j, call in enumerate(calls):
-        target[j] = call(block, source[j].to(dtype))
+        target[j] = call(block, _place(source[j], block))
 
 
-def _dtype(block: nn.Module) -> torch.dtype:
-    return next((p.dtype for p in block.parameters() if p.is_floating_point()), torch.float32)
+def _place(x: torch.Tensor, block: nn.Module) -> torch.Tensor:
+    """``x`` (cached on the CPU in float32) on the device and in the floating dtype of ``block``'s parameters."""
+    p = next((p for p in block.parameters() if p.is_floating_point()), None)
+    return x if p is None else x.to(device=p.device, dtype=p.dtype)
 
 
 @dataclass
@@ -351,10 +352,10 @@ class _BlockData:
 
     def squared_error(self, block: nn.Module, j: int) -> tuple[torch.Tensor, int]:
         """``(sum of squared errors over real positions and features, number of terms)`` on batch ``j``."""
-        out = self.calls[j](block, self.inputs[j].to(_dtype(block))).float()
-        diff = out - self.targets[j]
+        out = self.calls[j](block, _place(self.inputs[j], block)).float()
+        diff = out - self.targets[j].to(out.device)
         if self.masks[j] is not None:
-            diff = diff[self.masks[j]]
+            diff = diff[self.masks[j].to(out.device)]
         return diff.pow(2).sum(), diff.numel()
 
     @torch.no_grad()
@@ -462,10 +463,10 @@ class _Chain:
         for i, block in enumerate(blocks):
             grad = backward is not None and backward[i]
             with torch.set_grad_enabled(grad):
-                out = self.calls[i][j](block, hidden.to(_dtype(block)))
-                diff = out.float() - self.targets[i][j]
+                out = self.calls[i][j](block, _place(hidden, block))
+                diff = out.float() - self.targets[i][j].to(out.device)
                 if self.masks[j] is not None:
-                    diff = diff[self.masks[j]]
+                    diff = diff[self.masks[j].to(out.device)]
                 squared, count = diff.pow(2).sum(), diff.numel()
             if grad:
                 (squared / count).backward()
