@@ -10,7 +10,8 @@ measured earlier; this script measures the calibrated rows and reads those. Cali
 and SICK-R test Spearman, calibrated on 1,024 training sentences (``lm_text`` sentences and STS-B/SICK
 train pairs), dense measured in this run. ``*-allocated`` rows spend one budget across their targets (stage
 ``budget``); for ``kronecker`` the number of terms of each matrix at the factor shapes ``KRON_TERMS``
-(whitened: one ALS sweep), ``-fisher`` weighting the losses by the output Fisher. Rows with ``forward:
+(whitened: one ALS sweep), ``-fisher`` weighting the losses by the output Fisher; ``*-terms``: their uniform
+twins, 92 terms in every MLP matrix (49.9% of its values). Rows with ``forward:
 reconstructed`` were evaluated through each factored layer's cached dense reconstruction (the same function,
 at dense speed; earlier rows ran the factored forward). ``*-ridge0``: data-aware Kronecker rows measured
 before ``weighted_kronecker`` damped ``G`` (``ridge: 0``), kept beside their reruns for comparison.
@@ -85,6 +86,9 @@ def smollm2_rows() -> list[tuple[str, str, Recipe]]:
         return (method, budget, stage("kronecker", [target], {"shapes": shapes, **options},
                                       {"ratio": keep, **({"sensitivity": sensitivity} if sensitivity else {})}))
 
+    uniform = {k: {**v, "rank": 92} for k, v in KRON_TERMS.items() if k in ("1536x576", "576x1536")}  # 49.9%
+    rows += [("kronecker-terms", "mlp 50%", stage("kronecker", [MLP], {"shapes": uniform})),
+             ("kronecker-whitened-terms", "mlp 50%", stage("kronecker", [MLP], {"shapes": uniform, **whitened}))]
     rows += [kron("kronecker-whitened-allocated", "mlp 50%", MLP, 0.5, whitened),
              kron("kronecker-allocated", "mlp 50%", MLP, 0.5, {}),
              kron("kronecker-allocated", "whole -10%", ATTN_MLP, WHOLE["-10%"], {}),
