@@ -4,19 +4,13 @@ scale), and how a distillation phase is sized on each device."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import benchmark_script
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))  # the script imports its sibling scripts by their bare names
-try:
-    heal = importlib.import_module("heal_causal_lm")
-finally:
-    sys.path.remove(str(BENCHMARKS))
+heal = benchmark_script("heal_causal_lm")
 
 
 def row(recipe: str, phase: str, cpu: float, wall: float, ppl: float, **extra) -> dict:

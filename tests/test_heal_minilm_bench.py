@@ -6,17 +6,11 @@ row of the same file; a smoke run (``max_pairs``) says so; the phase folders are
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-from pathlib import Path
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))  # the script imports its sibling scripts by their bare names
-try:
-    heal_minilm = importlib.import_module("heal_minilm")
-finally:
-    sys.path.remove(str(BENCHMARKS))
+from benchmark_scripts import benchmark_script
+
+heal_minilm = benchmark_script("heal_minilm")
 
 
 def row(recipe: str, phase: str, cpu: float, stsb: float) -> dict:

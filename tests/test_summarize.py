@@ -7,16 +7,9 @@ idempotent.
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
+from benchmark_scripts import benchmark_script
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))  # summarize imports its sibling scripts by their bare names
-try:
-    summarize = importlib.import_module("summarize")
-finally:
-    sys.path.remove(str(BENCHMARKS))
+summarize = benchmark_script("summarize")
 
 
 def row(method: str, target: float | None, ratio: float, stsb: float, **extra) -> dict:
