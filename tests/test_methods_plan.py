@@ -156,7 +156,10 @@ def test_plan_on_a_tiny_llama_with_gqa_and_tied_embeddings(tiny_llama):
 def test_folders_saved_before_the_registry_still_load_to_the_same_logits(folder):
     expected = load_file(FIXTURES / folder / "expected.safetensors")
     loaded = load_compressed(FIXTURES / folder)
-    assert torch.equal(loaded.model(expected["ids"]).logits, expected["logits"])  # the factored path, as saved
+    # the same function up to round-off: the fixture's logits were saved under an older transformers, and
+    # transformers 5.24 moved them by at most 1e-7 (logits up to 0.5); one block weight flipped moves them by 0.1
+    factored = loaded.model(expected["ids"]).logits  # the factored path, as saved
+    torch.testing.assert_close(factored, expected["logits"], rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # inference caches (a TT tied head's table) sum in another order: round-off only
         torch.testing.assert_close(loaded.model(expected["ids"]).logits, expected["logits"], rtol=1e-5, atol=1e-6)
 
