@@ -90,6 +90,7 @@ def smollm2_rows() -> list[tuple[str, str, Recipe]]:
     rows += [("kronecker-terms", "mlp 50%", stage("kronecker", [MLP], {"shapes": uniform})),
              ("kronecker-whitened-terms", "mlp 50%", stage("kronecker", [MLP], {"shapes": uniform, **whitened}))]
     rows += [kron("kronecker-whitened-allocated", "mlp 50%", MLP, 0.5, whitened),
+             kron("kronecker-whitened-allocated-fisher", "mlp 50%", MLP, 0.5, whitened, "fisher"),
              kron("kronecker-allocated", "mlp 50%", MLP, 0.5, {}),
              kron("kronecker-allocated", "whole -10%", ATTN_MLP, WHOLE["-10%"], {}),
              ("svd", "whole -10%", stage("lowrank", [ATTN_MLP], {"ratio": WHOLE["-10%"]})),
