@@ -257,6 +257,16 @@ def heal_phase(loaded, data_dir, name: str, phase: str, previous, budget_s: floa
     return model.to(args.device), record
 
 
+def measure_with_full(model, loaded, data_dir, full: bool) -> dict:
+    """:func:`causal_lm.measure` of ``model`` against the dense teacher (``sweep``); with ``full`` also on the
+    ``full`` protocol (``wt2-full``, every LAMBADA passage), under ``full`` (no second generation sample)."""
+    metrics = measure(model, loaded.model, loaded.tokenizer, data_dir)
+    if full:
+        metrics["full"] = {k: v for k, v in measure(model, loaded.model, loaded.tokenizer, data_dir, "full").items()
+                           if k != "sample"}
+    return metrics
+
+
 def measure_phase(rows: Rows, loaded, data_dir, name: str, phase: str, done: tuple, budget_s: float,
                   full: bool = False) -> None:
     """Measure the model after ``phase`` (unless its row is in ``rows``) and write its row at once; ``full``:
@@ -266,10 +276,7 @@ def measure_phase(rows: Rows, loaded, data_dir, name: str, phase: str, done: tup
     model, record = done
     log(f"{name}: measuring after {phase} ({record['cpu_s'] / 60:.1f} CPU-min of healing)")
     t0 = time.perf_counter()
-    metrics = measure(model, loaded.model, loaded.tokenizer, data_dir)
-    if full:
-        metrics["full"] = {k: v for k, v in measure(model, loaded.model, loaded.tokenizer, data_dir, "full").items()
-                           if k != "sample"}
+    metrics = measure_with_full(model, loaded, data_dir, full)
     rows.put({"recipe": name, "phase": phase, "params": record["fields"]["params"],
               "cpu_minutes": record["cpu_s"] / 60, "wall_minutes": record["wall_s"] / 60,
               "budget_cpu_minutes": budget_s / 60, **metrics, "eval_wall_s": time.perf_counter() - t0,
@@ -309,10 +316,7 @@ def run_dense(rows: Rows, loaded, data_dir, full: bool = False) -> None:
         return
     log("dense: measuring")
     t0 = time.perf_counter()
-    metrics = measure(loaded.model, loaded.model, loaded.tokenizer, data_dir)
-    if full:
-        metrics["full"] = {k: v for k, v in measure(loaded.model, loaded.model, loaded.tokenizer, data_dir,
-                                                    "full").items() if k != "sample"}
+    metrics = measure_with_full(loaded.model, loaded, data_dir, full)
     rows.put({"recipe": "dense", "phase": "dense", "params": sum(p.numel() for p in loaded.model.parameters()),
               "cpu_minutes": 0.0, "wall_minutes": 0.0, **metrics, "eval_wall_s": time.perf_counter() - t0,
               "machine": machine()})

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from tensorlm.errors import TensorLMError
+from tensorlm.evaluate.runtime import model_device
 
 Batch = torch.Tensor | Mapping[str, torch.Tensor]
 
@@ -105,7 +106,7 @@ def token_mask(batch: Batch) -> torch.Tensor | None:
 
 def _run(model: nn.Module, batch: Batch) -> None:
     """One forward pass of ``model`` on ``batch`` (moved to the model's device), ended early by a :class:`_Stop`."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     kwargs = {k: v.to(device) for k, v in model_inputs(batch).items()}
     if getattr(model.config, "is_decoder", False) or not getattr(model.config, "is_encoder_decoder", True):
         kwargs.setdefault("use_cache", False)  # no stateful cache object among the recorded arguments
