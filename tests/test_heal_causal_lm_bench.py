@@ -76,3 +76,36 @@ def test_gpu_distillation_is_sized_by_wall_seconds_and_the_deadline(monkeypatch,
     config = heal.distill_config(0.0, 3600.0, "data", args(device="cuda", kd_topk=0, kd_steps=1500))
     assert config.steps == 1500 and config.teacher_topk == 0
     assert config.time_budget_s == pytest.approx(expected)
+
+
+def test_a_rerun_with_full_final_adds_wt2_full_to_a_written_row_and_keeps_the_rest(tmp_path, monkeypatch):
+    from torch import nn
+
+    from tensorlm.layers.base import get_forward
+    from tensorlm.layers.lowrank import LowRankLinear
+
+    model = nn.Sequential(LowRankLinear(8, 8, rank=2))
+    seen = []
+
+    def fake_measure(student, teacher, tokenizer, data_dir, mode="sweep"):
+        seen.append((mode, get_forward(student[0])))  # the forward each protocol ran through
+        return {"wikitext2_ppl": 30.0, "lambada_acc": 0.25, "sample": " Paris."}
+
+    monkeypatch.setattr(heal, "measure", fake_measure)
+    rows = heal.Rows(tmp_path / "heal.json", {"rows": []})
+    written = row("smollm2-svd-llm-fisher-30", "distill", 50.0, 4.0, 28.0)
+    rows.put(written)
+    loaded = argparse.Namespace(model=None, tokenizer=None)
+    record = {"cpu_s": 3000.0, "wall_s": 240.0, "fields": {"params": 1000}, "heal": {}}
+    heal.measure_phase(rows, loaded, "data", "smollm2-svd-llm-fisher-30", "distill", (model, record), 3600.0)
+    assert seen == []  # written, and no full protocol asked for: nothing measured
+    heal.measure_phase(rows, loaded, "data", "smollm2-svd-llm-fisher-30", "distill", (model, record), 3600.0,
+                       full=True)
+    assert seen == [("full", "reconstructed")]  # only the full protocol, at dense speed
+    assert get_forward(model[0]) == "factorized"  # the layer's own choice restored
+    stored = json.loads((tmp_path / "heal.json").read_text())["rows"]
+    assert len(stored) == 1 and {k: v for k, v in stored[0].items() if k != "full"} == written
+    assert stored[0]["full"]["wikitext2_ppl"] == 30.0 and "sample" not in stored[0]["full"]
+    heal.measure_phase(rows, loaded, "data", "smollm2-svd-llm-fisher-30", "distill", (model, record), 3600.0,
+                       full=True)
+    assert len(seen) == 1  # measured once
