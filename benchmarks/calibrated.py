@@ -101,7 +101,9 @@ def smollm2_rows() -> list[tuple[str, str, Recipe]]:
     for cut in ("-20%", "-30%"):
         rows += [("svd", f"whole {cut}", stage("lowrank", [ATTN_MLP], {"ratio": WHOLE[cut]})),
                  ("svd-whitened", f"whole {cut}", stage("lowrank", [ATTN_MLP], {"ratio": WHOLE[cut],
-                                                                              "calibration": "whitened"}))]
+                                                                              "calibration": "whitened"})),
+                 kron("kronecker-allocated", f"whole {cut}", ATTN_MLP, WHOLE[cut], {})]
+    rows += [kron("kronecker-allocated", f"mlp {share:.0%}", MLP, share, {}) for share in (0.9, 0.8)]
     return [(m, b, Recipe.from_dict({"name": f"{m} {b}", "calibration": CALIBRATION, "stages": [s]}))
             for m, b, s in rows]
 
