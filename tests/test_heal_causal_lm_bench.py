@@ -109,3 +109,18 @@ def test_a_rerun_with_full_final_adds_wt2_full_to_a_written_row_and_keeps_the_re
     heal.measure_phase(rows, loaded, "data", "smollm2-svd-llm-fisher-30", "distill", (model, record), 3600.0,
                        full=True)
     assert len(seen) == 1  # measured once
+
+
+@pytest.mark.parametrize("other_ppl, shown", [(20.0015, "| 20.67 (causal_lm.json) |"), (20.01, "| - |")])
+def test_dense_full_is_borrowed_only_from_a_dense_row_that_agrees(tmp_path, monkeypatch, other_ppl, shown):
+    other = {"recipe": "dense", "wikitext2_ppl": other_ppl, "lambada_acc": 0.3, "full": {"wikitext2_ppl": 20.67}}
+    monkeypatch.setattr(heal, "causal_lm_dense", lambda: other)
+    dense = {"recipe": "dense", "phase": "dense", "params": 2000, "cpu_minutes": 0.0, "wall_minutes": 0.0,
+             "wikitext2_ppl": 20.0, "lambada_acc": 0.3, "teacher_kl": 0.0}
+    path = tmp_path / "heal.json"
+    path.write_text(json.dumps({"protocol": "P.", "machine": "m", "rows": [dense]}))
+    assert table(heal.write_outputs(path))["| densedense"].endswith(shown)
+    measured = []
+    monkeypatch.setattr(heal, "add_full", lambda *a: measured.append(a))
+    heal.run_dense(heal.Rows(path, {}), argparse.Namespace(model=None), "data", full=True)
+    assert len(measured) == (0 if "causal_lm" in shown else 1)  # measured only when it cannot be borrowed
