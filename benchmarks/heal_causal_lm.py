@@ -401,7 +401,9 @@ def render(data: dict) -> str:
     cost = "healing CPU-min (process time)" if gpu else "healing CPU-min (budget)"
     lines += [f"| recipe | params | phase | {cost} | wall min | load avg | wt2-16k ppl | x dense | target | "
               "LAMBADA acc | teacher KL | wt2-full ppl |", "|---|---:|---|" + "---:|" * 9]
-    for r in data["rows"]:
+    order = list(dict.fromkeys(r["recipe"] for r in data["rows"]))  # dense first, then recipes, phases in order
+    for r in sorted(data["rows"], key=lambda r: (r["recipe"] != "dense", order.index(r["recipe"]),
+                                                 PHASES.index(r["phase"]) if r["phase"] in PHASES else 0)):
         ratio = r["wikitext2_ppl"] / dense["wikitext2_ppl"] if dense else None
         if r["recipe"] == "dense":
             budget = load = target = "-"
