@@ -396,6 +396,7 @@ def target_x_dense(recipe: str, gpu: bool) -> float:
 def render(data: dict) -> str:
     """The Markdown table of the JSON."""
     dense, borrowed = dense_reference(data)
+    dense_full = borrowed_dense_full(dense) if dense and not borrowed and "full" not in dense else None
     gpu = on_gpu(data)
     lines = ["# SmolLM2-135M healed within a CPU budget", "", data["protocol"], "", f"Machine: {data['machine']}.", ""]
     if borrowed:
@@ -419,13 +420,12 @@ def render(data: dict) -> str:
             target = f"<= {limit}x: {'met' if ratio is not None and ratio <= limit else 'missed'}"
             budget = f"{r['cpu_minutes']:.1f}" if gpu else budget
             budget = budget if r["phase"] != "training-free" else "0"
-        borrowed_full = borrowed_dense_full(r) if r["recipe"] == "dense" and "full" not in r else None
         full = (f"{r['full']['wikitext2_ppl']:,.2f}" if "full" in r else
-                f"{borrowed_full['wikitext2_ppl']:,.2f} (causal_lm.json)" if borrowed_full else "-")
+                f"{dense_full['wikitext2_ppl']:,.2f} (causal_lm.json)" if r is dense and dense_full else "-")
         lines.append(f"| {r['recipe']} | {r['params']:,} | {r['phase']} | {budget} | {r['wall_minutes']:.1f} | "
                      f"{load} | {r['wikitext2_ppl']:,.2f} | {'-' if ratio is None else f'{ratio:,.2f}'} | {target} | "
                      f"{r['lambada_acc']:.3f} | {r['teacher_kl']:.3f} | {full} |")
-    if any(r["recipe"] == "dense" and "full" not in r and borrowed_dense_full(r) for r in data["rows"]):
+    if dense_full:
         lines += ["", "Dense `wt2-full` marked (causal_lm.json) is that file's dense row: the same weights, harness "
                   "and machine, whose `wt2-16k` perplexity and LAMBADA accuracy agree with this file's dense row "
                   "within 1e-4 relative (so the full protocol was not measured a second time)."]
