@@ -18,12 +18,17 @@ replacing table; ``params`` = unique parameters of the whole model (a tied table
 ``model.safetensors`` of the saved folder. Lookup: median seconds of the table's forward on 32 x 128 random
 ids (factored path) against ``nn.Embedding`` on the same ids, same process. Evaluation runs the compressed
 model through its cached reconstructed table (``set_forward_all(model, "reconstructed")``): the numbers
-are those of the factored model, computed at dense speed. Models: Gemma 3 270M (Google, Gemma Terms of Use),
+are those of the factored model, computed at dense speed. ``--heal``: each row also after reconstructing the
+table alone (``tensorlm.heal.embedding``: Adam on the table's factors against the dense table's looked-up rows,
+weighted by token counts, and, with a tied head, its logits on the leading principal directions of the
+head's inputs; calibration text as above, 1/8 held out for early stopping; ``HEAL`` settings), under
+``healed``. Models: Gemma 3 270M (Google, Gemma Terms of Use),
 GGUF Q4_K_M weights (third-party quantization) dequantized to float32; SmolLM2-135M-Instruct GGUF Q4_1
-dequantized to float32; all-MiniLM-L6-v2 float32. No training.
+dequantized to float32; all-MiniLM-L6-v2 float32. No other training.
 
-Run: ``python benchmarks/embeddings.py [--models minilm smollm2 gemma3] [--methods ...] [--ratios 2 5 ...]``
-(resumable: rows already in the JSON are kept; ``--smoke`` runs tiny random models into a temporary folder);
+Run: ``python benchmarks/embeddings.py [--models minilm smollm2 gemma3] [--methods ...] [--ratios 2 5 ...]
+[--heal]`` (resumable: rows already in the JSON are kept, and with ``--heal`` a row without ``healed`` is
+compressed again, healed and measured; ``--smoke`` runs tiny random models into a temporary folder);
 ``--render-only`` rewrites the Markdown and PNG from the JSON.
 """
 
@@ -43,12 +48,16 @@ import torch
 from torch import nn
 
 from tensorlm import Recipe, compress, count_parameters, load_model, save_compressed
+from tensorlm.calibrate import calibration_batches
 from tensorlm.decompose.tt import default_shape, max_ranks, suggest_shape, tt_parameter_count
 from tensorlm.errors import TensorLMError
 from tensorlm.evaluate import CAUSAL_PROTOCOLS, evaluate_model
 from tensorlm.evaluate.sts import sts_spearman
+from tensorlm.heal import ReconstructConfig
+from tensorlm.heal.embedding import reconstruct_embedding
 from tensorlm.layers.base import set_forward_all
 from tensorlm.pipeline import machine
+from tensorlm.recipe import CalibrationSettings
 from tensorlm.surgery import calibrate, plan_recipe
 
 HERE = Path(__file__).parent
@@ -62,6 +71,8 @@ METHODS = ["svd", "tensorgpt", "tt-matrix", "kronecker", "tensorgpt-frequency", 
            "kronecker-permute", "svd-untied", "tensorgpt-untied"]
 RATIOS = [2.0, 3.3, 5.0, 10.0, 20.0, 40.0]
 LOOKUP_SHAPE = (32, 128)
+HEAL = ReconstructConfig(batch_size=4, embedding_steps=300, embedding_lr=1e-3, eval_every=10, patience=3,
+                         head_directions=64, time_budget_s=600.0)
 
 
 def log(message: str) -> None:
@@ -239,8 +250,11 @@ def dense_row(rows: Rows, short: str, loaded, table: str, kind: str, data_dir, s
 
 
 def method_row(rows: Rows, short: str, loaded, table: str, kind: str, method: str, ratio: float, data_dir,
-               smoke: bool, calibration: dict) -> None:
-    if rows.get(short, method, ratio) is not None:
+               smoke: bool, calibration: dict, heal: bool = False) -> None:
+    """Measure ``method`` at ``ratio`` training-free (unless its row exists) and, with ``heal``, after
+    :func:`heal_table` (unless the row has ``healed``); the row is written after each."""
+    row = rows.get(short, method, ratio)
+    if row is not None and (not heal or "healed" in row):
         return
     dense_table = loaded.model.get_submodule(table)
     vocab, dim = dense_table.num_embeddings, dense_table.embedding_dim
@@ -254,11 +268,35 @@ def method_row(rows: Rows, short: str, loaded, table: str, kind: str, method: st
     stats = calibrate(loaded.model, recipe, plan, loaded.tokenizer, kind, data_dir, progress=False)
     small = compress(loaded.model, recipe, plan=plan, stats=stats, progress=False)
     compress_seconds = time.perf_counter() - start
+    if row is None:
+        row = measure_row(small, loaded, short, table, kind, method, ratio, stage, recipe, data_dir, smoke)
+        rows.put({**row, "compress_seconds": round(compress_seconds, 1)})
+        shown = {k: row[k] for k in ("wikitext2_ppl", "lambada_acc", "stsb", "output_mse") if k in row}
+        log(f"{short} {method} {ratio:g}x: embedding {row['embedding_ratio']:.2f}x, {row['params']:,} params, {shown}")
+    if heal:
+        result = heal_table(small, loaded, recipe, kind, data_dir, smoke)
+        set_forward_all(small, "reconstructed")
+        start = time.perf_counter()
+        metrics = quality(small, loaded.tokenizer, kind, data_dir, smoke)
+        if smoke:
+            metrics = {"output_mse": output_gap(small, loaded.model, vocab)}
+        row = {**rows.get(short, method, ratio), "healed": {**metrics, "heal": result,
+                                                           "eval_seconds": round(time.perf_counter() - start, 1),
+                                                           **stamp()}}
+        rows.put(row)
+        log(f"{short} {method} {ratio:g}x healed: {({k: v for k, v in metrics.items() if k != 'protocols'})}")
+
+
+def measure_row(small: nn.Module, loaded, short: str, table: str, kind: str, method: str, ratio: float, stage: dict,
+                recipe: Recipe, data_dir, smoke: bool) -> dict:
+    """The training-free row of ``small`` (``method`` at ``ratio``): counts, size, table error, lookup time and
+    quality through the reconstructed forward (set on ``small`` for the rest of its life)."""
+    dense_table = loaded.model.get_submodule(table)
+    vocab, dim = dense_table.num_embeddings, dense_table.embedding_dim
     replaced = small.get_submodule(table)
     inner = getattr(replaced, "embedding", replaced)  # the factored table inside a ScaledEmbedding
     embedding_params = sum(p.numel() for p in inner.parameters())
     counts = count_parameters(small)
-    assert counts["total"] == plan.params_after, "the plan's total is the model's"
     with torch.no_grad():
         approx = inner.to_dense().weight
         rel_error = float((approx - dense_table.weight).norm() / dense_table.weight.norm())
@@ -270,15 +308,31 @@ def method_row(rows: Rows, short: str, loaded, table: str, kind: str, method: st
     metrics = quality(small, loaded.tokenizer, kind, data_dir, smoke)
     if smoke:
         metrics = {"output_mse": output_gap(small, loaded.model, vocab)}
-    row = {"model": short, "method": method, "target_ratio": ratio, "embedding_ratio": vocab * dim / embedding_params,
-           "params": counts["total"], "stored": counts["stored"], "tied_head": counts["tied_head"],
-           "embedding_params": embedding_params, "size_bytes": size, "table_rel_error": rel_error,
-           "lookup_seconds": lookup, "options": stage["options"], "layer": type(inner).__name__,
-           "compress_seconds": round(compress_seconds, 1), **metrics,
-           "eval_seconds": round(time.perf_counter() - start, 1), **stamp()}
-    rows.put(row)
-    shown = {k: row[k] for k in ("wikitext2_ppl", "lambada_acc", "stsb", "output_mse") if k in row}
-    log(f"{short} {method} {ratio:g}x: embedding {row['embedding_ratio']:.2f}x, {row['params']:,} params, {shown}")
+    set_forward_all(small, "factorized")  # healing trains the factors
+    return {"model": short, "method": method, "target_ratio": ratio, "embedding_ratio": vocab * dim / embedding_params,
+            "params": counts["total"], "stored": counts["stored"], "tied_head": counts["tied_head"],
+            "embedding_params": embedding_params, "size_bytes": size, "table_rel_error": rel_error,
+            "lookup_seconds": lookup, "options": stage["options"], "layer": type(inner).__name__, **metrics,
+            "eval_seconds": round(time.perf_counter() - start, 1), **stamp()}
+
+
+def heal_table(small: nn.Module, loaded, recipe: Recipe, kind: str, data_dir, smoke: bool) -> dict:
+    """Reconstruct ``small``'s factored table (and tied head) in place on the recipe's calibration text
+    (:data:`HEAL`; random ids for ``--smoke``); returns the result with the table's relative error after."""
+    if smoke:
+        g = torch.Generator().manual_seed(0)
+        batches = [torch.randint(0, small.get_input_embeddings().num_embeddings, (4, 16), generator=g)
+                   for _ in range(8)]
+    else:
+        batches, _ = calibration_batches(recipe.calibration or CalibrationSettings(), loaded.tokenizer, kind,
+                                         data_dir, batch_size=HEAL.batch_size)
+    result = reconstruct_embedding(small, loaded.model, batches, config=HEAL, log=log).to_dict()
+    dense = loaded.model.get_input_embeddings().weight
+    with torch.no_grad():
+        table = small.get_input_embeddings()
+        approx = getattr(table, "embedding", table).to_dense().weight
+        result["table_rel_error"] = float((approx - dense).norm() / dense.norm())
+    return {**result, "config": HEAL.to_dict(), "batches": len(batches)}
 
 
 # --- smoke models --------------------------------------------------------------------------------------------
@@ -309,9 +363,10 @@ def quality_key(row: dict) -> str:
 
 def headline(rows: list[dict], model: str) -> list[str]:
     """The issue's targets: the largest embedding ratio within 1% and 5% of dense perplexity (causal) or at
-    99% of dense STS-B (MiniLM), over every method measured."""
+    99% of dense STS-B (MiniLM), over every method measured, training-free or healed."""
     dense = next((r for r in rows if r["model"] == model and r["method"] == "dense"), None)
     done = [r for r in rows if r["model"] == model and r["method"] != "dense" and quality_key(r) in r]
+    done += [{**r, **r["healed"], "method": f"{r['method']}, healed"} for r in done if "healed" in r]
     if dense is None or quality_key(dense) not in dense or not done:
         return []
     key = quality_key(dense)
@@ -352,8 +407,8 @@ def render(data: dict) -> str:
         name = {"stsb": "STS-B", "wikitext2_ppl": "wt2-16k ppl", "output_mse": "output MSE"}[key]
         lines += [f"## {model}", "", (dense.get("model_notes") or [""])[0], "",
                   f"| method | target | embedding ratio | params | size MB | table rel. error | {name} | x dense | "
-                  "LAMBADA acc | lookup 32x128 ms (dense) | load avg |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  f"LAMBADA acc | healed: {name} (x dense) | healed: LAMBADA | lookup 32x128 ms (dense) | load avg |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in mine:
             value = r.get(key)
             versus = f"{value / dense[key]:,.3f}" if value is not None and dense.get(key) else "-"
@@ -361,9 +416,13 @@ def render(data: dict) -> str:
             lambada = f"{r['lambada_acc']:.3f}" if "lambada_acc" in r else "-"
             shown = "-" if value is None else f"{value:,.4g}"
             lookup = f"{r['lookup_seconds'] * 1e3:.2f} ({dense.get('lookup_seconds', float('nan')) * 1e3:.2f})"
+            healed = r.get("healed", {})
+            healed_value = (f"{healed[key]:,.4g} ({healed[key] / dense[key]:,.3f})" if key in healed and dense.get(key)
+                            else "-")
+            healed_lambada = f"{healed['lambada_acc']:.3f}" if "lambada_acc" in healed else "-"
             lines.append(f"| {r['method']} | {target} | {r['embedding_ratio']:.2f}x | {r['params']:,} | "
                          f"{r['size_bytes'] / 1e6:,.1f} | {r.get('table_rel_error', 0.0):.3f} | {shown} | {versus} | "
-                         f"{lambada} | {lookup} | {r['load_average']} |")
+                         f"{lambada} | {healed_value} | {healed_lambada} | {lookup} | {r['load_average']} |")
         lines += [""] + headline(rows, model) + [""]
     return "\n".join(lines) + "\n"
 
@@ -385,7 +444,12 @@ def plot(data: dict, path: Path) -> None:
         for method in dict.fromkeys(r["method"] for r in mine if r["method"] != "dense"):
             pts = sorted((r["embedding_ratio"], r[key]) for r in mine if r["method"] == method and key in r)
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=method)
+                line, = ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=method)
+                healed = sorted((r["embedding_ratio"], r["healed"][key]) for r in mine
+                                if r["method"] == method and key in r.get("healed", {}))
+                if healed:
+                    ax.plot(*zip(*healed, strict=True), marker="^", ms=3, ls=":", color=line.get_color(),
+                            label=f"{method}, healed")
         if dense is not None and key in dense:
             ax.axhline(dense[key], color="k", lw=0.8, ls="--", label="dense")
         ax.set_xscale("log")
@@ -395,7 +459,7 @@ def plot(data: dict, path: Path) -> None:
             ax.set_yscale("log")
         ax.set_xlabel("embedding compression ratio (V d / table parameters)")
         ax.set_ylabel({"stsb": "STS-B test Spearman", "wikitext2_ppl": "wt2-16k perplexity (log)"}.get(key, key))
-        ax.set_title(f"{model}, training-free")
+        ax.set_title(f"{model}: training-free (solid), table healed (dotted)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -421,6 +485,7 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=RATIOS)
     parser.add_argument("--smoke", action="store_true", help="tiny random models into a temporary folder")
     parser.add_argument("--out", type=Path, default=None, help="the JSON path (default results/embeddings.json)")
+    parser.add_argument("--heal", action="store_true", help="also measure each row after reconstructing its table")
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args()
     path = args.out or (Path(tempfile.mkdtemp()) / "embeddings.json" if args.smoke else RESULTS / "embeddings.json")
@@ -438,7 +503,8 @@ def main() -> None:
             methods = [m for m in args.methods if not (args.smoke and m.endswith("frequency"))]
             for ratio in args.ratios:
                 for method in methods:
-                    method_row(rows, short, loaded, table, kind, method, ratio, args.data_dir, args.smoke, calibration)
+                    method_row(rows, short, loaded, table, kind, method, ratio, args.data_dir, args.smoke, calibration,
+                               args.heal)
                 write_outputs(path)
             del loaded
     write_outputs(path)

@@ -294,12 +294,15 @@ def test_recipe_heal_block_parses_validates_and_round_trips():
 def test_check_heal_plan_refuses_a_stage_that_leaves_nothing_to_train_and_a_too_small_calibration_set():
     teacher = make_tiny_llama()
     embedding = {"name": "emb", "method": "kronecker_embedding", "targets": ["model.embed_tokens"],
-                 "options": {"factor": 2, "head": "tie"}, "heal": {"reconstruct": {}}}
+                 "options": {"factor": 2, "head": "tie"}, "heal": {"reconstruct": {"embedding_steps": 0}}}
     recipe = Recipe.from_dict({"stages": [embedding]})
-    with pytest.raises(TensorLMError, match="'emb': heal reconstruct .* none") as err:
+    with pytest.raises(TensorLMError, match="'emb': heal reconstruct .* none .*embedding_steps is 0") as err:
         check_heal_plan(teacher, recipe, plan_recipe(teacher, recipe))
     assert "\n" not in str(err.value)
-    # after a stage that compressed the blocks, an embedding stage's reconstruction has factors to train
+    # the factored table itself is something to train (embedding_steps > 0) ...
+    recipe = Recipe.from_dict({"stages": [{**embedding, "heal": {"reconstruct": {}}}]})
+    check_heal_plan(teacher, recipe, plan_recipe(teacher, recipe))
+    # ... and after a stage that compressed the blocks, so are their factors
     recipe = Recipe.from_dict({"stages": [{"name": "s", **STAGES["lowrank"]}, embedding]})
     check_heal_plan(teacher, recipe, plan_recipe(teacher, recipe))
     small = Recipe.from_dict({"calibration": {"samples": 8}, "stages": [
@@ -322,8 +325,16 @@ def test_run_reconstructs_after_the_stage_and_refuses_a_stage_with_nothing_to_tr
     assert record["train_batches"] == 3 and record["val_batches"] == 1 and record["storage"] == "memory"
     assert all(b["val_mse_after"] < b["val_mse_before"] for b in record["blocks"])
     assert json.loads((out / "results.json").read_text())["stages"][0]["reconstruct"] == record
+    assert record["embedding"]["stopped"] == "not run"  # the token table is dense
+    table = {"name": "wte", "method": "kronecker_embedding", "targets": ["transformer.wte"],
+             "options": {"factor": 2, "head": "tie"}, "heal": mlp["heal"]}
+    results = run(str(folder), heal_recipe([table]), tmp_path / "table", data_dir=data, eval_mode="none")
+    record = results.stages[0]["reconstruct"]["embedding"]
+    assert record["table"] == "transformer.wte" and record["tied_head"] and record["steps"] >= 1
+    assert record["val_after"] < record["val_before"]
     embedding = {"name": "wte", "method": "kronecker_embedding", "targets": ["transformer.wte"],
-                 "options": {"factor": 2, "head": "tie"}, "heal": mlp["heal"]}
+                 "options": {"factor": 2, "head": "tie"},
+                 "heal": {"reconstruct": {**mlp["heal"]["reconstruct"], "embedding_steps": 0}}}
     too_small = {**mlp, "heal": {"reconstruct": {}}}  # 8 samples in one batch of 8: no held-out slice
     bad = tmp_path / "bad"
     for stage, message in ((embedding, "'wte': heal reconstruct .* none"), (too_small, "'mlp': .* no held-out")):

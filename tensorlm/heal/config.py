@@ -44,6 +44,12 @@ class ReconstructConfig:
             targets: ``n_blocks + 2`` activation sets instead of 3 count against ``max_memory_mb``.
         joint_lr: Adam learning rate of the joint pass (None: ``lr``).
         joint_time_budget_s: wall seconds of the joint pass at most (None: no limit); checked after every step.
+        embedding_steps: when the input token table is factored, full-batch Adam steps at most of its own
+            reconstruction before the blocks (its looked-up rows and, with a tied head, its logits;
+            :mod:`tensorlm.heal.embedding`); early stopping as above. 0: the table stays as built.
+        embedding_lr: Adam learning rate of the table (None: ``lr``).
+        head_directions: leading principal directions of the LM head's inputs on which a tied head's logits
+            are fitted (the share of their energy is reported); at most the hidden size.
     """
 
     lr: float = 1e-3
@@ -59,22 +65,26 @@ class ReconstructConfig:
     joint_steps: int = 200
     joint_lr: float | None = None
     joint_time_budget_s: float | None = None
+    embedding_steps: int = 200
+    embedding_lr: float | None = None
+    head_directions: int = 64
 
     def __post_init__(self):
         for key in ("lr", "max_memory_mb"):
             if not getattr(self, key) > 0:
                 raise TensorLMError(f"reconstruct {key} must be > 0, got {getattr(self, key)!r}")
-        for key in ("max_steps", "batch_size", "eval_every", "patience"):
+        for key in ("max_steps", "batch_size", "eval_every", "patience", "head_directions"):
             if not getattr(self, key) >= 1:
                 raise TensorLMError(f"reconstruct {key} must be an integer >= 1, got {getattr(self, key)!r}")
         if not 0 < self.val_fraction < 1:
             raise TensorLMError(f"reconstruct val_fraction must be in (0, 1), got {self.val_fraction!r}")
-        for key in ("time_budget_s", "joint_lr", "joint_time_budget_s"):
+        for key in ("time_budget_s", "joint_lr", "joint_time_budget_s", "embedding_lr"):
             if getattr(self, key) is not None and not getattr(self, key) > 0:
                 raise TensorLMError(f"reconstruct {key} must be > 0 or null, got {getattr(self, key)!r}")
-        if isinstance(self.joint_steps, bool) or not isinstance(self.joint_steps, int) or self.joint_steps < 0:
-            raise TensorLMError(f"reconstruct joint_steps must be an integer >= 0 (0: no joint pass), "
-                                f"got {self.joint_steps!r}")
+        for key, zero in (("joint_steps", "no joint pass"), ("embedding_steps", "the table stays as built")):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise TensorLMError(f"reconstruct {key} must be an integer >= 0 (0: {zero}), got {value!r}")
 
     @classmethod
     def from_dict(cls, data: dict | bool | None, where: str = "reconstruct") -> ReconstructConfig:

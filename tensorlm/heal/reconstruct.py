@@ -188,13 +188,13 @@ def split_batches(n_batches: int, val_fraction: float) -> tuple[list[int], list[
     return list(range(n_batches - n_val)), list(range(n_batches - n_val, n_batches))
 
 
-def _log(message: str) -> None:
+def log_to_stderr(message: str) -> None:
     print(f"[tensorlm] {message}", file=sys.stderr, flush=True)
 
 
 def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Sequence[Batch], *,
                        config: ReconstructConfig | None = None, blocks: str | None = None, progress: bool = True,
-                       log: Callable[[str], None] | None = _log) -> ReconstructResult:
+                       log: Callable[[str], None] | None = log_to_stderr) -> ReconstructResult:
     """Fit every block of ``student`` to the same block of ``teacher``, in order, in place; then, when blocks
     share parameters (a Tucker bank) and ``config.joint_steps > 0``, train them jointly (module docstring).
 
@@ -369,7 +369,7 @@ class _BlockData:
 
 @dataclass
 class _Fit:
-    """The outcome of :func:`_adam_with_early_stopping`: the best held-out value, its detail and step."""
+    """The outcome of :func:`adam_with_early_stopping`: the best held-out value, its detail and step."""
 
     best: float
     detail: object
@@ -378,10 +378,10 @@ class _Fit:
     stopped: str = "max_steps"
 
 
-def _adam_with_early_stopping(params: list, train: list[int], backward: Callable[[int], None],
-                              evaluate: Callable[[], tuple[float, object]], initial: tuple[float, object], *,
-                              lr: float, max_steps: int, eval_every: int, patience: int,
-                              time_budget_s: float | None, seed: int, at_max_steps: str = "max_steps") -> _Fit:
+def adam_with_early_stopping(params: list, train: list[int], backward: Callable[[int], None],
+                             evaluate: Callable[[], tuple[float, object]], initial: tuple[float, object], *,
+                             lr: float, max_steps: int, eval_every: int, patience: int,
+                             time_budget_s: float | None, seed: int, at_max_steps: str = "max_steps") -> _Fit:
     """Adam on ``params`` over the training batches ``train`` in a seeded random order (``backward(j)``
     backpropagates batch ``j``), evaluated every ``eval_every`` steps and at the last (``evaluate()`` ->
     ``(held-out value, detail)``, lower is better; ``initial``: its value before training); stops after
@@ -433,7 +433,7 @@ def _fit_block(block: nn.Module, params: list, data: _BlockData, config: Reconst
 
     with _only_trainable(block, params):
         result.val_mse_before = data.val_mse(block)
-        fit = _adam_with_early_stopping(
+        fit = adam_with_early_stopping(
             params, data.train, backward, lambda: (data.val_mse(block), None), (result.val_mse_before, None),
             lr=config.lr, max_steps=config.max_steps, eval_every=config.eval_every, patience=config.patience,
             time_budget_s=config.time_budget_s, seed=config.seed * 1_000_003 + index)
@@ -499,7 +499,7 @@ def _fit_joint(blocks: nn.ModuleList, params: list, data: _Chain, config: Recons
 
     with _only_trainable(blocks, params):
         result.val_mse_before, result.block_val_mse_before = evaluate()
-        fit = _adam_with_early_stopping(
+        fit = adam_with_early_stopping(
             params, data.train, lambda j: data.squared_errors(blocks, j, active), evaluate,
             (result.val_mse_before, result.block_val_mse_before), lr=config.joint_lr or config.lr,
             max_steps=config.joint_steps, eval_every=config.eval_every, patience=config.patience,
