@@ -7,10 +7,13 @@ A compressed token table ``E~ (V, d)`` (any tensorlm factored embedding) is fitt
   ``L_in = sum_t c_t ||E~_t - E_t||^2 / sum_t c_t ||E_t||^2``, ``c_t`` the count of token ``t``;
 * as the **tied LM head** (a causal LM whose head projects with the table): the logits
   ``H E~^T`` against ``H E^T``, ``H (N, d)`` the head's inputs (the teacher's final hidden states) at the
-  calibration positions. With ``G = H^T H = Q diag(lambda) Q^T``,
-  ``||H (E~ - E)^T||_F^2 = ||(E~ - E) Q diag(lambda)^{1/2}||_F^2``; keeping the ``k`` leading eigenpairs,
-  ``S = Q_k diag(lambda_k)^{1/2} (d, k)``, gives ``L_head = ||(E~ - E) S||_F^2 / ||E S||_F^2``, computed as
-  the head's own forward on the ``k`` columns of ``S`` (``project(E~, S^T)``, ``(k, V)``), never forming ``E~``.
+  calibration positions, each position's logits centred over the vocabulary (``C = I - 1 1^T / V``: the
+  softmax ignores a shift shared by every token, and the large activations of a few hidden dimensions
+  give mostly such shifts). With ``G = H^T H = Q diag(lambda) Q^T``,
+  ``||H (E~ - E)^T C||_F^2 = ||C (E~ - E) Q diag(lambda)^{1/2}||_F^2``; keeping the ``k`` leading eigenpairs,
+  ``S = Q_k diag(lambda_k)^{1/2} (d, k)``, gives ``L_head = ||C (E~ - E) S||_F^2 / ||C E S||_F^2``, computed
+  as the head's own forward on the ``k`` columns of ``S`` (``project(E~, S^T)``, ``(k, V)``, centred along
+  ``V``), never forming ``E~``.
 
 Both terms are relative (each is 1 for a zero table, so a constant ``embed_scale`` cancels); the objective
 is ``L_in + L_head`` (``L_in`` alone for an untied head or an encoder). It is the embedding's share of the
@@ -157,15 +160,21 @@ class _Objective:
         self.in_norm = float((self.weights * self.rows.square()).sum())
         self.basis = stats.head_basis  # (d, k) or None
         if self.basis is not None:
-            self.logits = self.basis.T @ dense.T  # (k, V): the dense head on the k directions
+            self.logits = centred(self.basis.T @ dense.T)  # (k, V): the dense head on the k directions
             self.head_norm = float(self.logits.square().sum())
 
     def terms(self, table: nn.Module) -> dict[str, torch.Tensor]:
         rows = table(self.ids) * self.scale  # (U, d)
         out = {"input": (self.weights * (rows - self.rows).square()).sum() / self.in_norm}
         if self.basis is not None:
-            out["head"] = (project(table, self.basis.T) - self.logits).square().sum() / self.head_norm  # (k, V)
+            logits = centred(project(table, self.basis.T))  # (k, V)
+            out["head"] = (logits - self.logits).square().sum() / self.head_norm
         return out
+
+
+def centred(logits: torch.Tensor) -> torch.Tensor:
+    """``logits (..., V)`` less their mean over the vocabulary (what the softmax sees)."""
+    return logits - logits.mean(dim=-1, keepdim=True)
 
 
 def reconstruct_embedding(student: nn.Module, teacher: nn.Module, batches: Sequence[Batch], *,
