@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_model
 from torch import nn
 
 from tensorlm import Recipe, compress, count_parameters, load_model, save_compressed
@@ -207,11 +208,14 @@ def quality(model: nn.Module, tokenizer, kind: str, data_dir, smoke: bool) -> di
 
 
 def size_on_disk(model: nn.Module, kind: str, recipe: Recipe | None) -> int:
-    """Bytes of ``model.safetensors`` when ``model`` is saved (a temporary folder, removed after)."""
+    """Bytes of ``model.safetensors`` when ``model`` is saved (a temporary folder, removed after); the dense
+    model is written by ``safetensors.torch.save_model`` (a tied table once), as ``save_pretrained`` would
+    write it, which refuses a model loaded from GGUF."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "out"
         if recipe is None:
-            model.save_pretrained(folder)
+            folder.mkdir()
+            save_model(model, str(folder / "model.safetensors"))
         else:
             save_compressed(model, folder, kind=kind, recipe=recipe)
         return (folder / "model.safetensors").stat().st_size
