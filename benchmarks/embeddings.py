@@ -20,11 +20,11 @@ ids (factored path) against ``nn.Embedding`` on the same ids, same process. Eval
 model through its cached reconstructed table (``set_forward_all(model, "reconstructed")``): the numbers
 are those of the factored model, computed at dense speed. ``--heal``: each row also after reconstructing the
 table alone (``tensorlm.heal.embedding``: Adam on the table's factors against the dense table's looked-up rows,
-weighted by token counts, and, with a tied head, its logits on the leading principal directions of the
-head's inputs; calibration text as above, 1/8 held out for early stopping; ``HEAL`` settings), under
-``healed``. Models: Gemma 3 270M (Google, Gemma Terms of Use),
-GGUF Q4_K_M weights (third-party quantization) dequantized to float32; SmolLM2-135M-Instruct GGUF Q4_1
-dequantized to float32; all-MiniLM-L6-v2 float32. No other training.
+weighted by token counts, and, with a tied head, its logits centred over the vocabulary on the 64 leading
+principal directions of the head's inputs; calibration text as above, 1/8 held out for early stopping; at most
+300 Adam steps at lr 1e-3: ``HEAL``), under ``healed`` with its wall seconds. Models: Gemma 3 270M (Google,
+Gemma Terms of Use), GGUF Q4_K_M weights (third-party quantization) dequantized to float32; SmolLM2-135M-Instruct
+GGUF Q4_1 dequantized to float32; all-MiniLM-L6-v2 float32. No other training.
 
 Run: ``python benchmarks/embeddings.py [--models minilm smollm2 gemma3] [--methods ...] [--ratios 2 5 ...]
 [--heal]`` (resumable: rows already in the JSON are kept, and with ``--heal`` a row without ``healed`` is
@@ -81,12 +81,13 @@ def log(message: str) -> None:
 
 
 class Rows:
-    """The JSON file: rows keyed by ``(model, method, target_ratio)``, rewritten atomically after every row."""
+    """The JSON file: rows keyed by ``(model, method, target_ratio)``, rewritten atomically after every row; its
+    header (protocol, machine) is the running script's."""
 
     def __init__(self, path: Path, header: dict):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.data = json.loads(path.read_text()) if path.exists() else {**header, "rows": []}
+        self.data = {**(json.loads(path.read_text()) if path.exists() else {"rows": []}), **header}
 
     @staticmethod
     def key(row: dict) -> tuple:
