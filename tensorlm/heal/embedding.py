@@ -149,16 +149,17 @@ def table_statistics(teacher: nn.Module, batches: Sequence[Batch], vocab: int, h
 
 
 class _Objective:
-    """``L_in + L_head`` (module docstring) of one set of statistics against the dense table ``E (V, d)``."""
+    """``L_in + L_head`` (module docstring) of one set of statistics against the dense table ``E (V, d)``, its
+    tensors on ``dense``'s device (the table's)."""
 
     def __init__(self, stats: TableStatistics, dense: torch.Tensor, scale: float):
-        used = stats.counts.nonzero().squeeze(1)  # (U,) ids that occur
+        used = stats.counts.nonzero().squeeze(1).to(dense.device)  # (U,) ids that occur
         self.ids = used
-        self.weights = stats.counts[used].to(torch.float32)[:, None]  # (U, 1)
+        self.weights = stats.counts.to(dense.device)[used].to(torch.float32)[:, None]  # (U, 1)
         self.rows = dense[used] * scale  # (U, d): block 0's input as the model looks it up
         self.scale = scale
         self.in_norm = float((self.weights * self.rows.square()).sum())
-        self.basis = stats.head_basis  # (d, k) or None
+        self.basis = None if stats.head_basis is None else stats.head_basis.to(dense.device)  # (d, k) or None
         if self.basis is not None:
             self.logits = centred(self.basis.T @ dense.T)  # (k, V): the dense head on the k directions
             self.head_norm = float(self.logits.square().sum())
@@ -206,7 +207,8 @@ def reconstruct_embedding(student: nn.Module, teacher: nn.Module, batches: Seque
         return EmbeddingResult("" if found is None else found[0], 0, False)
     t0 = time.perf_counter()
     path, module, table = found
-    dense = teacher.get_input_embeddings().weight.detach().float().cpu()  # (V, d)
+    device = next(table.parameters()).device
+    dense = teacher.get_input_embeddings().weight.detach().float().to(device)  # (V, d)
     if (table.num_embeddings, table.embedding_dim) != tuple(dense.shape):
         raise TensorLMError(f"embedding reconstruction: the student's {path} is {table.num_embeddings} x "
                             f"{table.embedding_dim}, the teacher's table {tuple(dense.shape)}")
