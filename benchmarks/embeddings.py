@@ -56,7 +56,7 @@ from tensorlm.evaluate import CAUSAL_PROTOCOLS, evaluate_model
 from tensorlm.evaluate.sts import sts_spearman
 from tensorlm.heal import ReconstructConfig
 from tensorlm.heal.embedding import reconstruct_embedding
-from tensorlm.layers.base import set_forward_all
+from tensorlm.layers.base import FACTORIZED, RECONSTRUCTED, set_forward_all
 from tensorlm.pipeline import machine
 from tensorlm.recipe import CalibrationSettings
 from tensorlm.surgery import calibrate, plan_recipe
@@ -194,18 +194,37 @@ def lookup_seconds(layer: nn.Module, vocab: int, repeats: int = 7) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def quality(model: nn.Module, tokenizer, kind: str, data_dir, smoke: bool) -> dict:
+def quality(model: nn.Module, loaded, kind: str, data_dir, smoke: bool) -> dict:
     """``wikitext2_ppl``, ``lambada_acc`` (causal, ``sweep`` protocol) or ``stsb`` (encoder); for ``--smoke``
-    the mean squared output difference is all a tiny random model can give (set by the caller)."""
+    ``output_mse`` against the dense ``loaded.model``, all a tiny random model can give."""
     if smoke:
-        return {}
+        return {"output_mse": output_gap(model, loaded.model, model.get_input_embeddings().num_embeddings)}
     if kind == "encoder":
-        return {"stsb": sts_spearman(model, tokenizer, dataset="stsb", split="test", data_dir=data_dir,
+        return {"stsb": sts_spearman(model, loaded.tokenizer, dataset="stsb", split="test", data_dir=data_dir,
                                      progress=False), "protocol": "STS-B test Spearman, mean pooling, cosine"}
-    metrics, protocols = evaluate_model(model, tokenizer, kind, data_dir=data_dir, mode="sweep")
+    metrics, protocols = evaluate_model(model, loaded.tokenizer, kind, data_dir=data_dir, mode="sweep")
     return {"wikitext2_ppl": metrics["wikitext2_ppl"], "lambada_acc": metrics["lambada_acc"],
             "lambada_ppl": metrics["lambada_ppl"], "protocol": CAUSAL_PROTOCOLS["sweep"].name,
             "protocols": protocols}
+
+
+def measure(model: nn.Module, loaded, kind: str, data_dir, smoke: bool) -> dict:
+    """:func:`quality` of ``model`` through each factored layer's cached reconstruction (the same function at
+    dense speed), with ``eval_seconds``; the layers are left on their factored forward (what healing trains)."""
+    set_forward_all(model, RECONSTRUCTED)
+    start = time.perf_counter()
+    metrics = quality(model, loaded, kind, data_dir, smoke)
+    set_forward_all(model, FACTORIZED)
+    return {**metrics, "eval_seconds": round(time.perf_counter() - start, 1)}
+
+
+def table_error(small: nn.Module, dense: nn.Module) -> float:
+    """Relative Frobenius error of ``small``'s token table (the factored one inside a ScaledEmbedding) against
+    ``dense``'s."""
+    table, reference = small.get_input_embeddings(), dense.get_input_embeddings().weight
+    with torch.no_grad():
+        approx = getattr(table, "embedding", table).to_dense().weight  # (V, d)
+        return float((approx - reference).norm() / reference.norm())
 
 
 def size_on_disk(model: nn.Module, kind: str, recipe: Recipe | None) -> int:
@@ -243,13 +262,11 @@ def dense_row(rows: Rows, short: str, loaded, table: str, kind: str, data_dir, s
         return row
     log(f"{short}: dense")
     layer = loaded.model.get_submodule(table)
-    start = time.perf_counter()
-    metrics = quality(loaded.model, loaded.tokenizer, kind, data_dir, smoke) if not smoke else {"output_mse": 0.0}
     row = {"model": short, "method": "dense", "target_ratio": None, "embedding_ratio": 1.0,
            "params": count_parameters(loaded.model)["total"], "embedding_params": layer.weight.numel(),
            "size_bytes": size_on_disk(loaded.model, kind, None),
            "lookup_seconds": lookup_seconds(layer, layer.num_embeddings),
-           **metrics, "eval_seconds": round(time.perf_counter() - start, 1), "model_notes": loaded.notes, **stamp()}
+           **measure(loaded.model, loaded, kind, data_dir, smoke), "model_notes": loaded.notes, **stamp()}
     rows.put(row)
     return row
 
@@ -280,45 +297,28 @@ def method_row(rows: Rows, short: str, loaded, table: str, kind: str, method: st
         log(f"{short} {method} {ratio:g}x: embedding {row['embedding_ratio']:.2f}x, {row['params']:,} params, {shown}")
     if heal:
         result = heal_table(small, loaded, recipe, kind, data_dir, smoke)
-        set_forward_all(small, "reconstructed")
-        start = time.perf_counter()
-        metrics = quality(small, loaded.tokenizer, kind, data_dir, smoke)
-        if smoke:
-            metrics = {"output_mse": output_gap(small, loaded.model, vocab)}
-        row = {**rows.get(short, method, ratio), "healed": {**metrics, "heal": result,
-                                                           "eval_seconds": round(time.perf_counter() - start, 1),
-                                                           **stamp()}}
-        rows.put(row)
+        metrics = measure(small, loaded, kind, data_dir, smoke)
+        rows.put({**rows.get(short, method, ratio), "healed": {**metrics, "heal": result, **stamp()}})
         log(f"{short} {method} {ratio:g}x healed: {({k: v for k, v in metrics.items() if k != 'protocols'})}")
 
 
 def measure_row(small: nn.Module, loaded, short: str, table: str, kind: str, method: str, ratio: float, stage: dict,
                 recipe: Recipe, data_dir, smoke: bool) -> dict:
     """The training-free row of ``small`` (``method`` at ``ratio``): counts, size, table error, lookup time and
-    quality through the reconstructed forward (set on ``small`` for the rest of its life)."""
+    quality (:func:`measure`)."""
     dense_table = loaded.model.get_submodule(table)
     vocab, dim = dense_table.num_embeddings, dense_table.embedding_dim
     replaced = small.get_submodule(table)
     inner = getattr(replaced, "embedding", replaced)  # the factored table inside a ScaledEmbedding
     embedding_params = sum(p.numel() for p in inner.parameters())
     counts = count_parameters(small)
-    with torch.no_grad():
-        approx = inner.to_dense().weight
-        rel_error = float((approx - dense_table.weight).norm() / dense_table.weight.norm())
-    del approx
     lookup = lookup_seconds(replaced, vocab)
     size = size_on_disk(small, kind, recipe)
-    set_forward_all(small, "reconstructed")
-    start = time.perf_counter()
-    metrics = quality(small, loaded.tokenizer, kind, data_dir, smoke)
-    if smoke:
-        metrics = {"output_mse": output_gap(small, loaded.model, vocab)}
-    set_forward_all(small, "factorized")  # healing trains the factors
     return {"model": short, "method": method, "target_ratio": ratio, "embedding_ratio": vocab * dim / embedding_params,
             "params": counts["total"], "stored": counts["stored"], "tied_head": counts["tied_head"],
-            "embedding_params": embedding_params, "size_bytes": size, "table_rel_error": rel_error,
-            "lookup_seconds": lookup, "options": stage["options"], "layer": type(inner).__name__, **metrics,
-            "eval_seconds": round(time.perf_counter() - start, 1), **stamp()}
+            "embedding_params": embedding_params, "size_bytes": size,
+            "table_rel_error": table_error(small, loaded.model), "lookup_seconds": lookup, "options": stage["options"],
+            "layer": type(inner).__name__, **measure(small, loaded, kind, data_dir, smoke), **stamp()}
 
 
 def heal_table(small: nn.Module, loaded, recipe: Recipe, kind: str, data_dir, smoke: bool) -> dict:
@@ -332,12 +332,8 @@ def heal_table(small: nn.Module, loaded, recipe: Recipe, kind: str, data_dir, sm
         batches, _ = calibration_batches(recipe.calibration or CalibrationSettings(), loaded.tokenizer, kind,
                                          data_dir, batch_size=HEAL.batch_size)
     result = reconstruct_embedding(small, loaded.model, batches, config=HEAL, log=log).to_dict()
-    dense = loaded.model.get_input_embeddings().weight
-    with torch.no_grad():
-        table = small.get_input_embeddings()
-        approx = getattr(table, "embedding", table).to_dense().weight
-        result["table_rel_error"] = float((approx - dense).norm() / dense.norm())
-    return {**result, "config": HEAL.to_dict(), "batches": len(batches)}
+    return {**result, "table_rel_error": table_error(small, loaded.model), "config": HEAL.to_dict(),
+            "batches": len(batches)}
 
 
 # --- smoke models --------------------------------------------------------------------------------------------

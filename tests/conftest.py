@@ -41,6 +41,16 @@ def make_tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 
 
 @pytest.fixture
+def one_thread():
+    """The machine's two cores are shared: one thread makes tiny training runs fast and their timing stable
+    (``pytestmark = pytest.mark.usefixtures("one_thread")`` in a module that trains)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_gpt2() -> GPT2LMHeadModel:
     return make_tiny_gpt2()
 

@@ -8,18 +8,12 @@ import json
 import sys
 
 import pytest
-import torch
 from benchmark_scripts import benchmark_script
 
 embeddings = benchmark_script("embeddings")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_smoke_sweep_with_healing_writes_every_row_and_its_healed_measurement(tmp_path, monkeypatch):

@@ -33,13 +33,7 @@ CONFIG = ReconstructConfig(lr=3e-3, max_steps=40, batch_size=4, val_fraction=0.2
                            joint_steps=60)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The machine's two cores are shared: one thread makes these tiny runs fast and their timing stable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def token_batches(n: int, vocab: int, seed: int, shape=(4, 24)) -> list[torch.Tensor]:

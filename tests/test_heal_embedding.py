@@ -18,12 +18,7 @@ CONFIG = ReconstructConfig(lr=3e-3, embedding_steps=30, val_fraction=0.25, eval_
                            head_directions=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def zipf_batches(n: int, seed: int, vocab: int = 256) -> list[torch.Tensor]:

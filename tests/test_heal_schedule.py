@@ -22,12 +22,7 @@ class Kill(RuntimeError):
     pass
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def two_stage_recipe(data: Path, lr: float = 3e-3) -> Recipe:
