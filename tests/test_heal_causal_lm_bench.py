@@ -28,7 +28,8 @@ def write(path: Path, device: str) -> str:
              "wikitext2_ppl": 20.0, "lambada_acc": 0.3, "teacher_kl": 0.0, "full": {"wikitext2_ppl": 12.5}}
     rows = [row("smollm2-svd-llm-fisher-30", "training-free", 0.0, 0.0, 200.0),
             row("smollm2-svd-llm-fisher-30", "distill", 50.0, 4.0, 28.0, full={"wikitext2_ppl": 17.25}),
-            row("smollm2-svd-llm-fisher-10", "distill", 30.0, 3.0, 25.0), dense]
+            row("smollm2-svd-llm-fisher-10", "distill", 30.0, 3.0, 25.0),
+            row("smollm2-tq-whitened-mlp-83", "distill", 30.0, 3.0, 23.0), dense]
     path.write_text(json.dumps({"protocol": "Protocol.", "machine": "a test machine", "device": device,
                                 "rows": rows}))
     return heal.write_outputs(path)
@@ -39,6 +40,7 @@ def test_cpu_table_uses_the_cpu_targets_and_shows_wt2_full(tmp_path):
     assert "<= 3.0x: met" in lines["| smollm2-svd-llm-fisher-30distill"]  # 28 / 20 = 1.4
     assert "| 1.40 |" in lines["| smollm2-svd-llm-fisher-30distill"]
     assert "<= 1.2x: missed" in lines["| smollm2-svd-llm-fisher-10distill"]  # 25 / 20 = 1.25
+    assert "<= 1.2x: met" in lines["| smollm2-tq-whitened-mlp-83distill"]  # the Kronecker path at -10%: 1.15
     assert lines["| smollm2-svd-llm-fisher-30distill"].endswith("| 17.25 |")
     assert lines["| densedense"].endswith("| 12.50 |")
     assert lines["| smollm2-svd-llm-fisher-30training-free"].endswith("| - |")
