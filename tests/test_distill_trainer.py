@@ -246,6 +246,7 @@ def test_time_budget_stops_with_a_checkpoint_that_resumes(tmp_path):
     result = distill(student, teacher, tok, causal_config(text, time_budget_s=1e-9), tmp_path / "run",
                      kind="causal-lm", progress=False)
     assert result.stopped == "time_budget" and result.steps == 1
+    assert [r["step"] for r in result.history if "val_nll" in r] == [0, 1]  # the last step is validated too
     student, teacher = gpt2_pair()
     result = distill(student, teacher, tok, causal_config(text), tmp_path / "run", kind="causal-lm",
                      resume=True, progress=False)

@@ -348,21 +348,30 @@ class _Run:
         return at, teacher_metrics
 
     def _validate_and_save(self, at: _Progress) -> bool:
-        """Validate and checkpoint when due (updating ``at``); True when the time budget is spent early."""
+        """Validate and checkpoint when due (updating ``at``); True when the time budget is spent early. A
+        budget spent between validations validates the last step too, so that the steps since the last
+        validation can be chosen (they were dropped before: 3 steps on SmolLM2 kept step 0)."""
         cfg = self.cfg
-        if at.step % cfg.eval_every == 0 or at.step == cfg.steps:
-            start = time.perf_counter()
-            record = self._validate(at.step)
-            self._log(record)
-            if self._better(record[self.metric], at.best_metric):
-                at.best_step, at.best_metric = at.step, record[self.metric]
-                self._save_best(at.step, at.best_metric)
-            self._train_mode()
-            at.elapsed += time.perf_counter() - start
+        due = at.step % cfg.eval_every == 0 or at.step == cfg.steps
+        if due:
+            self._validate_step(at)
         out_of_time = self._out_of_time(at.elapsed)
+        if out_of_time and not due:
+            self._validate_step(at)
         if at.step % cfg.save_every == 0 or at.step == cfg.steps or out_of_time:
             self._save_checkpoint(at.step, at.elapsed, at.best_step, at.best_metric)
         return out_of_time and at.step < cfg.steps
+
+    def _validate_step(self, at: _Progress) -> None:
+        """Validate the student at ``at.step``, keep it when best; its seconds count in ``at.elapsed``."""
+        start = time.perf_counter()
+        record = self._validate(at.step)
+        self._log(record)
+        if self._better(record[self.metric], at.best_metric):
+            at.best_step, at.best_metric = at.step, record[self.metric]
+            self._save_best(at.step, at.best_metric)
+        self._train_mode()
+        at.elapsed += time.perf_counter() - start
 
     def _step(self, step: int) -> tuple[float, dict[str, float], int, float | None, float]:
         """One optimizer step: (mean loss over processes, this process's terms, tokens, grad norm, lr used)."""
