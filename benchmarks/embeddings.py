@@ -491,7 +491,7 @@ def main() -> None:
     args = parser.parse_args()
     path = args.out or (Path(tempfile.mkdtemp()) / "embeddings.json" if args.smoke else RESULTS / "embeddings.json")
     if not args.render_only:
-        rows = Rows(path, {"protocol": __doc__.split("Run:")[0].strip(), "machine": machine()})
+        rows = Rows(path, {"protocol": __doc__.split("Run:")[0].strip(), "machine": machine(load=False)})
         todo = smoke_models() if args.smoke else {s: MODELS[s] for s in args.models}
         for short, spec in todo.items():
             if args.smoke:

@@ -41,11 +41,14 @@ EVAL_MODES = (*MODES, "none")
 AGREEMENT_SENTENCES = 500
 
 
-def machine() -> str:
-    """A one-line description of where the numbers were measured."""
+def machine(load: bool = True) -> str:
+    """A one-line description of where the numbers were measured; with ``load`` False, for rows measured over
+    hours that carry their own load average, it says so instead of giving the load now."""
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores (load average "
-            f"{os.getloadavg()[0]:.1f} at the time){gpu}, torch {torch.__version__} with {torch.get_num_threads()} "
+    now = (f"load average {os.getloadavg()[0]:.1f} at the time" if load
+           else "the load average of each row is in its table")
+    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores ({now}){gpu}, "
+            f"torch {torch.__version__} with {torch.get_num_threads()} "
             f"threads, Python {platform.python_version()}")
 
 
