@@ -56,7 +56,7 @@ from tensorlm.evaluate import CAUSAL_PROTOCOLS, evaluate_model
 from tensorlm.evaluate.sts import sts_spearman
 from tensorlm.heal import ReconstructConfig
 from tensorlm.heal.embedding import reconstruct_embedding
-from tensorlm.layers.base import FACTORIZED, RECONSTRUCTED, set_forward_all
+from tensorlm.layers.base import RECONSTRUCTED, forward_all
 from tensorlm.pipeline import machine
 from tensorlm.recipe import CalibrationSettings
 from tensorlm.surgery import calibrate, plan_recipe
@@ -210,11 +210,10 @@ def quality(model: nn.Module, loaded, kind: str, data_dir, smoke: bool) -> dict:
 
 def measure(model: nn.Module, loaded, kind: str, data_dir, smoke: bool) -> dict:
     """:func:`quality` of ``model`` through each factored layer's cached reconstruction (the same function at
-    dense speed), with ``eval_seconds``; the layers are left on their factored forward (what healing trains)."""
-    set_forward_all(model, RECONSTRUCTED)
+    dense speed), with ``eval_seconds``; the layers keep their own forward after (the factored one healing trains)."""
     start = time.perf_counter()
-    metrics = quality(model, loaded, kind, data_dir, smoke)
-    set_forward_all(model, FACTORIZED)
+    with forward_all(model, RECONSTRUCTED):
+        metrics = quality(model, loaded, kind, data_dir, smoke)
     return {**metrics, "eval_seconds": round(time.perf_counter() - start, 1)}
 
 

@@ -62,7 +62,7 @@ from tensorlm.calibrate import calibration_batches  # noqa: E402
 from tensorlm.distill import DistillConfig, distill  # noqa: E402
 from tensorlm.distill.data import default_cache_dir  # noqa: E402
 from tensorlm.heal import ReconstructConfig, reconstruct_blocks  # noqa: E402
-from tensorlm.layers.base import RECONSTRUCTED, factorized_layers, get_forward, set_forward, set_forward_all  # noqa: E402
+from tensorlm.layers.base import RECONSTRUCTED, forward_all  # noqa: E402
 from tensorlm.pipeline import machine  # noqa: E402
 from tensorlm.recipe import CalibrationSettings, Recipe  # noqa: E402
 
@@ -265,15 +265,9 @@ def measure_full(model, loaded, data_dir) -> dict:
     generation sample), with its wall seconds. Every factored layer runs through its cached dense
     reconstruction (the same function at dense speed: the full protocol is 18x the sweep's WikiText-2 tokens);
     the layers' forward choices are restored after."""
-    layers = factorized_layers(model)
-    choices = {name: get_forward(layer) for name, layer in layers.items()}
-    set_forward_all(model, RECONSTRUCTED)
     t0 = time.perf_counter()
-    try:
+    with forward_all(model, RECONSTRUCTED):
         metrics = measure(model, loaded.model, loaded.tokenizer, data_dir, "full")
-    finally:
-        for name, layer in layers.items():
-            set_forward(layer, choices[name])
     return {**{k: v for k, v in metrics.items() if k != "sample"}, "eval_wall_s": time.perf_counter() - t0,
             "forward": RECONSTRUCTED}
 

@@ -19,6 +19,7 @@ from tensorlm.layers.base import (
     TiedHead,
     choose_forward,
     factorized_layers,
+    forward_all,
     get_forward,
     normalize_forward,
     path_for,
@@ -198,6 +199,18 @@ def test_the_choice_survives_save_and_load(model_name, tmp_path):
         set_forward_all(loaded, FACTORIZED)
         torch.testing.assert_close(loaded(ids).logits, factored, **TOL)
 
+
+def test_forward_all_sets_a_choice_inside_the_block_and_restores_each_layers_own_after_an_error():
+    loaded = load_compressed(FIXTURES / "gpt2-kron").model
+    layers = factorized_layers(loaded)
+    first = next(iter(layers.values()))
+    set_forward(first, RECONSTRUCTED)
+    before = {name: get_forward(layer) for name, layer in layers.items()}
+    assert len(set(map(str, before.values()))) == 2  # one layer differs from the others
+    with pytest.raises(RuntimeError), forward_all(loaded, RECONSTRUCTED):
+        assert {get_forward(layer) for layer in layers.values()} == {RECONSTRUCTED}
+        raise RuntimeError("evaluation failed")
+    assert {name: get_forward(layer) for name, layer in layers.items()} == before
 
 @pytest.mark.parametrize("fixture", ["gpt2-kron", "gpt2-tt"])
 def test_a_folder_saved_before_the_choice_loads_factorized(fixture):

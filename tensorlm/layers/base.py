@@ -33,7 +33,8 @@ import itertools
 import math
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -344,6 +345,20 @@ def set_forward_all(model: nn.Module, choice) -> None:
     """Set the same forward ``choice`` on every layer of :func:`factorized_layers` (e.g. ``"factorized"``)."""
     for layer in factorized_layers(model).values():
         set_forward(layer, choice)
+
+
+@contextmanager
+def forward_all(model: nn.Module, choice) -> Iterator[None]:
+    """Inside the block every layer of :func:`factorized_layers` takes ``choice`` (:func:`set_forward_all`);
+    after it, each layer's own choice again (e.g. an evaluation through the cached reconstructions)."""
+    layers = factorized_layers(model)
+    before = {name: get_forward(layer) for name, layer in layers.items()}
+    set_forward_all(model, choice)
+    try:
+        yield
+    finally:
+        for name, layer in layers.items():
+            set_forward(layer, before[name])
 
 
 def prepare_reconstructed(model: nn.Module) -> None:
