@@ -189,7 +189,9 @@ def distill_config(spent_cpu_s: float, budget_cpu_s: float, data_dir, args) -> D
                              lr=args.kd_lr, batch_size=args.kd_batch, seq_len=args.kd_seq_len,
                              warmup=max(1, args.kd_steps // 20), eval_every=every, save_every=every, log_every=50,
                              val_size=args.kd_val_blocks, data_dir=str(data_dir), time_budget_s=max(30.0, wall))
-    left = budget_cpu_s - spent_cpu_s
+    # the trainer's budget counts its validations, and one more may follow the step that spends it: reserve
+    # that one (the -10% Kronecker phase overran by 1.7 CPU-minutes before validations were counted)
+    left = budget_cpu_s - spent_cpu_s - args.kd_val_blocks * args.kd_seq_len * args.teacher_cpu_s_per_token
     # the store's teacher pass (one teacher token per training token) comes first, outside the trainer's
     # budget: as many steps as the CPU left pays for both (a store sized for --kd-steps ate a whole budget
     # once, leaving 8 steps), then the trainer's wall budget is the CPU left after the store, per thread

@@ -253,6 +253,25 @@ def test_time_budget_stops_with_a_checkpoint_that_resumes(tmp_path):
     assert result.stopped == "completed" and result.steps == 12
 
 
+def test_the_validations_before_the_first_step_count_in_the_time_budget(tmp_path, monkeypatch):
+    import time
+
+    from tensorlm.distill import trainer
+
+    validate = trainer._Run._default_metrics
+
+    def slow(self, model):  # the teacher's and the student's validation before step 1 take 0.3 s each
+        time.sleep(0.3)
+        return validate(self, model)
+
+    monkeypatch.setattr(trainer._Run, "_default_metrics", slow)
+    student, teacher = gpt2_pair()
+    result = distill(student, teacher, tiny_tokenizer(), causal_config(write_text(tmp_path / "text"),
+                                                                       time_budget_s=0.5),
+                     tmp_path / "run", kind="causal-lm", progress=False)
+    assert result.stopped == "time_budget" and result.steps == 1  # uncounted, the run went on to step 4
+
+
 def test_a_folder_of_another_run_or_a_used_folder_is_refused(tmp_path):
     tok = tiny_tokenizer()
     text = write_text(tmp_path / "text")

@@ -68,8 +68,11 @@ def test_cpu_distillation_is_sized_by_the_cpu_budget_left():
     config = heal.distill_config(600.0, 3600.0, "data", args())
     # 3000 CPU-s left; a step costs 1024 tokens x 0.025 s = 25.6 s: 117 steps, capped at --kd-steps
     assert config.steps == 100 and config.teacher_topk == 64
-    config = heal.distill_config(3600.0 - 25.6 * 10, 3600.0, "data", args())
+    reserve = 16 * 256 * 0.01  # one validation of 16 blocks of 256 tokens, after the step that spends the budget
+    config = heal.distill_config(3600.0 - reserve - 25.6 * 10, 3600.0, "data", args())
     assert config.steps == 10 and config.eval_every == 10
+    config = heal.distill_config(3600.0 - 25.6 * 10, 3600.0, "data", args())
+    assert config.steps == 8
 
 
 @pytest.mark.parametrize("left, expected", [(float("inf"), 600.0), (400.0, 340.0), (70.0, 30.0)])

@@ -322,15 +322,17 @@ class _Run:
                              stopped=stopped, out_dir=self.out, teacher_metrics=teacher_metrics)
 
     def _start(self) -> tuple[_Progress, dict[str, float]]:
-        """A fresh run: an empty log, the teacher's metrics and the undistilled student validated as step 0."""
+        """A fresh run: an empty log, the teacher's metrics and the undistilled student validated as step 0
+        (both validations count in the time budget: uncounted, they made a CPU healing phase overrun)."""
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "metrics.jsonl").write_text("")
         self.acc.wait_for_everyone()
+        start = time.perf_counter()
         teacher_metrics = self._teacher_metrics()
         record = self._validate(0)
         self._log(dict(record, **{f"teacher_{k}": v for k, v in teacher_metrics.items()}))
-        at = _Progress(best_step=0, best_metric=record[self.metric])
+        at = _Progress(elapsed=time.perf_counter() - start, best_step=0, best_metric=record[self.metric])
         self._save_best(0, at.best_metric)
         return at, teacher_metrics
 
