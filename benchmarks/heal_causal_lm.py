@@ -275,9 +275,11 @@ def measure_full(model, loaded, data_dir) -> dict:
 
 
 def measure_with_full(model, loaded, data_dir, full: bool) -> dict:
-    """:func:`causal_lm.measure` of ``model`` against the dense teacher (``sweep``); with ``full`` also
-    :func:`measure_full`, under ``full``."""
-    metrics = measure(model, loaded.model, loaded.tokenizer, data_dir)
+    """:func:`causal_lm.measure` of ``model`` against the dense teacher (``sweep``), through every factored
+    layer's cached dense reconstruction (through the factored forward, a Kronecker phase took 16 minutes against
+    the SVD path's 4); with ``full`` also :func:`measure_full`, under ``full``."""
+    with forward_all(model, RECONSTRUCTED):
+        metrics = {**measure(model, loaded.model, loaded.tokenizer, data_dir), "forward": RECONSTRUCTED}
     return {**metrics, "full": measure_full(model, loaded, data_dir)} if full else metrics
 
 

@@ -114,6 +114,9 @@ def test_a_rerun_with_full_final_adds_wt2_full_to_a_written_row_and_keeps_the_re
     heal.measure_phase(rows, loaded, "data", "smollm2-svd-llm-fisher-30", "distill", (model, record), 3600.0,
                        full=True)
     assert len(seen) == 1  # measured once
+    heal.measure_phase(rows, loaded, "data", "smollm2-svd-llm-fisher-30", "reconstruct", (model, record), 3600.0)
+    assert seen[1:] == [("sweep", "reconstructed")] and get_forward(model[0]) == "factorized"
+    assert rows.get("smollm2-svd-llm-fisher-30", "reconstruct")["forward"] == "reconstructed"
 
 
 @pytest.mark.parametrize("other_ppl, shown", [(20.0015, "| 20.67 (causal_lm.json) |"), (20.01, "| - |")])
