@@ -8,7 +8,11 @@ TT-rank (``tt_embedding``; TensorGPT, Xu et al. 2023), ``tensorgpt-frequency`` t
 per-row ranks weighted by token frequency on calibration text; ``tt-matrix`` a TT-matrix over the padded
 vocabulary and ``d`` (``tt_matrix_embedding``; Hrinchuk et al. 2020; the padded rows counted); ``kronecker``
 ``E ~ A (x) b`` with ``b: (1, f)`` (KnGPT2/TQ), ``kronecker-permute`` after a column-permutation search,
-``kronecker-frequency`` rows weighted by token frequency; ``*-untied``: the causal LM keeps its dense head.
+``kronecker-frequency`` rows weighted by token frequency; ``svd-frequency`` the SVD minimising ``sum_t f_t
+||e_t - e~_t||^2``, ``svd-frequency-whitened`` (tied heads) ``sum_t f_t ||(e_t - e~_t) G^{1/2}||^2`` with ``G``
+the second moment of the head's inputs (``lowrank_embedding`` ``calibration``; closed forms); calibration
+text: causal LMs 32 x 512 tokens of ``lm_text`` training blocks, MiniLM 1,024 training sentences; ``*-untied``:
+the causal LM keeps its dense head.
 Every tied head is re-tied to the factors (Gemma's ``embed_scale`` kept on the lookups only).
 
 Protocols: causal LMs ``wt2-16k`` (the first 16,384 tokens of WikiText-2 raw test, sliding windows of 1024,
@@ -69,7 +73,7 @@ MODELS = {  # short name -> (load_model name, token table, kind)
     "gemma3": ("gemma3-270m", "model.embed_tokens", "causal-lm"),
 }
 METHODS = ["svd", "tensorgpt", "tt-matrix", "kronecker", "tensorgpt-frequency", "kronecker-frequency",
-           "kronecker-permute", "svd-untied", "tensorgpt-untied"]
+           "kronecker-permute", "svd-untied", "tensorgpt-untied", "svd-frequency", "svd-frequency-whitened"]
 RATIOS = [2.0, 3.3, 5.0, 10.0, 20.0, 40.0]
 LOOKUP_SHAPE = (32, 128)
 HEAL = ReconstructConfig(batch_size=4, embedding_steps=300, embedding_lr=1e-3, eval_every=10, patience=3,
@@ -168,8 +172,10 @@ def method_stage(method: str, table: str, vocab: int, dim: int, ratio: float, ki
         name, options = "tt_matrix_embedding", tt_matrix_options(vocab, dim, ratio)
     else:
         name, options = "kronecker_embedding", kronecker_options(vocab, dim, ratio)
-    if variant == "frequency":
-        options["calibration"] = "frequency"
+    if variant == "frequency-whitened" and kind != "causal-lm":  # it weights by the tied head's inputs
+        return None
+    if variant in ("frequency", "frequency-whitened"):
+        options["calibration"] = variant
     if variant == "permute":  # the search pairs columns: b of 2 or 4 columns only (SEARCHED_B_SIDES)
         if ratio > 6:
             return None
@@ -500,7 +506,7 @@ def main() -> None:
                 loaded = load_model(name, data_dir=args.data_dir)
             calibration = {"calibration": {"samples": 32, "length": 512, "seed": 0}} if kind == "causal-lm" else {}
             dense_row(rows, short, loaded, table, kind, args.data_dir, args.smoke)
-            methods = [m for m in args.methods if not (args.smoke and m.endswith("frequency"))]
+            methods = [m for m in args.methods if not (args.smoke and "frequency" in m)]
             for ratio in args.ratios:
                 for method in methods:
                     method_row(rows, short, loaded, table, kind, method, ratio, args.data_dir, args.smoke, calibration,

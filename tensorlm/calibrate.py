@@ -401,6 +401,12 @@ def embedding_token_counts(model: nn.Module, names: Sequence[str], batches: Sequ
     return result
 
 
+def head_moment_key(table: str) -> str:
+    """Where calibration statistics keep the :class:`Calibration` of the inputs of the LM head tied to token table
+    ``table`` (``calibration: frequency-whitened``): the head's own entry, under the table's name."""
+    return f"{table}#tied-head"
+
+
 def frequency_weights(stats, name: str, vocab: int) -> torch.Tensor:
     """Smoothed token frequency ``f_t = (c_t + 1) / (sum_s c_s + V)`` (add-one, Laplace) of table ``name``:
     ``(V,)`` float64, every entry > 0, summing to 1; ``c`` are its token counts in calibration ``stats``.

@@ -210,7 +210,11 @@ def _calibration_pass(model: nn.Module, checkpoint: Checkpoint, recipe: Recipe, 
         TensorLMError: a calibrated linear target outside the blocks; what the calibration text, the
             hooks and the builds raise.
     """
-    names, tables = calibrated_targets(recipe, plan)
+    names, tables, tied = calibrated_targets(recipe, plan)
+    if tied:
+        raise TensorLMError(f"recipe {recipe.name!r}: {tied[0]} asks for calibration 'frequency-whitened', whose tied "
+                            "head lies outside the transformer blocks that streaming calibrates; load the model and "
+                            "use tensorlm.compress")
     path, blocks = find_blocks(model) if names else ("", nn.ModuleList())
     block_of = {n: _block_index(n, path, len(blocks)) for n in names}
     outside = [n for n, i in block_of.items() if i is None]

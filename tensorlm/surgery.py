@@ -19,7 +19,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tensorlm.allocate import allocate
-from tensorlm.calibrate import CalibrationResult, calibration_batches, collect_second_moments, embedding_token_counts
+from tensorlm.calibrate import (
+    CalibrationResult,
+    calibration_batches,
+    collect_second_moments,
+    embedding_token_counts,
+    head_moment_key,
+)
 from tensorlm.errors import TensorLMError
 from tensorlm.fisher import collect_output_fisher
 from tensorlm.layers.base import LAYERS
@@ -234,14 +240,35 @@ def apply_stage(model: nn.Module, stage: Stage, *, progress: bool = True, stage_
     return [e.name for e in entries]
 
 
-def calibrated_targets(recipe: Recipe, plan: Plan) -> tuple[list[str], list[str]]:
-    """The targets of the recipe's calibrated stages, in plan order: ``(linear, tables)``, the modules whose
-    input second moments are collected, and the token tables (``calibration: frequency``) that get token
-    counts instead."""
+TABLE_CALIBRATIONS = ("frequency", "frequency-whitened")
+"""Calibrations of token tables: token counts instead of input second moments; ``frequency-whitened`` also
+takes the second moment of the tied head's inputs."""
+
+
+def calibrated_targets(recipe: Recipe, plan: Plan) -> tuple[list[str], list[str], list[str]]:
+    """The targets of the recipe's calibrated stages, in plan order: ``(linear, tables, tied)``, the modules
+    whose input second moments are collected, the token tables (``calibration: frequency`` or
+    ``frequency-whitened``) that get token counts instead, and those of the tables whose tied head's inputs
+    are collected too (``frequency-whitened``)."""
     chosen = [(getattr(stage.options, "calibration", None), e.name)
               for stage, stage_plan in zip(recipe.stages, plan.stages, strict=True) for e in stage_plan.entries]
-    return ([name for how, name in chosen if how and how != "frequency"],
-            [name for how, name in chosen if how == "frequency"])
+    return ([name for how, name in chosen if how and how not in TABLE_CALIBRATIONS],
+            [name for how, name in chosen if how in TABLE_CALIBRATIONS],
+            [name for how, name in chosen if how == "frequency-whitened"])
+
+
+def tied_head_name(model: nn.Module, table: str) -> str:
+    """The name of the ``nn.Linear`` LM head that shares token table ``table``'s weight.
+
+    Raises:
+        TensorLMError: the model's output embedding is not an ``nn.Linear`` tied to ``table``.
+    """
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if get_out else None
+    if not isinstance(out, nn.Linear) or out.weight is not getattr(model.get_submodule(table), "weight", None):
+        raise TensorLMError(f"{table}: calibration 'frequency-whitened' weights the table by the inputs of the LM "
+                            "head tied to it, and this model has no head tied to it; use calibration: frequency")
+    return next(name for name, module in model.named_modules() if module is out)
 
 
 def calibrate(model: nn.Module, recipe: Recipe, plan: Plan, tokenizer, kind: str = "causal-lm",
@@ -252,22 +279,27 @@ def calibrate(model: nn.Module, recipe: Recipe, plan: Plan, tokenizer, kind: str
     blocks for causal LMs, training sentences for encoders; never a test split) through the uncompressed
     ``model``, cached on disk (:mod:`tensorlm.calibrate`). Targets of stages with ``calibration: frequency``
     (token tables) get their token counts ``(V,)`` float64 on the same text instead
-    (:func:`~tensorlm.calibrate.embedding_token_counts`, no forward pass, not cached). None when no stage
-    is calibrated.
+    (:func:`~tensorlm.calibrate.embedding_token_counts`, no forward pass, not cached); ``frequency-whitened``
+    tables also get the second moment of their tied head's inputs, under
+    :func:`~tensorlm.calibrate.head_moment_key`. None when no stage is calibrated.
 
     Raises:
         TensorLMError: no data folder, calibration text too short for the asked sample count, a target
-            that is not a linear map of ``model`` (or, for ``frequency``, not its input token embedding),
-            non-finite activations.
+            that is not a linear map of ``model`` (or, for ``frequency``, not its input token embedding; for
+            ``frequency-whitened``, a table without a tied head), non-finite activations.
     """
-    names, tables = calibrated_targets(recipe, plan)
+    names, tables, tied = calibrated_targets(recipe, plan)
     if not names and not tables:
         return None
+    heads = {table: tied_head_name(model, table) for table in tied}
+    names += [head for head in dict.fromkeys(heads.values()) if head not in names]
     batches, description = calibration_batches(recipe.calibration, tokenizer, kind, data_dir)
     counts = embedding_token_counts(model, tables, batches) if tables else None
     if not names:
         return counts
     result = collect_second_moments(model, names, batches, progress, description=description)
+    for table, head in heads.items():
+        result[head_moment_key(table)] = result[head]
     sensitive = [e.name for stage, stage_plan in zip(recipe.stages, plan.stages, strict=True)
                  if stage.budget is not None and stage.budget.sensitivity == "fisher" for e in stage_plan.entries]
     if sensitive:

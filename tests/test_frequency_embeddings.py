@@ -13,7 +13,7 @@ from torch import nn
 from transformers import GPT2TokenizerFast
 
 from tensorlm import Recipe, TensorLMError, compress, count_parameters, load_compressed, plan, save_compressed
-from tensorlm.calibrate import Calibration, frequency_weights, token_counts
+from tensorlm.calibrate import Calibration, calibration_batches, frequency_weights, token_counts
 from tensorlm.decompose.kronecker import kronecker_sum, nearest_kronecker
 from tensorlm.decompose.tt import (
     allocate_row_classes,
@@ -301,3 +301,105 @@ def test_calibrate_counts_input_tokens_beside_second_moments(tmp_path, monkeypat
          "options": {"factor": 2, "calibration": "frequency"}}]})
     with pytest.raises(TensorLMError, match="not the model's input token embedding"):
         calibrate(model, wpe, plan_recipe(model, wpe), tokenizer, data_dir=tmp_path, progress=False)
+
+
+# --- lowrank_embedding: frequency- and head-weighted truncated SVD ---------------------------------------
+
+def random_moment(d: int, seed: int = 4) -> torch.Tensor:
+    """A full-rank, badly conditioned ``G (d, d)`` (eigenvalues 1e-3 .. 1e3)."""
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return (q * torch.logspace(-3, 3, d, dtype=torch.float64)) @ q.T
+
+
+def two_sided_sq(w: torch.Tensor, approx: torch.Tensor, f: torch.Tensor, g: torch.Tensor) -> float:
+    """``||D^{1/2} (W - W~) G^{1/2}||_F^2 = sum_t f_t (w_t - w~_t) G (w_t - w~_t)^T``."""
+    diff = w.double() - approx.detach().double()
+    return float((f * ((diff @ g) * diff).sum(1)).sum())
+
+
+def lowrank_table(w: torch.Tensor, rank: int, **weights) -> torch.Tensor:
+    from tensorlm.layers.lowrank_embedding import LowRankEmbedding
+
+    return LowRankEmbedding.from_dense(embedding(w), rank, **weights).to_dense().weight.detach()
+
+
+def test_uniform_weights_and_identity_moment_are_the_plain_truncated_svd():
+    w = table(60, 12)
+    plain = lowrank_table(w, 5)
+    ours = lowrank_table(w, 5, row_weights=torch.full((60,), 0.2, dtype=torch.float64),
+                         head_moment=torch.eye(12, dtype=torch.float64))
+    assert ((ours - plain).norm() / plain.norm()).item() < 1e-10
+
+
+def test_a_planted_rank_table_is_recovered_under_any_weights():
+    w = table(60, 4) @ table(4, 12, seed=1)  # rank 4
+    ours = lowrank_table(w, 4, row_weights=zipf(60), head_moment=random_moment(12))
+    assert ((ours - w).norm() / w.norm()).item() < 1e-9
+
+
+def test_weighted_svd_beats_the_plain_one_in_its_own_norm():
+    w, f, g = table(80, 16), zipf(80), random_moment(16)
+    plain = lowrank_table(w, 4)
+    by_frequency = lowrank_table(w, 4, row_weights=f)
+    both = lowrank_table(w, 4, row_weights=f, head_moment=g)
+    assert weighted_sq(w, by_frequency, f) < 0.9 * weighted_sq(w, plain, f)
+    assert two_sided_sq(w, both, f, g) < 0.5 * min(two_sided_sq(w, a, f, g) for a in (plain, by_frequency))
+
+
+def test_bad_row_weights_for_the_weighted_svd_get_one_line():
+    with pytest.raises(TensorLMError, match=r"row weights \(59,\) must be \(60,\), finite and > 0"):
+        lowrank_table(table(60, 12), 3, row_weights=torch.ones(59, dtype=torch.float64))
+    with pytest.raises(TensorLMError, match="finite and > 0"):
+        lowrank_table(table(60, 12), 3, row_weights=torch.zeros(60, dtype=torch.float64))
+
+
+def test_frequency_whitened_calibration_collects_the_tied_heads_inputs(tmp_path, monkeypatch):
+    from tensorlm.calibrate import head_moment_key
+    from tensorlm.layers.lowrank_embedding import LowRankEmbedding
+
+    monkeypatch.setenv("TENSORLM_CACHE", str(tmp_path / "cache"))
+    write_text(tmp_path)
+    tokenizer = GPT2TokenizerFast.from_pretrained(DATA / "gpt2-tokenizer")
+    model = make_tiny_gpt2(vocab_size=len(tokenizer))
+    r = Recipe.from_dict({"name": "svd-fw", "calibration": {"samples": 4, "length": 16}, "stages": [
+        {"name": "e", "method": "lowrank_embedding", "targets": ["transformer.wte"],
+         "options": {"rank": 8, "calibration": "frequency-whitened"}}]})
+    the_plan = plan_recipe(model, r)
+    stats = calibrate(model, r, the_plan, tokenizer, data_dir=tmp_path, progress=False)
+    head = stats[head_moment_key("transformer.wte")]
+    assert head is stats["lm_head"] and head.second_moment.shape == (32, 32) and head.tokens == 4 * 16
+    hidden = []  # the head's inputs on the same calibration blocks: G = sum_t h_t h_t^T
+    handle = model.lm_head.register_forward_pre_hook(lambda m, args: hidden.append(args[0].reshape(-1, 32)))
+    with torch.no_grad():
+        for batch in calibration_batches(r.calibration, tokenizer, "causal-lm", tmp_path)[0]:
+            model(batch)
+    handle.remove()
+    h = torch.cat(hidden).double()  # (64, 32)
+    torch.testing.assert_close(head.second_moment, h.T @ h, rtol=1e-5, atol=1e-6)
+    small = compress(model, r, progress=False, plan=the_plan, stats=stats)
+    assert isinstance(small.transformer.wte, LowRankEmbedding)
+    assert isinstance(small.get_output_embeddings(), TiedHead)
+    assert count_parameters(small)["total"] == the_plan.params_after
+    again = load_compressed(save_compressed(small, tmp_path / "m", recipe=r))
+    probe = torch.randint(0, len(tokenizer), (2, 9), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert torch.equal(small(probe).logits, again.model(probe).logits)
+    full = Recipe.from_dict({**r.to_dict(), "stages": [
+        {"name": "e", "method": "lowrank_embedding", "targets": ["transformer.wte"],
+         "options": {"rank": 32, "calibration": "frequency-whitened"}}]})
+    exact = compress(model, full, progress=False, stats=stats)
+    with torch.no_grad():
+        torch.testing.assert_close(exact(probe).logits, model(probe).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_frequency_whitened_without_a_tied_head_is_refused(tmp_path):
+    with pytest.raises(TensorLMError, match="needs head: tie"):
+        recipe("lowrank_embedding", "transformer.wte", {"rank": 4, "head": "untie",
+                                                        "calibration": "frequency-whitened"})
+    with pytest.raises(TensorLMError, match=r"calibration must be one of \[None, 'frequency', 'frequency-whitened'\]"):
+        recipe("lowrank_embedding", "transformer.wte", {"rank": 4, "calibration": "whitened"})
+    model = make_tiny_gpt2()
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())  # untied
+    r = recipe("lowrank_embedding", "transformer.wte", {"rank": 4, "calibration": "frequency-whitened"})
+    with pytest.raises(TensorLMError, match="no head tied to it; use calibration: frequency"):
+        calibrate(model, r, plan_recipe(model, r), None, data_dir=tmp_path, progress=False)

@@ -153,6 +153,11 @@ def test_budget_and_weight_reading_recipes_are_refused_by_the_stream_in_one_line
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "compares factor shapes on the weights" in err
     assert not (tmp_path / "out").exists()
+    head = {"name": "h", "stages": [{"name": "e", "method": "lowrank_embedding", "targets": ["model.embed_tokens"],
+                                     "options": {"rank": 4, "calibration": "frequency-whitened"}}]}
+    with pytest.raises(TensorLMError, match="tied head lies outside the transformer blocks"):
+        compress_streaming(folder, Recipe.from_dict(head), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def recipe_file(tmp_path, recipe: dict):

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tensorlm.decompose.lowrank import truncated_svd
+from tensorlm.decompose.whitening import whitened_svd
 from tensorlm.errors import TensorLMError
 from tensorlm.layers.base import fill, project, register_layer
 
@@ -38,21 +39,35 @@ class LowRankEmbedding(nn.Module):
         self.v = nn.Parameter(torch.empty(rank, embedding_dim, **kw))
 
     @classmethod
-    def from_dense(cls, embedding: nn.Embedding, rank: int, name: str = "") -> LowRankEmbedding:
-        """Best rank-``rank`` table in Frobenius norm: ``U = u_r s_r^{1/2}``, ``V = s_r^{1/2} v_r^T``.
+    def from_dense(cls, embedding: nn.Embedding, rank: int, name: str = "", row_weights: torch.Tensor | None = None,
+                   head_moment: torch.Tensor | None = None) -> LowRankEmbedding:
+        """Best rank-``rank`` table ``E~`` in the norm ``||D^{1/2} (E - E~) G^{1/2}||_F``.
+
+        ``D = diag(row_weights)`` (``(V,)``, every weight > 0; None: all 1) weights each token's row, ``G``
+        (``head_moment``, ``(d, d)``; None: ``I``) the directions of ``d``; without either this is the
+        truncated SVD (Eckart-Young), ``U = u_r s_r^{1/2}``, ``V = s_r^{1/2} v_r^T``. With them it is the
+        whitened truncated SVD (SVD-LLM, Wang et al. 2024, Theorem 3.2: :func:`~tensorlm.decompose.whitening.
+        whitened_svd`) of ``D^{1/2} E``, mapped back by ``D^{-1/2}``: ``E~ = D^{-1/2} U_r U_r^T D^{1/2} E``
+        with ``U_r`` the top left singular vectors of ``D^{1/2} E G^{1/2}``, exact for the row scaling as
+        ``D`` is invertible. float64 inside.
 
         Raises:
-            TensorLMError: not an ``nn.Embedding`` (or ``max_norm`` set), rank out of range, NaN/Inf.
+            TensorLMError: not an ``nn.Embedding`` (or ``max_norm`` set), rank out of range, NaN/Inf, row
+                weights not ``(V,)``, finite and > 0, a ``G`` not ``(d, d)`` and finite.
         """
         if not isinstance(embedding, nn.Embedding) or embedding.max_norm is not None:
             raise TensorLMError(f"LowRankEmbedding.from_dense: {name or 'module'} is a {type(embedding).__name__}; "
                                 "expected nn.Embedding without max_norm")
         w = embedding.weight.detach()  # (V, d)
-        factors = truncated_svd(w, rank, name or "embedding")  # u (V, r), v (r, d)
+        if row_weights is None and head_moment is None:
+            factors = truncated_svd(w, rank, name or "embedding")  # u (V, r), v (r, d)
+            u, v = factors.u, factors.v
+        else:
+            u, v = _weighted_factors(w, rank, row_weights, head_moment, name or "embedding")
         module = cls(w.shape[0], w.shape[1], rank, embedding.padding_idx, dtype=w.dtype, device=w.device)
         with torch.no_grad():
-            module.table.weight.copy_(factors.u)
-        return fill(module, v=factors.v)
+            module.table.weight.copy_(u)
+        return fill(module, v=v)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.table(ids) @ self.v  # (..., r) @ (r, d) -> (..., d)
@@ -79,3 +94,20 @@ class LowRankEmbedding(nn.Module):
         stored = self.rank * (self.num_embeddings + self.embedding_dim)
         return (f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, "
                 f"ratio={self.num_embeddings * self.embedding_dim / stored:.2f}x")
+
+
+def _weighted_factors(w: torch.Tensor, rank: int, row_weights: torch.Tensor | None, head_moment: torch.Tensor | None,
+                      name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``U (V, r)``, ``V (r, d)`` in ``w``'s dtype of :meth:`LowRankEmbedding.from_dense` with weights."""
+    vocab, dim = w.shape
+    if not 1 <= rank <= min(vocab, dim):
+        raise TensorLMError(f"{name} {(vocab, dim)}: SVD rank {rank} must be in 1..{min(vocab, dim)}")
+    root = torch.ones(vocab, dtype=torch.float64, device=w.device)  # D^{1/2} (V,)
+    if row_weights is not None:
+        weights = torch.as_tensor(row_weights, dtype=torch.float64, device=w.device)
+        if weights.shape != (vocab,) or not (torch.isfinite(weights).all() and (weights > 0).all()):
+            raise TensorLMError(f"{name}: row weights {tuple(weights.shape)} must be ({vocab},), finite and > 0")
+        root = weights.sqrt()
+    g = torch.eye(dim, dtype=torch.float64) if head_moment is None else head_moment
+    fit = whitened_svd(w.to(torch.float64) * root[:, None], g, rank, name)  # of D^{1/2} E: (V, r), (r, d)
+    return (fit.u.to(torch.float64) / root[:, None]).to(w.dtype), fit.v.to(w.dtype)
