@@ -160,13 +160,18 @@ def main(readme: Path = README) -> None:
                          "published, and they break a real causal LM (see the calibrated results)." + whole
                          + (f" Not yet measured (the benchmark resumes there): {', '.join(todo)}." if todo else ""))
     if _load("calibrated"):
-        tables = re.findall(r"(?:^\|.*\|\n)+", (RESULTS / "calibrated.md").read_text(), re.M)
+        text = (RESULTS / "calibrated.md").read_text()
+        tables = re.findall(r"(?:^\|.*\|\n)+", text, re.M)
         parts += section("Data-aware (calibrated) compression, training-free", "calibrated",
                          "\n\n".join(t.rstrip() for t in tables) + "\n\nFirst table: SmolLM2-135M, protocol as above "
                          "(`wt2-16k`, LAMBADA 1,000 passages, teacher KL); the dense and data-blind rows are those of "
-                         "`causal_lm.json`. Second table: all-MiniLM-L6-v2, FFNs at half their parameters, STS-B and "
+                         "`causal_lm.json`. `kronecker`, `kronecker-whitened` and `kronecker-whitened-permuted` are "
+                         "uniform Kronecker sums with 2 x 2 `B` factors (rank 2) at mlp 50%, with 4 x 4 `B` factors "
+                         "(TQCompressor's) at the other budgets; `*-allocated` rows spend one budget across their "
+                         "matrices. Second table: all-MiniLM-L6-v2, FFNs at half their parameters, STS-B and "
                          "SICK-R test Spearman, calibrated on 1,024 training sentences, dense measured in the same "
-                         "run. Calibration never reads a test split.")
+                         "run. Calibration never reads a test split. " + " ".join(re.findall(r"^On `wt2-full`.*$", text,
+                                                                                            re.M)))
     if _load("heal_causal_lm"):
         text = (RESULTS / "heal_causal_lm.md").read_text()
         reference = re.findall(r"^Dense (?:is not measured|`wt2-full` marked).*$", text, re.M)
