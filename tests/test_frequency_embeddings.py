@@ -277,11 +277,17 @@ def write_text(folder, words: int = 6000):
     (folder / "lm_text" / "part.txt").write_text(" ".join(vocab[i] for i in picks) + "\n")
 
 
-def test_calibrate_counts_input_tokens_beside_second_moments(tmp_path, monkeypatch):
+def text_and_model(tmp_path, monkeypatch):
+    """Calibration text under ``tmp_path``, an empty cache, the GPT-2 tokenizer and a tiny GPT-2 of its size."""
     monkeypatch.setenv("TENSORLM_CACHE", str(tmp_path / "cache"))
     write_text(tmp_path)
     tokenizer = GPT2TokenizerFast.from_pretrained(DATA / "gpt2-tokenizer")
     model = make_tiny_gpt2(vocab_size=len(tokenizer))
+    return tokenizer, model
+
+
+def test_calibrate_counts_input_tokens_beside_second_moments(tmp_path, monkeypatch):
+    tokenizer, model = text_and_model(tmp_path, monkeypatch)
     r = Recipe.from_dict({"name": "mixed", "calibration": {"samples": 4, "length": 16}, "stages": [
         {"name": "e", "method": "kronecker_embedding", "targets": ["transformer.wte"],
          "options": {"factor": 2, "calibration": "frequency"}},
@@ -357,10 +363,7 @@ def test_frequency_whitened_calibration_collects_the_tied_heads_inputs(tmp_path,
     from tensorlm.calibrate import head_moment_key
     from tensorlm.layers.lowrank_embedding import LowRankEmbedding
 
-    monkeypatch.setenv("TENSORLM_CACHE", str(tmp_path / "cache"))
-    write_text(tmp_path)
-    tokenizer = GPT2TokenizerFast.from_pretrained(DATA / "gpt2-tokenizer")
-    model = make_tiny_gpt2(vocab_size=len(tokenizer))
+    tokenizer, model = text_and_model(tmp_path, monkeypatch)
     r = Recipe.from_dict({"name": "svd-fw", "calibration": {"samples": 4, "length": 16}, "stages": [
         {"name": "e", "method": "lowrank_embedding", "targets": ["transformer.wte"],
          "options": {"rank": 8, "calibration": "frequency-whitened"}}]})

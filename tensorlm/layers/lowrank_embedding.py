@@ -100,8 +100,6 @@ def _weighted_factors(w: torch.Tensor, rank: int, row_weights: torch.Tensor | No
                       name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``U (V, r)``, ``V (r, d)`` in ``w``'s dtype of :meth:`LowRankEmbedding.from_dense` with weights."""
     vocab, dim = w.shape
-    if not 1 <= rank <= min(vocab, dim):
-        raise TensorLMError(f"{name} {(vocab, dim)}: SVD rank {rank} must be in 1..{min(vocab, dim)}")
     root = torch.ones(vocab, dtype=torch.float64, device=w.device)  # D^{1/2} (V,)
     if row_weights is not None:
         weights = torch.as_tensor(row_weights, dtype=torch.float64, device=w.device)
@@ -109,5 +107,5 @@ def _weighted_factors(w: torch.Tensor, rank: int, row_weights: torch.Tensor | No
             raise TensorLMError(f"{name}: row weights {tuple(weights.shape)} must be ({vocab},), finite and > 0")
         root = weights.sqrt()
     g = torch.eye(dim, dtype=torch.float64) if head_moment is None else head_moment
-    fit = whitened_svd(w.to(torch.float64) * root[:, None], g, rank, name)  # of D^{1/2} E: (V, r), (r, d)
+    fit = whitened_svd(w.to(torch.float64) * root[:, None], g, rank, name)  # checks rank; (V, r), (r, d)
     return (fit.u.to(torch.float64) / root[:, None]).to(w.dtype), fit.v.to(w.dtype)
