@@ -5,7 +5,10 @@ all-MiniLM-L6-v2, beside the dense model measured in the same run.
 Methods (``tensorlm`` method, options chosen per target ratio ``rho`` of the table ``V x d``):
 ``svd`` truncated SVD ``U (V, r) V (r, d)`` (``lowrank_embedding``); ``tensorgpt`` one MPS per row at a uniform
 TT-rank (``tt_embedding``; TensorGPT, Xu et al. 2023), ``tensorgpt-frequency`` the same parameters with ragged
-per-row ranks weighted by token frequency on calibration text; ``tt-matrix`` a TT-matrix over the padded
+per-row ranks weighted by token frequency on calibration text, ``tensorgpt-tolerance`` TensorGPT's per-row
+tolerance ``eps`` (each row its own smallest TT-ranks with ``||e_t - e~_t|| <= eps ||e_t||``, stored at them;
+``eps`` by bisection so that 4,096 evenly spaced rows cost ``d / rho`` on average, at the uniform plan's
+tensorisation); ``tt-matrix`` a TT-matrix over the padded
 vocabulary and ``d`` (``tt_matrix_embedding``; Hrinchuk et al. 2020; the padded rows counted); ``kronecker``
 ``E ~ A (x) b`` with ``b: (1, f)`` (KnGPT2/TQ), ``kronecker-permute`` after a column-permutation search,
 ``kronecker-frequency`` rows weighted by token frequency; ``svd-frequency`` the SVD minimising ``sum_t f_t
@@ -54,7 +57,7 @@ from torch import nn
 
 from tensorlm import Recipe, compress, count_parameters, load_model, save_compressed
 from tensorlm.calibrate import calibration_batches
-from tensorlm.decompose.tt import default_shape, max_ranks, suggest_shape, tt_parameter_count
+from tensorlm.decompose.tt import default_shape, max_ranks, suggest_shape, tt_parameter_count, tt_svd_rows
 from tensorlm.errors import TensorLMError
 from tensorlm.evaluate import CAUSAL_PROTOCOLS, evaluate_model
 from tensorlm.evaluate.sts import sts_spearman
@@ -73,7 +76,8 @@ MODELS = {  # short name -> (load_model name, token table, kind)
     "gemma3": ("gemma3-270m", "model.embed_tokens", "causal-lm"),
 }
 METHODS = ["svd", "tensorgpt", "tt-matrix", "kronecker", "tensorgpt-frequency", "kronecker-frequency",
-           "kronecker-permute", "svd-untied", "tensorgpt-untied", "svd-frequency", "svd-frequency-whitened"]
+           "kronecker-permute", "svd-untied", "tensorgpt-untied", "svd-frequency", "svd-frequency-whitened",
+           "tensorgpt-tolerance"]
 RATIOS = [2.0, 3.3, 5.0, 10.0, 20.0, 40.0]
 LOOKUP_SHAPE = (32, 128)
 HEAL = ReconstructConfig(batch_size=4, embedding_steps=300, embedding_lr=1e-3, eval_every=10, patience=3,
@@ -158,9 +162,31 @@ def kronecker_options(vocab: int, dim: int, ratio: float) -> dict:
     return {"factor": min(divisors, key=lambda f: abs(math.log(f / ratio)))}
 
 
-def method_stage(method: str, table: str, vocab: int, dim: int, ratio: float, kind: str) -> dict | None:
+def tolerance_eps(weight: torch.Tensor, shape: list[int], ratio: float, sample: int = 4096) -> float:
+    """The per-row tolerance whose rows' own TT-ranks cost ``d / ratio`` values per row on average, by bisection
+    on ``log eps`` over ``sample`` evenly spaced rows of ``weight (V, d)`` (the cost falls as ``eps`` grows);
+    ``0.999`` when even rank 1 everywhere costs more."""
+    rows = weight.detach()[torch.linspace(0, weight.shape[0] - 1, min(sample, weight.shape[0])).long()]  # (n, d)
+
+    def cost(eps: float) -> float:
+        _, ranks = tt_svd_rows(rows, shape, eps=eps)  # (n, N+1)
+        full = ranks.double()
+        return float(sum(full[:, k] * size * full[:, k + 1] for k, size in enumerate(shape)).mean())
+
+    target, low, high = weight.shape[1] / ratio, math.log(1e-4), math.log(0.999)
+    if cost(math.exp(high)) > target:
+        return 0.999
+    for _ in range(20):
+        middle = (low + high) / 2
+        low, high = (middle, high) if cost(math.exp(middle)) > target else (low, middle)
+    return round(math.exp(high), 6)
+
+
+def method_stage(method: str, table: str, vocab: int, dim: int, ratio: float, kind: str,
+                 weight: torch.Tensor | None = None) -> dict | None:
     """The recipe stage of ``method`` at ``ratio``; None when the variant does not apply (untied head of an
-    encoder, a permutation search beyond ``b: (1, 4)``)."""
+    encoder, a permutation search beyond ``b: (1, 4)``). ``tensorgpt-tolerance`` chooses its ``eps`` on the
+    table ``weight (V, d)`` (:func:`tolerance_eps`; without it, ``eps`` is None: only whether it applies)."""
     base, _, variant = method.partition("-")
     if variant == "untied" and kind != "causal-lm":
         return None
@@ -176,6 +202,9 @@ def method_stage(method: str, table: str, vocab: int, dim: int, ratio: float, ki
         return None
     if variant in ("frequency", "frequency-whitened"):
         options["calibration"] = variant
+    if variant == "tolerance":  # TensorGPT's per-row eps at the uniform plan's tensorisation, stored ragged
+        options = {"shape": options["shape"],
+                   "eps": None if weight is None else tolerance_eps(weight, options["shape"], ratio)}
     if variant == "permute":  # the search pairs columns: b of 2 or 4 columns only (SEARCHED_B_SIDES)
         if ratio > 6:
             return None
@@ -285,7 +314,7 @@ def method_row(rows: Rows, short: str, loaded, table: str, kind: str, method: st
         return
     dense_table = loaded.model.get_submodule(table)
     vocab, dim = dense_table.num_embeddings, dense_table.embedding_dim
-    stage = method_stage(method, table, vocab, dim, ratio, kind)
+    stage = method_stage(method, table, vocab, dim, ratio, kind, dense_table.weight)
     if stage is None:
         return
     recipe = Recipe.from_dict({"name": f"{short}-{method}-{ratio:g}x", "stages": [stage], **calibration})

@@ -138,7 +138,8 @@ class Plan:
             lines += [f"{'  shared ' + key:<36} {s.name:<12} {s.method:<20} {'':>12} {'':<34} {'':<10} "
                       f"{'':>12} {count:>12,}" for key, count in s.shared.items()]
         lines += [f"{name:<36} {s.name:<12} {'kept dense':<20}" for s in self.stages for name in s.kept_dense]
-        lines.append(f"model parameters: {self.params_before:,} -> {self.params_after:,} "
+        bound = "" if all(e.exact for e in self.entries) else "at most "  # a tolerance lowers the caps' count
+        lines.append(f"model parameters: {self.params_before:,} -> {bound}{self.params_after:,} "
                      f"({self.params_after_without_head:,} without the LM head; "
                      f"{self.params_before / self.params_after:.3f}x smaller)")
         return "\n".join(lines)

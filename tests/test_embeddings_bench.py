@@ -35,3 +35,19 @@ def test_smoke_sweep_with_healing_writes_every_row_and_its_healed_measurement(tm
         assert heal["tied_head"] == (r["model"] == "tiny-gemma3") and heal["steps"] >= 1
         assert heal["val_after"] <= heal["val_before"] and heal["config"]["embedding_steps"] == 300
         assert r["healed"]["output_mse"] >= 0 and (out.with_suffix(".md")).exists()
+
+
+def test_tolerance_eps_is_the_smallest_that_meets_the_ratio():
+    import torch
+    from torch import nn
+
+    from tensorlm.layers.tt import RaggedTTEmbedding
+
+    weight = torch.randn(300, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    shape = [4, 4, 4]
+    eps = embeddings.tolerance_eps(weight, shape, 2.0)  # every row sampled (300 < 4,096)
+    layer = RaggedTTEmbedding.from_tolerance(nn.Embedding.from_pretrained(weight), shape, eps)
+    assert layer.stored <= weight.numel() / 2
+    tighter = RaggedTTEmbedding.from_tolerance(nn.Embedding.from_pretrained(weight), shape, eps * 0.99)
+    assert tighter.stored > weight.numel() / 2  # the bisection stops within 1% of eps
+    assert embeddings.tolerance_eps(weight, shape, 1000.0) == 0.999  # below rank 1 everywhere: out of reach

@@ -269,6 +269,42 @@ class RaggedTTEmbedding(nn.Module):
         out._index()
         return out
 
+    @classmethod
+    def from_tolerance(cls, layer: nn.Embedding, shape: Sequence[int], eps: float,
+                       ranks: Ranks = None) -> RaggedTTEmbedding:
+        """TensorGPT's per-row tolerance, stored ragged: each row of ``layer.weight (V, d)`` keeps the smallest
+        TT-ranks with ``||e_t - TT(e_t)|| <= eps ||e_t||`` (TT-SVD, Oseledets 2011, Alg. 1; TensorGPT, Xu et al.
+        2023, Sec. 3), and only those: the classes are the distinct rank lists that occur, cheapest first, and
+        ``stored`` is exactly the rows' own cores, ``sum_t sum_k r_{k-1}(t) I_k r_k(t)`` (a padded
+        :class:`TTEmbedding` would store every row at the largest ranks).
+
+        Args:
+            layer: an ``nn.Embedding`` (``max_norm`` unsupported); shape: tensorisation of ``d``; eps: relative
+                tolerance in (0, 1); ranks: caps (one int or ``N-1`` ints; default :func:`max_ranks`).
+
+        Raises:
+            TensorLMError: not an ``nn.Embedding``, ``max_norm`` set, bad shape/ranks/eps, NaN/Inf weights.
+        """
+        if not isinstance(layer, nn.Embedding) or layer.max_norm is not None:
+            raise TensorLMError(f"RaggedTTEmbedding.from_tolerance: expected nn.Embedding without max_norm, "
+                                f"got {type(layer).__name__}")
+        check_finite(layer.weight, "embedding")
+        w = layer.weight.detach()  # (V, d)
+        _, row_ranks = tt_svd_rows(w, shape, ranks=ranks, eps=eps)  # (V, N+1)
+        found, row_class = torch.unique(row_ranks[:, 1:-1], dim=0, return_inverse=True)  # (C, N-1), (V,)
+        costs = torch.tensor([tt_parameter_count(shape, c.tolist()) for c in found])  # (C,)
+        order = torch.argsort(costs, stable=True)  # cheapest class first
+        rank_of = torch.empty_like(order)
+        rank_of[order] = torch.arange(order.numel())
+        classes, row_class = found[order].tolist(), rank_of[row_class]  # (C, N-1), (V,)
+        stored = int(costs[order][row_class].sum())  # every row's own cores, no padding
+        out = cls(w.shape[0], w.shape[1], shape, classes, stored, layer.padding_idx, w.dtype)
+        with torch.no_grad():
+            out.values.copy_(tt_svd_ragged(w, shape, classes, row_class).to(w.dtype))
+            out.row_class.copy_(row_class)
+        out._index()
+        return out
+
     def _index(self) -> None:
         """Recompute ``slot`` and ``sizes`` from ``row_class`` (after a build or a load)."""
         slot, self.sizes = class_slots(self.row_class, len(self.classes))
