@@ -55,6 +55,21 @@ def test_whitened_beats_plain_in_the_weighted_norm_on_every_module(method, optio
         assert weighted(model, b, name, g) < weighted(model, a, name, g)
 
 
+def test_whitened_tt_linear_is_never_worse_than_plain_in_the_weighted_norm():
+    """Its ``G`` is factored over the input modes; on a module where that loses, the plain fit is kept."""
+    model = make_tiny_llama()
+    names = [e.name for e in plan_recipe(model, recipe("lowrank", {"rank": 1})).entries
+             if e.dense_shape == [128, 64]]  # gate_proj, up_proj
+    options = {"out_shape": [8, 4, 4], "in_shape": [4, 4, 4], "ranks": 4}
+    stats = stats_for(model, names)
+    a = compress(model, recipe("tt_linear", options, targets=names), progress=False)
+    b = compress(model, recipe("tt_linear", {**options, "calibration": "whitened"}, targets=names), progress=False,
+                 stats=stats)
+    for name in names:
+        g = stats[name].second_moment
+        assert weighted(model, b, name, g) <= weighted(model, a, name, g) * (1 + 1e-9)
+
+
 def test_budget_allocation_meets_the_budget_and_the_plan_is_the_model():
     model = make_tiny_llama()
     r = recipe("lowrank", {"ratio": 0.5, "calibration": "whitened"}, budget={"ratio": 0.4}, targets=(ALL,))

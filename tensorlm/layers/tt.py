@@ -33,6 +33,7 @@ from tensorlm.decompose.tt import (
     tt_svd_ragged,
     tt_svd_rows,
 )
+from tensorlm.decompose.weighted_tt import whitened_tt_matrix
 from tensorlm.errors import TensorLMError
 from tensorlm.layers.base import dense_linear, dense_weight, needs_grad, reconstructed, register_layer
 
@@ -459,6 +460,7 @@ class TTLinear(nn.Module):
         ranks: Ranks = None,
         eps: float | None = None,
         n_modes: int = 3,
+        second_moment: torch.Tensor | None = None,
     ) -> TTLinear:
         """TT-SVD of the dense weight of an ``nn.Linear`` or GPT-2 ``Conv1D`` (Oseledets 2011, Sec. 4.1).
 
@@ -467,9 +469,12 @@ class TTLinear(nn.Module):
             in_shape, out_shape: tensorisations of the features (default: most balanced with ``n_modes``
                 factors, padded when the size factors badly).
             ranks, eps: as in :func:`tt_svd_rows` (``eps`` bounds ``||W - W_TT||_F / ||W||_F``).
+            second_moment: ``(in, in)`` second moment of the layer's inputs: the data-aware TT-matrix
+                (:func:`~tensorlm.decompose.weighted_tt.whitened_tt_matrix`) instead of the plain one.
 
         Raises:
-            TensorLMError: wrong layer type, shapes that do not fit, bad ranks or eps, NaN/Inf weights.
+            TensorLMError: wrong layer type, shapes that do not fit, bad ranks or eps, NaN/Inf weights, a bad
+                second moment.
         """
         weight, bias = dense_weight(layer)
         out_features, in_features = weight.shape
@@ -482,7 +487,10 @@ class TTLinear(nn.Module):
                 f"weight {tuple(weight.shape)}"
             )
         padded[:out_features, :in_features] = weight
-        cores = tt_matrix_svd(padded.double(), out_shape, in_shape, ranks=ranks, eps=eps)
+        if second_moment is None:
+            cores = tt_matrix_svd(padded.double(), out_shape, in_shape, ranks=ranks, eps=eps)
+        else:
+            cores = whitened_tt_matrix(padded, second_moment, out_shape, in_shape, ranks=ranks, eps=eps)
         tt = cls(in_features, out_features, in_shape, out_shape, _ranks_of(cores), bias is not None, weight.dtype)
         with torch.no_grad():
             for param, core in zip(tt.cores, cores, strict=True):

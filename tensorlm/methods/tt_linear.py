@@ -1,4 +1,6 @@
-"""``tt_linear``: the weight as a TT-matrix with cores ``(r_{k-1}, m_k, n_k, r_k)`` (Novikov et al. 2015)."""
+"""``tt_linear``: the weight as a TT-matrix with cores ``(r_{k-1}, m_k, n_k, r_k)`` (Novikov et al. 2015);
+``calibration: whitened``, the TT-SVD of ``W`` whitened by a Kronecker-factored input second moment
+(:mod:`tensorlm.decompose.weighted_tt`)."""
 
 from __future__ import annotations
 
@@ -10,23 +12,38 @@ from torch import nn
 from tensorlm.decompose.tt import default_shape, rank_caps
 from tensorlm.errors import TensorLMError
 from tensorlm.layers.tt import TTLinear
-from tensorlm.methods.registry import Method, PlanContext, is_linear, linear_shape, register_method
+from tensorlm.methods.registry import (
+    Method,
+    PlanContext,
+    check_calibration,
+    is_linear,
+    linear_shape,
+    register_method,
+    second_moment,
+)
 from tensorlm.plan import LayerPlan
 
 
 @dataclass
 class TTLinearConfig:
-    """``tt_linear``: the weight as a TT-matrix with cores ``(r_{k-1}, m_k, n_k, r_k)`` (TT-SVD)."""
+    """``tt_linear``: the weight as a TT-matrix with cores ``(r_{k-1}, m_k, n_k, r_k)`` (TT-SVD).
+
+    ``calibration``: None (minimises ``||W - W~||_F``) or ``whitened`` (``||(W - W~) G^{1/2}||_F``, ``G`` the
+    second moment of the layer's inputs on calibration text, through its nearest Kronecker product over the
+    input modes; :func:`~tensorlm.decompose.weighted_tt.whitened_tt_matrix`).
+    """
 
     in_shape: list[int] | None = None
     out_shape: list[int] | None = None
     ranks: int | list[int] | None = None
     eps: float | None = None
     n_modes: int = 3
+    calibration: str | None = None
 
     def __post_init__(self):
         if self.ranks is None and self.eps is None:
             raise TensorLMError("tt_linear options need ranks, eps, or both")
+        check_calibration(self.calibration, "tt_linear")
 
 
 def plan(module: nn.Module, name: str, options: TTLinearConfig, context: PlanContext) -> LayerPlan:
@@ -53,10 +70,16 @@ def plan(module: nn.Module, name: str, options: TTLinearConfig, context: PlanCon
 
 
 def build(module: nn.Module, entry: LayerPlan, stats=None) -> TTLinear:
-    """TT-SVD of the (zero-padded) weight at the planned shapes, with the options' ranks and tolerance."""
+    """TT-SVD of the (zero-padded) weight at the planned shapes, with the options' ranks and tolerance; whitened
+    by the module's input second moment in ``stats`` with ``calibration: whitened``.
+
+    Raises:
+        TensorLMError: from TT-SVD; calibrated without statistics for the module.
+    """
     cfg = entry.config
+    moment = second_moment(stats, entry) if entry.options.get("calibration") else None
     return TTLinear.from_dense(module, in_shape=cfg["in_shape"], out_shape=cfg["out_shape"],
-                               ranks=entry.options["ranks"], eps=entry.options["eps"])
+                               ranks=entry.options["ranks"], eps=entry.options["eps"], second_moment=moment)
 
 
 register_method(Method("tt_linear", TTLinearConfig, accepts=is_linear, plan=plan, build=build))
