@@ -9,7 +9,9 @@ per-row ranks weighted by token frequency on calibration text, ``tensorgpt-toler
 tolerance ``eps`` (each row its own smallest TT-ranks with ``||e_t - e~_t|| <= eps ||e_t||``, stored at them;
 ``eps`` by bisection so that 4,096 evenly spaced rows cost ``d / rho`` on average, at the uniform plan's
 tensorisation); ``tt-matrix`` a TT-matrix over the padded
-vocabulary and ``d`` (``tt_matrix_embedding``; Hrinchuk et al. 2020; the padded rows counted); ``kronecker``
+vocabulary and ``d`` (``tt_matrix_embedding``; Hrinchuk et al. 2020; the padded rows counted),
+``tt-matrix-frequency`` its rows weighted by token frequency (through the nearest Kronecker product of the
+weights over the vocabulary digits); ``kronecker``
 ``E ~ A (x) b`` with ``b: (1, f)`` (KnGPT2/TQ), ``kronecker-permute`` after a column-permutation search,
 ``kronecker-frequency`` rows weighted by token frequency; ``svd-frequency`` the SVD minimising ``sum_t f_t
 ||e_t - e~_t||^2``, ``svd-frequency-whitened`` (tied heads) ``sum_t f_t ||(e_t - e~_t) G^{1/2}||^2`` with ``G``
@@ -77,7 +79,7 @@ MODELS = {  # short name -> (load_model name, token table, kind)
 }
 METHODS = ["svd", "tensorgpt", "tt-matrix", "kronecker", "tensorgpt-frequency", "kronecker-frequency",
            "kronecker-permute", "svd-untied", "tensorgpt-untied", "svd-frequency", "svd-frequency-whitened",
-           "tensorgpt-tolerance"]
+           "tensorgpt-tolerance", "tt-matrix-frequency"]
 RATIOS = [2.0, 3.3, 5.0, 10.0, 20.0, 40.0]
 LOOKUP_SHAPE = (32, 128)
 HEAL = ReconstructConfig(batch_size=4, embedding_steps=300, embedding_lr=1e-3, eval_every=10, patience=3,
@@ -188,6 +190,8 @@ def method_stage(method: str, table: str, vocab: int, dim: int, ratio: float, ki
     encoder, a permutation search beyond ``b: (1, 4)``). ``tensorgpt-tolerance`` chooses its ``eps`` on the
     table ``weight (V, d)`` (:func:`tolerance_eps`; without it, ``eps`` is None: only whether it applies)."""
     base, _, variant = method.partition("-")
+    if base == "tt":  # tt-matrix[-variant]
+        variant = variant.partition("-")[2]
     if variant == "untied" and kind != "causal-lm":
         return None
     if base == "svd":

@@ -26,6 +26,7 @@ from tensorlm.decompose.weighted_kronecker import row_weighted_error, row_weight
 from tensorlm.layers.base import TiedHead
 from tensorlm.layers.kronecker import KroneckerEmbedding
 from tensorlm.layers.tt import RaggedTTEmbedding, TTEmbedding
+from tensorlm.layers.tt_matrix import TTMatrixEmbedding
 from tensorlm.surgery import calibrate, plan_recipe
 
 
@@ -212,7 +213,11 @@ CASES = [
     (make_tiny_gpt2, "transformer.wte", "tt_embedding", {"shape": [2, 4, 4], "ranks": 2, "calibration": "frequency"}),
     (make_tiny_llama, "model.embed_tokens", "kronecker_embedding", {"factor": 4, "calibration": "frequency"}),
     (make_tiny_gpt2, "transformer.wte", "kronecker_embedding", {"factor": 2, "calibration": "frequency"}),
+    (make_tiny_llama, "model.embed_tokens", "tt_matrix_embedding", {"vocab_shape": [4, 8, 8], "dim_shape": [4, 4, 4],
+                                                                   "ranks": 4, "calibration": "frequency"}),
 ]
+LAYER = {"tt_embedding": RaggedTTEmbedding, "kronecker_embedding": KroneckerEmbedding,
+         "tt_matrix_embedding": TTMatrixEmbedding}
 
 
 @pytest.mark.parametrize("make, name, method, options", CASES)
@@ -222,7 +227,7 @@ def test_plan_tied_head_and_bit_identical_reload(make, name, method, options, tm
     the_plan = plan(model, r)
     small = compress(model, r, progress=False, plan=the_plan, stats=counts_for(model, name))
     table_ = small.get_submodule(name)
-    assert isinstance(table_, RaggedTTEmbedding if method == "tt_embedding" else KroneckerEmbedding)
+    assert isinstance(table_, LAYER[method])
     head = small.get_output_embeddings()
     assert isinstance(head, TiedHead) and head.embedding is table_
     assert count_parameters(small)["total"] == the_plan.params_after
@@ -237,6 +242,8 @@ def test_plan_tied_head_and_bit_identical_reload(make, name, method, options, tm
     (make_tiny_llama, "model.embed_tokens", "tt_embedding", {"shape": [4, 4, 4], "ranks": [4, 4],
                                                             "calibration": "frequency"}),
     (make_tiny_gpt2, "transformer.wte", "kronecker_embedding", {"factor": 1, "calibration": "frequency"}),
+    (make_tiny_llama, "model.embed_tokens", "tt_matrix_embedding", {"vocab_shape": [4, 8, 8], "dim_shape": [4, 4, 4],
+                                                                   "ranks": [16, 32], "calibration": "frequency"}),
 ])
 def test_full_rank_frequency_compression_gives_the_dense_logits(make, name, method, options):
     model = make()
@@ -252,7 +259,8 @@ def test_frequency_lowers_the_weighted_error_of_the_tiny_llama_table():
     stats = counts_for(model, name)
     f = frequency_weights(stats, name, 256)
     w = model.get_input_embeddings().weight.detach()
-    for method, options in (("tt_embedding", {"shape": [4, 4, 4], "ranks": 2}), ("kronecker_embedding", {"factor": 4})):
+    for method, options in (("tt_embedding", {"shape": [4, 4, 4], "ranks": 2}), ("kronecker_embedding", {"factor": 4}),
+                            ("tt_matrix_embedding", {"vocab_shape": [4, 8, 8], "dim_shape": [4, 4, 4], "ranks": 4})):
         plain = compress(model, recipe(method, name, options), progress=False)
         ours = compress(model, recipe(method, name, {**options, "calibration": "frequency"}), progress=False,
                         stats=stats)

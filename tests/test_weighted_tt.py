@@ -1,5 +1,6 @@
-"""Data-aware TT-matrix (``tt_linear`` ``calibration: whitened``): G = I is the plain TT-SVD, a planted
-TT-matrix is recovered under any G, a Kronecker-structured G is fitted better than by the plain TT-SVD."""
+"""Data-aware TT-matrices (``tt_linear`` ``calibration: whitened``, ``tt_matrix_embedding`` ``calibration:
+frequency``): G = I or uniform weights give the plain TT-SVD, a planted TT-matrix is recovered under any G or
+weights, and Kronecker-structured ones are fitted better than by the plain TT-SVD."""
 
 import pytest
 import torch
@@ -7,7 +8,12 @@ from torch import nn
 
 from tensorlm.decompose.kronecker import kronecker_sum
 from tensorlm.decompose.tt import tt_matrix_svd, tt_matrix_to_full
-from tensorlm.decompose.weighted_tt import kronecker_moment_roots, whitened_tt_matrix
+from tensorlm.decompose.weighted_tt import (
+    kronecker_moment_roots,
+    rank_one_weights,
+    row_weighted_tt_matrix,
+    whitened_tt_matrix,
+)
 from tensorlm.decompose.whitening import weighted_error
 from tensorlm.errors import TensorLMError
 from tensorlm.layers.tt import TTLinear
@@ -83,3 +89,57 @@ def test_tt_linear_pads_the_moment_of_a_size_that_factors_badly():
 def test_bad_second_moment_is_one_line(g, match):
     with pytest.raises(TensorLMError, match=match):
         whitened_tt_matrix(torch.randn(24, 24, dtype=D), g, OUT, IN, ranks=2)
+
+
+# --- row-weighted TT-matrix tables (tt_matrix_embedding calibration: frequency) ----------------------------
+
+V_SHAPE, E_SHAPE = [4, 5, 6], [2, 3, 4]  # table (120, 24)
+
+
+def digit_weights(seed: int) -> torch.Tensor:
+    """Row weights ``u_1 (x) u_2 (x) u_3`` over the vocabulary digits, spread over three decades."""
+    g = torch.Generator().manual_seed(seed)
+    parts = [torch.logspace(0, -1, n, dtype=D)[torch.randperm(n, generator=g)] for n in V_SHAPE]
+    return torch.einsum("a,b,c->abc", *parts).reshape(-1)
+
+
+def row_weighted(w, approx, f) -> float:
+    return float((f * (w - approx).square().sum(1)).sum())
+
+
+def test_uniform_row_weights_give_the_plain_tt_svd():
+    w = torch.randn(120, 24, generator=torch.Generator().manual_seed(0), dtype=D)
+    plain = tt_matrix_to_full(tt_matrix_svd(w, V_SHAPE, E_SHAPE, ranks=3))
+    ours = tt_matrix_to_full(row_weighted_tt_matrix(w, torch.full((120,), 0.3, dtype=D), V_SHAPE, E_SHAPE, ranks=3))
+    assert rel(ours, plain) < 1e-10
+
+
+def test_rank_one_weights_of_a_product_are_its_factors():
+    f = digit_weights(1)
+    u = rank_one_weights(f, V_SHAPE)
+    assert all((x > 0).all() for x in u) and rel(torch.einsum("a,b,c->abc", *u).reshape(-1), f) < 1e-10
+
+
+def test_a_planted_tt_matrix_table_is_recovered_under_any_row_weights():
+    gen = torch.Generator().manual_seed(2)
+    cores = [torch.randn(r0, v, d, r1, generator=gen, dtype=D)
+             for r0, v, d, r1 in zip([1, 3, 2], V_SHAPE, E_SHAPE, [3, 2, 1], strict=True)]
+    w = tt_matrix_to_full(cores)  # (120, 24)
+    f = torch.rand(120, generator=gen, dtype=D) + 1e-3  # far from a Kronecker product
+    assert rel(tt_matrix_to_full(row_weighted_tt_matrix(w, f, V_SHAPE, E_SHAPE, ranks=[3, 2])), w) < 1e-8
+
+
+def test_row_weights_over_the_digits_are_fitted_better_than_by_the_plain_tt_svd():
+    f = digit_weights(3)
+    for seed in range(3):
+        w = torch.randn(120, 24, generator=torch.Generator().manual_seed(seed), dtype=D)
+        plain = tt_matrix_to_full(tt_matrix_svd(w, V_SHAPE, E_SHAPE, ranks=[3, 3]))
+        ours = tt_matrix_to_full(row_weighted_tt_matrix(w, f, V_SHAPE, E_SHAPE, ranks=[3, 3]))
+        assert row_weighted(w, ours, f) < 0.9 * row_weighted(w, plain, f)
+
+
+@pytest.mark.parametrize("f", [torch.ones(119, dtype=D), -torch.ones(120, dtype=D),
+                               torch.full((120,), float("inf"), dtype=D)])
+def test_bad_row_weights_are_one_line(f):
+    with pytest.raises(TensorLMError, match="must be \\(120,\\), finite and > 0"):
+        row_weighted_tt_matrix(torch.randn(120, 24, dtype=D), f, V_SHAPE, E_SHAPE, ranks=2)

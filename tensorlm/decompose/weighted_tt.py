@@ -100,3 +100,58 @@ def whitened_tt_matrix(
     plain = tt_matrix_svd(w.detach().to(torch.float64), out_shape, in_shape, ranks=ranks)
     errors = [weighted_error(w, tt_matrix_to_full(c), padded) for c in (cores, plain)]
     return cores if errors[0] <= errors[1] else plain
+
+
+def rank_one_weights(f: torch.Tensor, shape: Sequence[int]) -> list[torch.Tensor]:
+    """Positive ``u_k (v_k,)`` with ``u_1 (x) ... (x) u_N ~ f`` for positive ``f (prod shape,)``, row-major: the
+    leading singular pair of ``f`` as ``(v_1, v_2 ... v_N)``, then of the right vector likewise (the nearest
+    Kronecker product of ``diag(f)`` by diagonals; Perron-Frobenius makes each pair positive)."""
+    sizes = [int(s) for s in shape]
+    rest, out = f.to(torch.float64), []
+    for size in sizes[:-1]:
+        u, s, vh = torch.linalg.svd(rest.reshape(size, -1), full_matrices=False)
+        sign = 1.0 if u[:, 0].sum() >= 0 else -1.0
+        out.append((sign * u[:, 0] * s[0]).clamp_min(torch.finfo(torch.float64).tiny))
+        rest = sign * vh[0]  # (v_{k+1} ... v_N,)
+    out.append(rest.clamp_min(torch.finfo(torch.float64).tiny))
+    return out
+
+
+def row_weighted_tt_matrix(
+    table: torch.Tensor, f: torch.Tensor, vocab_shape: Sequence[int], dim_shape: Sequence[int], *,
+    ranks: Ranks = None, eps: float | None = None,
+) -> list[torch.Tensor]:
+    """A TT-matrix table ``E~ (V', d)`` for ``min sum_t f_t ||e_t - e~_t||^2`` (``calibration: frequency`` of
+    ``tt_matrix_embedding``; ours).
+
+    The row weights enter as ``D^{1/2} E`` with ``D = diag(f)``; ``D`` replaced by its nearest Kronecker product
+    over the vocabulary modes, ``diag(u_1) (x) ... (x) diag(u_N)`` (:func:`rank_one_weights`), scales each
+    core's vocabulary index alone, so the TT-SVD of the scaled table maps back core by core (the input-side
+    argument of :func:`whitened_tt_matrix`). Uniform ``f`` gives the plain TT-SVD; a planted TT-matrix is exact.
+    At fixed ranks the plain TT-SVD is kept where its weighted error under the full ``f`` is lower.
+
+    Args:
+        table: ``(V', d)``, ``V' = prod(vocab_shape)`` (padded rows zero); f: ``(V',)`` positive, finite row
+            weights; vocab_shape, dim_shape, ranks, eps: as in :func:`~tensorlm.decompose.tt.tt_matrix_svd`.
+
+    Returns:
+        cores ``(r_{k-1}, v_k, d_k, r_k)`` float64.
+
+    Raises:
+        TensorLMError: ``f`` not ``(V',)``, positive and finite; shapes, ranks or eps as ``tt_matrix_svd``.
+    """
+    if f.shape != (table.shape[0],) or not (torch.isfinite(f).all() and (f > 0).all()):
+        raise TensorLMError(f"row-weighted TT-matrix: row weights {tuple(f.shape)} must be ({table.shape[0]},), "
+                            "finite and > 0")
+    roots = [u.sqrt() for u in rank_one_weights(f, vocab_shape)]  # each (v_k,)
+    scaled = table.to(torch.float64).reshape(*vocab_shape, -1)  # (v_1, ..., v_N, d)
+    for k, root in enumerate(roots):
+        scaled = scaled * root.reshape(-1, *[1] * (len(vocab_shape) - k))  # vocabulary mode k times sqrt(u_k)
+    cores = tt_matrix_svd(scaled.reshape(table.shape), vocab_shape, dim_shape, ranks=ranks, eps=eps)
+    cores = [core / root[None, :, None, None] for core, root in zip(cores, roots, strict=True)]
+    if eps is not None:  # the plain fit's ranks would differ: no like-for-like comparison
+        return cores
+    plain = tt_matrix_svd(table.to(torch.float64), vocab_shape, dim_shape, ranks=ranks)
+    errors = [float((f.double() * (tt_matrix_to_full(c) - table.double()).square().sum(1)).sum())
+              for c in (cores, plain)]
+    return cores if errors[0] <= errors[1] else plain

@@ -20,6 +20,7 @@ from torch import nn
 
 from tensorlm.decompose.linalg import check_finite
 from tensorlm.decompose.tt import Ranks, default_shape, suggest_shape, tt_matrix_svd, tt_matrix_to_full
+from tensorlm.decompose.weighted_tt import row_weighted_tt_matrix
 from tensorlm.errors import TensorLMError
 from tensorlm.layers.base import register_layer
 
@@ -55,6 +56,19 @@ def tt_matrix_rows(cores: Sequence[torch.Tensor], digits: Sequence[torch.Tensor]
         out = torch.cat(parts).reshape(n, -1, r_next)  # (n, D d_k, r_k) in sorted order
         acc = out[torch.argsort(order)]  # back to the tokens' order
     return acc.reshape(n, -1)  # (n, d)
+
+
+def _padded_weights(f: torch.Tensor, vocab: int, padded: int) -> torch.Tensor:
+    """``f (V,)`` as float64 ``(V',)``, the padded rows (never looked up) at the smallest weight.
+
+    Raises:
+        TensorLMError: ``f`` not ``(V,)``, positive and finite.
+    """
+    f = f.detach().to(torch.float64)
+    if f.shape != (vocab,) or not (torch.isfinite(f).all() and (f > 0).all()):
+        raise TensorLMError(f"TTMatrixEmbedding.from_dense: row weights {tuple(f.shape)} must be ({vocab},), "
+                            "finite and > 0")
+    return torch.cat([f, f.min().expand(padded - vocab)])
 
 
 @register_layer
@@ -109,7 +123,7 @@ class TTMatrixEmbedding(nn.Module):
     @classmethod
     def from_dense(cls, layer: nn.Embedding, vocab_shape: Sequence[int] | None = None,
                    dim_shape: Sequence[int] | None = None, ranks: Ranks = None, eps: float | None = None,
-                   n_modes: int = 3) -> TTMatrixEmbedding:
+                   n_modes: int = 3, row_weights: torch.Tensor | None = None) -> TTMatrixEmbedding:
         """TT-SVD of the zero-padded table ``(V', d)`` as a TT-matrix (Oseledets 2011, Sec. 4.1), in float64.
 
         Args:
@@ -119,6 +133,9 @@ class TTMatrixEmbedding(nn.Module):
                 :func:`suggest_shape`).
             ranks, eps: fixed internal ranks and/or relative tolerance over the whole padded table, as in
                 :func:`tt_matrix_svd`; ``None``/``None`` is exact.
+            row_weights: ``(V,)`` positive token weights ``f``: the fit minimising ``sum_t f_t ||e_t - e~_t||^2``
+                (:func:`~tensorlm.decompose.weighted_tt.row_weighted_tt_matrix`; padded rows get the smallest
+                weight) instead of the plain one.
 
         Raises:
             TensorLMError: not an ``nn.Embedding``, ``max_norm`` set, shapes that do not fit, bad ranks or eps,
@@ -137,7 +154,11 @@ class TTMatrixEmbedding(nn.Module):
                                 f"{tuple(dim_shape)} does not fit the table {tuple(weight.shape)}")
         padded = weight.new_zeros(math.prod(vocab_shape), dim, dtype=torch.float64)  # (V', d)
         padded[:vocab] = weight
-        cores = tt_matrix_svd(padded, vocab_shape, dim_shape, ranks=ranks, eps=eps)
+        if row_weights is None:
+            cores = tt_matrix_svd(padded, vocab_shape, dim_shape, ranks=ranks, eps=eps)
+        else:
+            f = _padded_weights(row_weights, vocab, padded.shape[0])  # (V',)
+            cores = row_weighted_tt_matrix(padded, f, vocab_shape, dim_shape, ranks=ranks, eps=eps)
         del padded
         return cls.from_cores([c.to(weight.dtype) for c in cores], vocab, layer.padding_idx)
 

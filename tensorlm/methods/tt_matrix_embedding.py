@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from tensorlm.calibrate import frequency_weights
 from tensorlm.decompose.tt import default_shape, rank_caps, suggest_shape
 from tensorlm.errors import TensorLMError
 from tensorlm.layers.tt_matrix import TTMatrixEmbedding
@@ -23,7 +24,10 @@ class TTMatrixEmbeddingConfig:
     ``vocab_shape``/``dim_shape``: the factorisations (default: ``n_modes`` balanced factors each, the
     vocabulary padded when it factors badly); ``ranks``: fixed internal TT-ranks (one int or ``N-1``);
     ``eps``: relative tolerance over the whole padded table (with ``ranks`` as caps). ``head``: ``tie``
-    (logits from the cores) or ``untie`` (the dense head stays).
+    (logits from the cores) or ``untie`` (the dense head stays). ``calibration``: None or ``frequency``
+    (minimise ``sum_t f_t ||e_t - e~_t||^2``, ``f`` the smoothed token frequency on the calibration text,
+    through its nearest Kronecker product over the vocabulary modes;
+    :func:`~tensorlm.decompose.weighted_tt.row_weighted_tt_matrix`).
     """
 
     vocab_shape: list[int] | None = None
@@ -32,10 +36,14 @@ class TTMatrixEmbeddingConfig:
     eps: float | None = None
     n_modes: int = 3
     head: str = "tie"
+    calibration: str | None = None
 
     def __post_init__(self):
         if self.ranks is None and self.eps is None:
             raise TensorLMError("tt_matrix_embedding options need ranks, eps, or both")
+        if self.calibration not in (None, "frequency"):
+            raise TensorLMError(f"tt_matrix_embedding calibration must be one of [None, 'frequency'], "
+                                f"got {self.calibration!r}")
         check_head(self.head, "tt_matrix_embedding")
         if self.eps is not None and not 0 < self.eps < 1:
             raise TensorLMError(f"tt_matrix_embedding eps must lie in (0, 1), got {self.eps}")
@@ -71,10 +79,18 @@ def plan(module: nn.Module, name: str, options: TTMatrixEmbeddingConfig, context
 
 
 def build(module: nn.Module, entry: LayerPlan, stats=None) -> TTMatrixEmbedding:
-    """TT-SVD of the zero-padded table at the planned shapes, with the options' ranks and tolerance."""
+    """TT-SVD of the zero-padded table at the planned shapes, with the options' ranks and tolerance; rows
+    weighted by the smoothed token frequency in ``stats`` with ``calibration: frequency``.
+
+    Raises:
+        TensorLMError: from TT-SVD; with ``frequency``, no token counts for the module in ``stats``.
+    """
     cfg = entry.config
+    weights = None
+    if entry.options.get("calibration") == "frequency":
+        weights = frequency_weights(stats, entry.name, cfg["num_embeddings"])  # (V,)
     return TTMatrixEmbedding.from_dense(module, cfg["vocab_shape"], cfg["dim_shape"], ranks=entry.options["ranks"],
-                                        eps=entry.options["eps"])
+                                        eps=entry.options["eps"], row_weights=weights)
 
 
 register_method(Method("tt_matrix_embedding", TTMatrixEmbeddingConfig, accepts=accepts, plan=plan, build=build,
