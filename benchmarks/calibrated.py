@@ -3,9 +3,9 @@ against the data-blind methods at the same budgets, training-free.
 
 SmolLM2-135M protocol: as ``benchmarks/causal_lm.py`` (``wt2-16k`` perplexity: the first 16,384 tokens of
 WikiText-2 raw test, sliding windows of 1024, stride 512, token-level; LAMBADA accuracy on the first 1,000
-passages; teacher KL on held-out ``lm_text``). The dense model and the data-blind rows (``svd``,
-``kronecker``) are the rows of ``results/causal_lm.json``: the same code, harness, protocol and machine,
-measured earlier; this script measures the calibrated rows and reads those. Calibration: 32 x 512 tokens of
+passages; teacher KL on held-out ``lm_text``). The dense model and the data-blind rows ``svd`` at mlp
+90/80/50% and ``kronecker`` at mlp 50% are the rows of ``results/causal_lm.json``: the same code, harness,
+protocol and machine, measured earlier; this script reads those and measures every other row. Calibration: 32 x 512 tokens of
 ``lm_text`` training blocks (never a test split). all-MiniLM-L6-v2: FFNs at half their parameters, STS-B
 and SICK-R test Spearman, calibrated on 1,024 training sentences (``lm_text`` sentences and STS-B/SICK
 train pairs), dense measured in this run. ``*-allocated`` rows spend one budget across their targets (stage

@@ -190,14 +190,15 @@ class RaggedTTEmbedding(nn.Module):
     TensorGPT (Xu, Xu, Mandic 2023) gives every row the same ranks. Here each row ``t`` has a rank class
     ``row_class[t]`` out of ``classes`` (``C`` lists of ``N-1`` internal ranks, :func:`rank_ladder` by
     default), chosen by :func:`allocate_row_classes` to minimise ``sum_t f_t ||E_t - E~_t||^2`` (``f``:
-    token frequency) under a total parameter budget, so frequent tokens keep higher ranks.
+    token frequency) under a total parameter budget, so frequent tokens keep higher ranks; or, by
+    :meth:`from_tolerance`, each row's smallest ranks within a relative tolerance (TensorGPT's ``eps``).
 
     Storage: one flat parameter ``values (stored,)``: a block per rank class, ``(rows of the class, cost_c)``
     with ``cost_c = sum_k r_{k-1} I_k r_k``, each row its cores ``(r_{k-1}, I_k, r_k)`` back to back (layout
     of :func:`tt_svd_ragged`); the index map is the int64 buffer ``row_class (V,)`` (each row's place in its
-    block follows from it, :func:`class_slots`). ``stored`` is fixed by the plan (the uniform plan's
-    ``V * cost``), so the parameter count is known before the data; the allocation uses ``used <= stored`` of
-    them and the rest (less than one rank step) stays zero.
+    block follows from it, :func:`class_slots`). With frequency ``stored`` is fixed by the plan (the uniform
+    plan's ``V * cost``), so the parameter count is known before the data; the allocation uses ``used <=
+    stored`` of them and the rest (less than one rank step) stays zero. With a tolerance ``stored = used``.
 
     Forward: ``ids (...)`` int64 -> ``(..., d)``; gathers only the rows in ``ids``, one batched contraction
     per rank class present. ``padding_idx`` behaves as in ``nn.Embedding`` (its row gets no gradient).
