@@ -5,17 +5,17 @@ SmolLM2-135M protocol: as ``benchmarks/causal_lm.py`` (``wt2-16k`` perplexity: t
 WikiText-2 raw test, sliding windows of 1024, stride 512, token-level; LAMBADA accuracy on the first 1,000
 passages; teacher KL on held-out ``lm_text``). The dense model and the data-blind rows ``svd`` at mlp
 90/80/50% and ``kronecker`` at mlp 50% are the rows of ``results/causal_lm.json``: the same code, harness,
-protocol and machine, measured earlier; this script reads those and measures every other row. Calibration: 32 x 512 tokens of
-``lm_text`` training blocks (never a test split). all-MiniLM-L6-v2: FFNs at half their parameters, STS-B
-and SICK-R test Spearman, calibrated on 1,024 training sentences (``lm_text`` sentences and STS-B/SICK
-train pairs), dense measured in this run. ``*-allocated`` rows spend one budget across their targets (stage
-``budget``); for ``kronecker`` the number of terms of each matrix at the factor shapes ``KRON_TERMS`` (at
-mlp 50%) or with 4 x 4 ``B`` factors (``B4_A_SHAPES``; the data-aware rows at whole -10% and mlp 90%)
-(whitened: one ALS sweep), ``-fisher`` weighting the losses by the output Fisher; ``*-terms``: their uniform
-twins, 92 terms in every MLP matrix (49.9% of its values). Rows with ``forward:
-reconstructed`` were evaluated through each factored layer's cached dense reconstruction (the same function,
-at dense speed; earlier rows ran the factored forward). ``*-ridge0``: data-aware Kronecker rows measured
-before ``weighted_kronecker`` damped ``G`` (``ridge: 0``), kept beside their reruns for comparison. The
+protocol and machine, measured earlier; this script reads those and measures every other row. Calibration: 32
+x 512 tokens of ``lm_text`` training blocks (never a test split). all-MiniLM-L6-v2: FFNs at half their
+parameters, STS-B and SICK-R test Spearman, calibrated on 1,024 training sentences (``lm_text`` sentences and
+STS-B/SICK train pairs), dense measured in this run. ``*-allocated`` rows spend one budget across their
+targets (stage ``budget``); for ``kronecker`` the number of terms of each matrix at the factor shapes
+``KRON_TERMS`` (at mlp 50%) or with 4 x 4 ``B`` factors (``B4_A_SHAPES``; the data-aware rows at whole -10%
+and mlp 90%) (whitened: one ALS sweep), ``-fisher`` weighting the losses by the output Fisher; ``*-terms``:
+their uniform twins, 92 terms in every MLP matrix (49.9% of its values). Rows with ``forward: reconstructed``
+were evaluated through each factored layer's cached dense reconstruction (the same function, at dense speed;
+earlier rows ran the factored forward). ``*-ridge0``: data-aware Kronecker rows measured before
+``weighted_kronecker`` damped ``G`` (``ridge: 0``), kept beside their reruns for comparison. The
 ``kronecker``, ``kronecker-whitened`` and ``kronecker-whitened-permuted`` rows at mlp 90/80% and whole
 -10/-20/-30% are uniform Kronecker sums with 4 x 4 ``B`` factors (``B4_BUDGETS``; at mlp 50%: 2 x 2, rank 2,
 ``KRON``); ``-permuted``: row and column permutations searched first (at most 2 rounds or 5 s per matrix), the
