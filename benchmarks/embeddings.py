@@ -15,7 +15,9 @@ weights over the vocabulary digits); ``kronecker``
 ``E ~ A (x) b`` with ``b: (1, f)`` (KnGPT2/TQ), ``kronecker-permute`` after a column-permutation search,
 ``kronecker-frequency`` rows weighted by token frequency; ``svd-frequency`` the SVD minimising ``sum_t f_t
 ||e_t - e~_t||^2``, ``svd-frequency-whitened`` (tied heads) ``sum_t f_t ||(e_t - e~_t) G^{1/2}||^2`` with ``G``
-the second moment of the head's inputs (``lowrank_embedding`` ``calibration``; closed forms); calibration
+the second moment of the head's inputs (``lowrank_embedding`` ``calibration``; closed forms), ``*-split``
+the same with half the parameters spent on the ``V / (2 rho)`` most frequent tokens' rows kept exactly
+(``dense_rows``, adaptive-input style) and the other half on the SVD of the other rows; calibration
 text: causal LMs 32 x 512 tokens of ``lm_text`` training blocks, MiniLM 1,024 training sentences; ``*-untied``:
 the causal LM keeps its dense head.
 Every tied head is re-tied to the factors (Gemma's ``embed_scale`` kept on the lookups only).
@@ -79,7 +81,7 @@ MODELS = {  # short name -> (load_model name, token table, kind)
 }
 METHODS = ["svd", "tensorgpt", "tt-matrix", "kronecker", "tensorgpt-frequency", "kronecker-frequency",
            "kronecker-permute", "svd-untied", "tensorgpt-untied", "svd-frequency", "svd-frequency-whitened",
-           "tensorgpt-tolerance", "tt-matrix-frequency"]
+           "tensorgpt-tolerance", "tt-matrix-frequency", "svd-frequency-split", "svd-frequency-whitened-split"]
 RATIOS = [2.0, 3.3, 5.0, 10.0, 20.0, 40.0]
 LOOKUP_SHAPE = (32, 128)
 HEAL = ReconstructConfig(batch_size=4, embedding_steps=300, embedding_lr=1e-3, eval_every=10, patience=3,
@@ -192,6 +194,8 @@ def method_stage(method: str, table: str, vocab: int, dim: int, ratio: float, ki
     base, _, variant = method.partition("-")
     if base == "tt":  # tt-matrix[-variant]
         variant = variant.partition("-")[2]
+    split = variant.endswith("-split")  # svd-frequency[-whitened]-split: half the budget on dense rows
+    variant = variant.removesuffix("-split")
     if variant == "untied" and kind != "causal-lm":
         return None
     if base == "svd":
@@ -206,6 +210,8 @@ def method_stage(method: str, table: str, vocab: int, dim: int, ratio: float, ki
         return None
     if variant in ("frequency", "frequency-whitened"):
         options["calibration"] = variant
+    if split:  # the V / (2 rho) most frequent rows dense, the rest at the rank the other half buys
+        options = {"ratio": 1 / ratio, "dense_rows": int(vocab / (2 * ratio)), "calibration": variant}
     if variant == "tolerance":  # TensorGPT's per-row eps at the uniform plan's tensorisation, stored ragged
         options = {"shape": options["shape"],
                    "eps": None if weight is None else tolerance_eps(weight, options["shape"], ratio)}
@@ -400,6 +406,9 @@ def quality_key(row: dict) -> str:
     return "stsb" if "stsb" in row else "wikitext2_ppl" if "wikitext2_ppl" in row else "output_mse"
 
 
+ROUNDING = 0.99  # a sweep point counts as its target ratio when its integer ranks reach 99% of it (3.29x as 3.3x)
+
+
 def headline(rows: list[dict], model: str) -> list[str]:
     """The issue's targets: the largest embedding ratio within 1% and 5% of dense perplexity (causal) or at
     99% of dense STS-B (MiniLM), over every method measured, training-free or healed."""
@@ -413,7 +422,7 @@ def headline(rows: list[dict], model: str) -> list[str]:
     if key == "stsb":
         kept = [r for r in done if r["stsb"] >= 0.99 * dense["stsb"]]
         best = max(kept, key=lambda r: r["embedding_ratio"], default=None)
-        near = max((r for r in done if r["embedding_ratio"] >= 3), key=lambda r: r["stsb"], default=None)
+        near = max((r for r in done if r["embedding_ratio"] >= 3 * ROUNDING), key=lambda r: r["stsb"], default=None)
         out.append(f"- {model}: largest embedding ratio at >= 99% of dense STS-B ({0.99 * dense['stsb']:.4f}): "
                    + (f"{best['embedding_ratio']:.2f}x ({best['method']}, STS-B {best['stsb']:.4f})" if best
                       else f"none of the {len(done)} rows (target: >= 3x)")
@@ -423,8 +432,8 @@ def headline(rows: list[dict], model: str) -> list[str]:
         for slack, target in ((0.01, 3.3), (0.05, 10)):
             kept = [r for r in done if r["wikitext2_ppl"] <= (1 + slack) * dense["wikitext2_ppl"]]
             best = max(kept, key=lambda r: r["embedding_ratio"], default=None)
-            near = min((r for r in done if r["embedding_ratio"] >= target), key=lambda r: r["wikitext2_ppl"],
-                       default=None)
+            near = min((r for r in done if r["embedding_ratio"] >= target * ROUNDING),
+                       key=lambda r: r["wikitext2_ppl"], default=None)
             out.append(f"- {model}: largest embedding ratio within {slack:.0%} of dense wt2-16k perplexity: "
                        + (f"{best['embedding_ratio']:.2f}x ({best['method']})" if best
                           else f"none of the {len(done)} rows (target: >= {target}x)")

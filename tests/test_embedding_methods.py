@@ -35,6 +35,7 @@ EXACT = {  # method -> options that are exact on a planted (256 x 32) (x) (1 x 2
     "kronecker_embedding-permute": {"factor": 2, "permute": {"time_budget_s": 1.0, "max_rounds": 1}},
     "kronecker_embedding-frequency": {"factor": 2, "calibration": "frequency"},
     "lowrank_embedding": {"rank": 32},
+    "lowrank_embedding-split": {"rank": 32, "dense_rows": 40, "calibration": "frequency"},
 }
 
 

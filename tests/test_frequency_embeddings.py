@@ -367,6 +367,67 @@ def test_bad_row_weights_for_the_weighted_svd_get_one_line():
         lowrank_table(table(60, 12), 3, row_weights=torch.zeros(60, dtype=torch.float64))
 
 
+def test_dense_rows_keep_the_most_frequent_rows_exactly_and_fit_the_rest():
+    from tensorlm.layers.lowrank_embedding import LowRankEmbedding
+
+    w, f, g = table(80, 16), zipf(80), random_moment(16)
+    layer = LowRankEmbedding.from_dense(embedding(w), 4, row_weights=f, head_moment=g, dense_rows=10)
+    got = layer.to_dense().weight.detach()
+    kept = torch.argsort(f, descending=True)[:10]
+    rest = torch.tensor(sorted(set(range(80)) - set(kept.tolist())))
+    assert torch.equal(got[kept], w[kept])  # stored as they are
+    torch.testing.assert_close(got[rest], lowrank_table(w[rest], 4, row_weights=f[rest], head_moment=g),
+                               rtol=1e-12, atol=1e-12)  # the weighted SVD of the other rows alone
+    ids = torch.tensor([[int(kept[0]), int(rest[0]), int(kept[9])], [int(rest[-1]), 0, 79]])
+    torch.testing.assert_close(layer(ids), got[ids], rtol=1e-12, atol=1e-12)
+    h = table(5, 16, seed=7)
+    torch.testing.assert_close(layer.project(h), h @ got.T, rtol=1e-12, atol=1e-12)
+    assert sum(p.numel() for p in layer.parameters()) == 10 * 16 + 4 * (70 + 16)
+
+
+def test_dense_rows_lower_the_weighted_error_at_equal_parameters():
+    from tensorlm.layers.lowrank_embedding import LowRankEmbedding
+
+    w, f = table(200, 16), zipf(200)  # budget: rank 6 without a split, 6 * 216 = 1296 values
+    split = LowRankEmbedding.from_dense(embedding(w), 4, row_weights=f, dense_rows=20)  # 320 + 4 * 196 = 1104
+    assert sum(p.numel() for p in split.parameters()) <= 6 * 216
+    whole = lowrank_table(w, 6, row_weights=f)
+    assert weighted_sq(w, split.to_dense().weight, f) < 0.75 * weighted_sq(w, whole, f)  # 0.66 here
+
+
+def test_dense_rows_are_planned_counted_and_reloaded_bit_for_bit(tmp_path):
+    model = make_tiny_gpt2()
+    r = recipe("lowrank_embedding", "transformer.wte", {"ratio": 0.5, "dense_rows": 20,
+                                                         "calibration": "frequency"})
+    the_plan = plan_recipe(model, r)
+    (entry,) = the_plan.entries
+    vocab, dim = model.transformer.wte.weight.shape
+    rank = (vocab // 2 - 20) * dim // (vocab - 20 + dim)  # the largest r with 20 d + r (V - 20 + d) <= V d / 2
+    assert entry.config["rank"] == rank and entry.params_after == 20 * dim + rank * (vocab - 20 + dim)
+    counts = {"transformer.wte": torch.arange(vocab, dtype=torch.float64) % 11}
+    small = compress(model, r, progress=False, plan=the_plan, stats=counts)
+    assert count_parameters(small)["total"] == the_plan.params_after
+    again = load_compressed(save_compressed(small, tmp_path / "m", recipe=r)).model
+    probe = torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert torch.equal(small(probe).logits, again(probe).logits)
+
+
+def test_dense_rows_bad_input_is_one_line():
+    with pytest.raises(TensorLMError, match="dense_rows keeps the most frequent tokens on calibration text"):
+        recipe("lowrank_embedding", "transformer.wte", {"ratio": 0.5, "dense_rows": 4})
+    model = make_tiny_gpt2()
+    vocab, dim = model.transformer.wte.weight.shape
+    big = recipe("lowrank_embedding", "transformer.wte", {"ratio": 0.1, "dense_rows": vocab // 10,
+                                                           "calibration": "frequency"})
+    with pytest.raises(TensorLMError, match=rf"SVD rank 0 must be in 1\.\.{dim} with {vocab // 10} dense rows"):
+        plan_recipe(model, big)
+    from tensorlm.layers.lowrank_embedding import LowRankEmbedding
+
+    with pytest.raises(TensorLMError, match="needs row weights"):
+        LowRankEmbedding.from_dense(embedding(table(20, 4)), 2, dense_rows=3)
+
+
 def test_frequency_whitened_calibration_collects_the_tied_heads_inputs(tmp_path, monkeypatch):
     from tensorlm.calibrate import head_moment_key
     from tensorlm.layers.lowrank_embedding import LowRankEmbedding
