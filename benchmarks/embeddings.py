@@ -17,7 +17,8 @@ weights over the vocabulary digits); ``kronecker``
 ||e_t - e~_t||^2``, ``svd-frequency-whitened`` (tied heads) ``sum_t f_t ||(e_t - e~_t) G^{1/2}||^2`` with ``G``
 the second moment of the head's inputs (``lowrank_embedding`` ``calibration``; closed forms), ``*-split``
 the same with half the parameters spent on the ``V / (2 rho)`` most frequent tokens' rows kept exactly
-(``dense_rows``, adaptive-input style) and the other half on the SVD of the other rows; calibration
+(``dense_rows``, adaptive-input style) and the other half on the SVD of the other rows (``-split75``: three
+quarters on ``3 V / (4 rho)`` rows); calibration
 text: causal LMs 32 x 512 tokens of ``lm_text`` training blocks, MiniLM 1,024 training sentences; ``*-untied``:
 the causal LM keeps its dense head.
 Every tied head is re-tied to the factors (Gemma's ``embed_scale`` kept on the lookups only).
@@ -81,7 +82,8 @@ MODELS = {  # short name -> (load_model name, token table, kind)
 }
 METHODS = ["svd", "tensorgpt", "tt-matrix", "kronecker", "tensorgpt-frequency", "kronecker-frequency",
            "kronecker-permute", "svd-untied", "tensorgpt-untied", "svd-frequency", "svd-frequency-whitened",
-           "tensorgpt-tolerance", "tt-matrix-frequency", "svd-frequency-split", "svd-frequency-whitened-split"]
+           "tensorgpt-tolerance", "tt-matrix-frequency", "svd-frequency-split", "svd-frequency-whitened-split",
+           "svd-frequency-whitened-split75"]
 RATIOS = [2.0, 3.3, 5.0, 10.0, 20.0, 40.0]
 LOOKUP_SHAPE = (32, 128)
 HEAL = ReconstructConfig(batch_size=4, embedding_steps=300, embedding_lr=1e-3, eval_every=10, patience=3,
@@ -194,8 +196,7 @@ def method_stage(method: str, table: str, vocab: int, dim: int, ratio: float, ki
     base, _, variant = method.partition("-")
     if base == "tt":  # tt-matrix[-variant]
         variant = variant.partition("-")[2]
-    split = variant.endswith("-split")  # svd-frequency[-whitened]-split: half the budget on dense rows
-    variant = variant.removesuffix("-split")
+    variant, split, share = variant.partition("-split")  # svd-frequency[-whitened]-split[75]: dense rows
     if variant == "untied" and kind != "causal-lm":
         return None
     if base == "svd":
@@ -210,8 +211,9 @@ def method_stage(method: str, table: str, vocab: int, dim: int, ratio: float, ki
         return None
     if variant in ("frequency", "frequency-whitened"):
         options["calibration"] = variant
-    if split:  # the V / (2 rho) most frequent rows dense, the rest at the rank the other half buys
-        options = {"ratio": 1 / ratio, "dense_rows": int(vocab / (2 * ratio)), "calibration": variant}
+    if split:  # half (75: three quarters) of the budget on the most frequent rows, the rest buys the rank
+        dense_rows = int(int(share or 50) / 100 * vocab / ratio)
+        options = {"ratio": 1 / ratio, "dense_rows": dense_rows, "calibration": variant}
     if variant == "tolerance":  # TensorGPT's per-row eps at the uniform plan's tensorisation, stored ragged
         options = {"shape": options["shape"],
                    "eps": None if weight is None else tolerance_eps(weight, options["shape"], ratio)}
