@@ -83,7 +83,7 @@ MODELS = {  # short name -> (load_model name, token table, kind)
 METHODS = ["svd", "tensorgpt", "tt-matrix", "kronecker", "tensorgpt-frequency", "kronecker-frequency",
            "kronecker-permute", "svd-untied", "tensorgpt-untied", "svd-frequency", "svd-frequency-whitened",
            "tensorgpt-tolerance", "tt-matrix-frequency", "svd-frequency-split", "svd-frequency-whitened-split",
-           "svd-frequency-whitened-split75"]
+           "svd-frequency-split75", "svd-frequency-whitened-split75"]
 RATIOS = [2.0, 3.3, 5.0, 10.0, 20.0, 40.0]
 LOOKUP_SHAPE = (32, 128)
 HEAL = ReconstructConfig(batch_size=4, embedding_steps=300, embedding_lr=1e-3, eval_every=10, patience=3,
