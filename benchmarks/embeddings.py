@@ -18,7 +18,8 @@ weights over the vocabulary digits); ``kronecker``
 the second moment of the head's inputs (``lowrank_embedding`` ``calibration``; closed forms), ``*-split``
 the same with half the parameters spent on the ``V / (2 rho)`` most frequent tokens' rows kept exactly
 (``dense_rows``, adaptive-input style) and the other half on the SVD of the other rows (``-split75``: three
-quarters on ``3 V / (4 rho)`` rows); calibration
+quarters on ``3 V / (4 rho)`` rows; ``-2m``: the token counts on 4,096 x 512 = 2.1M tokens of ``lm_text``,
+calibration ``count_samples``, the second moments still on the 32 x 512 below); calibration
 text: causal LMs 32 x 512 tokens of ``lm_text`` training blocks, MiniLM 1,024 training sentences; ``*-untied``:
 the causal LM keeps its dense head.
 Every tied head is re-tied to the factors (Gemma's ``embed_scale`` kept on the lookups only).
@@ -83,7 +84,9 @@ MODELS = {  # short name -> (load_model name, token table, kind)
 METHODS = ["svd", "tensorgpt", "tt-matrix", "kronecker", "tensorgpt-frequency", "kronecker-frequency",
            "kronecker-permute", "svd-untied", "tensorgpt-untied", "svd-frequency", "svd-frequency-whitened",
            "tensorgpt-tolerance", "tt-matrix-frequency", "svd-frequency-split", "svd-frequency-whitened-split",
-           "svd-frequency-split75", "svd-frequency-whitened-split75"]
+           "svd-frequency-split75", "svd-frequency-whitened-split75", "svd-frequency-whitened-split-2m",
+           "svd-frequency-whitened-split75-2m"]
+COUNTED, COUNT_SAMPLES = "-2m", 4096  # *-2m: token counts on 4,096 x 512 tokens of lm_text (calibration count_samples)
 RATIOS = [2.0, 3.3, 5.0, 10.0, 20.0, 40.0]
 LOOKUP_SHAPE = (32, 128)
 HEAL = ReconstructConfig(batch_size=4, embedding_steps=300, embedding_lr=1e-3, eval_every=10, patience=3,
@@ -194,6 +197,7 @@ def method_stage(method: str, table: str, vocab: int, dim: int, ratio: float, ki
     encoder, a permutation search beyond ``b: (1, 4)``). ``tensorgpt-tolerance`` chooses its ``eps`` on the
     table ``weight (V, d)`` (:func:`tolerance_eps`; without it, ``eps`` is None: only whether it applies)."""
     base, _, variant = method.partition("-")
+    variant = variant.removesuffix(COUNTED)
     if base == "tt":  # tt-matrix[-variant]
         variant = variant.partition("-")[2]
     variant, split, share = variant.partition("-split")  # svd-frequency[-whitened]-split[75]: dense rows
@@ -329,6 +333,8 @@ def method_row(rows: Rows, short: str, loaded, table: str, kind: str, method: st
     stage = method_stage(method, table, vocab, dim, ratio, kind, dense_table.weight)
     if stage is None:
         return
+    if method.endswith(COUNTED):  # token counts on far more text than the second moments
+        calibration = {"calibration": {**calibration["calibration"], "count_samples": COUNT_SAMPLES}}
     recipe = Recipe.from_dict({"name": f"{short}-{method}-{ratio:g}x", "stages": [stage], **calibration})
     log(f"{short} {method} {ratio:g}x: {stage['method']} {stage['options']}")
     start = time.perf_counter()

@@ -84,15 +84,19 @@ class CalibrationSettings:
 
     ``samples`` sequences of ``length`` tokens of ``lm_text`` for causal LMs (training blocks, never a test
     split), or ``samples`` training sentences of at most ``length`` tokens for encoders; ``seed`` picks them.
-    Defaults: 128 x 512 (causal LMs), 1,024 sentences of 128 tokens (encoders).
+    Defaults: 128 x 512 (causal LMs), 1,024 sentences of 128 tokens (encoders). ``count_samples``: the token
+    counts of ``frequency``-calibrated tables are taken on this many samples, drawn the same way, instead of
+    ``samples``: counting needs no forward pass, so it can read far more text than the second moments (4,096 x
+    512 tokens in seconds), and a frequency estimate from ``samples`` alone leaves most tokens unseen.
     """
 
     samples: int | None = None
     length: int | None = None
     seed: int = 0
+    count_samples: int | None = None
 
     def __post_init__(self):
-        for key in ("samples", "length"):
+        for key in ("samples", "length", "count_samples"):
             value = getattr(self, key)
             if value is not None and not (isinstance(value, int) and value > 0):
                 raise TensorLMError(f"calibration {key} must be a positive integer, got {value!r}")

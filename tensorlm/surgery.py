@@ -278,7 +278,8 @@ def calibrate(model: nn.Module, recipe: Recipe, plan: Plan, tokenizer, kind: str
     One pass of the recipe's calibration text (:func:`~tensorlm.calibrate.calibration_batches`: ``lm_text``
     blocks for causal LMs, training sentences for encoders; never a test split) through the uncompressed
     ``model``, cached on disk (:mod:`tensorlm.calibrate`). Targets of stages with ``calibration: frequency``
-    (token tables) get their token counts ``(V,)`` float64 on the same text instead
+    (token tables) get their token counts ``(V,)`` float64 on the same text instead, or on
+    ``count_samples`` samples of it when the recipe gives that many
     (:func:`~tensorlm.calibrate.embedding_token_counts`, no forward pass, not cached); ``frequency-whitened``
     tables also get the second moment of their tied head's inputs, under
     :func:`~tensorlm.calibrate.head_moment_key`. None when no stage is calibrated.
@@ -294,7 +295,11 @@ def calibrate(model: nn.Module, recipe: Recipe, plan: Plan, tokenizer, kind: str
     heads = {table: tied_head_name(model, table) for table in tied}
     names += [head for head in dict.fromkeys(heads.values()) if head not in names]
     batches, description = calibration_batches(recipe.calibration, tokenizer, kind, data_dir)
-    counts = embedding_token_counts(model, tables, batches) if tables else None
+    counted = batches
+    if tables and recipe.calibration.count_samples:
+        more = dataclasses.replace(recipe.calibration, samples=recipe.calibration.count_samples)
+        counted, _ = calibration_batches(more, tokenizer, kind, data_dir)
+    counts = embedding_token_counts(model, tables, counted) if tables else None
     if not names:
         return counts
     result = collect_second_moments(model, names, batches, progress, description=description)

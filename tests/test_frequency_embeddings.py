@@ -428,6 +428,20 @@ def test_dense_rows_bad_input_is_one_line():
         LowRankEmbedding.from_dense(embedding(table(20, 4)), 2, dense_rows=3)
 
 
+def test_count_samples_count_tokens_on_more_text_than_the_second_moments(tmp_path, monkeypatch):
+    tokenizer, model = text_and_model(tmp_path, monkeypatch)
+    r = Recipe.from_dict({"name": "c", "calibration": {"samples": 2, "length": 16, "count_samples": 6}, "stages": [
+        {"name": "e", "method": "lowrank_embedding", "targets": ["transformer.wte"],
+         "options": {"rank": 8, "calibration": "frequency-whitened"}}]})
+    stats = calibrate(model, r, plan_recipe(model, r), tokenizer, data_dir=tmp_path, progress=False)
+    assert stats["lm_head"].tokens == 2 * 16  # the head's G on `samples`
+    six = Recipe.from_dict({**r.to_dict(), "calibration": {"samples": 6, "length": 16}}).calibration
+    counted = calibration_batches(six, tokenizer, "causal-lm", tmp_path)[0]
+    assert torch.equal(stats["transformer.wte"], token_counts(counted, len(tokenizer)).double())  # 6 x 16 tokens
+    with pytest.raises(TensorLMError, match="count_samples must be a positive integer"):
+        Recipe.from_dict({**r.to_dict(), "calibration": {"count_samples": 0}})
+
+
 def test_frequency_whitened_calibration_collects_the_tied_heads_inputs(tmp_path, monkeypatch):
     from tensorlm.calibrate import head_moment_key
     from tensorlm.layers.lowrank_embedding import LowRankEmbedding
