@@ -102,5 +102,5 @@ def test_calibrated_budget_run_prints_and_records_the_allocated_plan(tiny_gpt2_f
     assert results.calibration["tokens"] == 8 * 64 and results.seconds["calibrate"] > 0
     assert "model parameters:" in capsys.readouterr().err  # the plan was printed before decomposing
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert saved["recipe"]["calibration"] == {"samples": 8, "length": 64, "seed": 0}
+    assert saved["recipe"]["calibration"] == {"samples": 8, "length": 64, "seed": 0, "count_samples": None}
     assert saved["recipe"]["stages"][0]["budget"]["ratio"] == 0.4
