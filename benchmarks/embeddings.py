@@ -492,7 +492,9 @@ def plot(data: dict, path: Path) -> None:
     import matplotlib.ticker
 
     models = list(dict.fromkeys(r["model"] for r in data["rows"]))
-    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(5.5 * max(1, len(models)), 4.5), squeeze=False)
+    methods = sorted({r["method"] for r in data["rows"]} - {"dense"})
+    colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}  # one colour per method in every panel
+    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(6.5 * max(1, len(models)), 6), squeeze=False)
     for ax, model in zip(axes[0], models, strict=False):
         mine = [r for r in data["rows"] if r["model"] == model]
         dense = next((r for r in mine if r["method"] == "dense"), None)
@@ -500,7 +502,7 @@ def plot(data: dict, path: Path) -> None:
         for method in dict.fromkeys(r["method"] for r in mine if r["method"] != "dense"):
             pts = sorted((r["embedding_ratio"], r[key]) for r in mine if r["method"] == method and key in r)
             if pts:
-                line, = ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=method)
+                line, = ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=method, color=colors[method])
                 healed = sorted((r["embedding_ratio"], r["healed"][key]) for r in mine
                                 if r["method"] == method and key in r.get("healed", {}))
                 if healed:
@@ -517,7 +519,7 @@ def plot(data: dict, path: Path) -> None:
         ax.set_ylabel({"stsb": "STS-B test Spearman", "wikitext2_ppl": "wt2-16k perplexity (log)"}.get(key, key))
         ax.set_title(f"{model}: training-free (solid), table healed (dotted)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     fig.tight_layout()
     tmp = path.with_suffix(f".{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=110)
