@@ -493,7 +493,8 @@ def plot(data: dict, path: Path) -> None:
 
     models = list(dict.fromkeys(r["model"] for r in data["rows"]))
     methods = sorted({r["method"] for r in data["rows"]} - {"dense"})
-    colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}  # one colour per method in every panel
+    palette = [*plt.cm.tab20.colors, *plt.cm.tab20b.colors]  # 40 colours: one per method in every panel
+    colors = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
     fig, axes = plt.subplots(1, max(1, len(models)), figsize=(6.5 * max(1, len(models)), 6), squeeze=False)
     for ax, model in zip(axes[0], models, strict=False):
         mine = [r for r in data["rows"] if r["model"] == model]
