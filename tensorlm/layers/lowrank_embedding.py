@@ -108,9 +108,10 @@ class LowRankEmbedding(nn.Module):
         if not self.dense_rows:
             return self.table(ids) @ self.v  # (..., r) @ (r, d) -> (..., d)
         slot, k = self.slot[ids], self.dense_rows  # (...)
-        dense = self.dense(slot.clamp(max=k - 1))  # (..., d)
-        factored = self.table((slot - k).clamp(min=0)) @ self.v  # (..., d)
-        return torch.where((slot < k).unsqueeze(-1), dense, factored)
+        out = self.dense(slot.clamp(max=k - 1))  # (..., d); right for the frequent tokens
+        rare = slot >= k  # (...): only these pay for U V
+        out[rare] = self.table(slot[rare] - k) @ self.v  # (n_rare, r) @ (r, d)
+        return out
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """Logits ``h @ E^T``: ``(..., d)`` -> ``(..., r)`` -> ``(..., V)``, never forming ``E``."""
