@@ -342,6 +342,14 @@ def test_evaluate_model_causal(gpt2_tokenizer, tmp_path):
     with pytest.raises(TensorLMError, match="choose one of"):
         evaluate_model(model, gpt2_tokenizer, "causal-lm", data_dir=folder, mode="fast")
     assert metrics["lambada_acc"] == lambada(model, gpt2_tokenizer, data_dir=folder, progress=False)["accuracy"]
+    ppl = metrics["wikitext2_ppl"]
+    above, _ = evaluate_model(model, gpt2_tokenizer, "causal-lm", data_dir=folder, mode="quick", lambada_max_ppl=ppl)
+    assert above == metrics  # at the bound LAMBADA is still scored
+    below, why = evaluate_model(model, gpt2_tokenizer, "causal-lm", data_dir=folder, mode="quick",
+                                lambada_max_ppl=0.99 * ppl)
+    assert below == {"wikitext2_ppl": ppl} and set(why) == {"wikitext2_ppl"}
+    with pytest.raises(TensorLMError, match="lambada_max_ppl 0 must be > 0"):
+        evaluate_model(model, gpt2_tokenizer, "causal-lm", data_dir=folder, lambada_max_ppl=0)
     with pytest.raises(TensorLMError, match="choose one of"):
         evaluate_model(model, gpt2_tokenizer, "seq2seq", data_dir=folder)
 
