@@ -238,6 +238,13 @@ def main(readme: Path = README) -> None:
         parts += section("Embedding compression where embeddings dominate (issue 15): training-free, and with the "
                          "table healed", "embeddings",
                          embeddings_body(embeddings))
+    if _load("embedding_limits"):
+        parts += section("What limits the frequency-split table (issue 15)", "embedding_limits",
+                         _table_of("embedding_limits") + "\n\n`svd-frequency-whitened-split-2m` built as in the sweep; "
+                         "`both`: the compressed model; `lookup`: its table for the lookups with the dense head; "
+                         "`head`: the dense lookups with its table as the head. `wt2-16k` as above; the NLL columns "
+                         "split the same scored tokens by whether the target's row is factored or kept dense; `p on "
+                         "factored rows`: the mean probability the model gives the factored rows.")
     if _load("tucker_bank"):
         parts += section("Tucker matrix bank (Ren, Wang et al.), no training", "tucker_bank", _table_of("tucker_bank"))
     for name, title in (("distill_minilm", "Distillation: all-MiniLM-L6-v2, Kronecker FFN"),

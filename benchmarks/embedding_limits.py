@@ -1,0 +1,204 @@
+"""What limits the frequency-split token table: which side of the tied table, and which tokens, lose perplexity.
+
+``benchmarks/embeddings.py`` finds the best training-free table to be ``svd-frequency-whitened-split-2m``
+(``lowrank_embedding`` with ``dense_rows``: the ``V / (2 rho)`` most frequent tokens' rows kept exactly, the
+others a frequency-whitened truncated SVD; tokens counted on 4,096 x 512 tokens of ``lm_text``). This script
+builds that table for each model and target ratio ``rho`` exactly as the sweep does, then scores the model with
+the reconstructed table ``E~`` on each side of the tie in turn:
+
+* ``dense``: ``E`` on both sides (the uncompressed model);
+* ``both``: ``E~`` for the lookups and the head (the compressed model the sweep measures);
+* ``lookup``: ``E~`` for the lookups, the dense ``E`` as an untied head;
+* ``head``: the dense ``E`` for the lookups, ``E~`` as an untied head.
+
+Per configuration: ``wt2-16k`` perplexity (the first 16,384 tokens of WikiText-2 raw test, sliding windows of
+1024, stride 512, token-level, as the sweep) and, over the same scored tokens, the mean NLL (nats) of the
+targets whose row is kept dense and of those whose row is factored, the share of factored targets, and the mean
+probability the model gives the factored rows. Calibration: as the sweep (``lm_text`` training blocks); no test
+text is seen before scoring. Gemma's ``embed_scale`` stays on the lookups.
+
+Run: ``python benchmarks/embedding_limits.py [--models smollm2 gemma3] [--ratios 2 3.3 5 10]`` (resumable: the
+rows already in ``results/embedding_limits.json`` are kept); ``--render-only`` rewrites the Markdown and PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from embeddings import CAUSAL_CALIBRATION, MODELS, RESULTS, Rows, log, method_recipe, method_stage, stamp
+from torch import nn
+
+from tensorlm import compress, load_model
+from tensorlm.data import load_wikitext2_test
+from tensorlm.evaluate.perplexity import causal_logits, sliding_windows
+from tensorlm.evaluate.runtime import inference
+from tensorlm.pipeline import machine
+from tensorlm.surgery import calibrate, plan_recipe
+
+METHOD = "svd-frequency-whitened-split-2m"
+SIDES = ("dense", "both", "lookup", "head")
+TOKENS, CONTEXT, STRIDE = 16_384, 1024, 512  # wt2-16k
+
+
+class LimitRows(Rows):
+    """``results/embedding_limits.json``: rows keyed by ``(model, target_ratio, side)``."""
+
+    @staticmethod
+    def key(row: dict) -> tuple:
+        return row["model"], row["target_ratio"], row["side"]
+
+    def find(self, model: str, ratio: float, side: str) -> dict | None:
+        return next((r for r in self.data["rows"] if self.key(r) == (model, ratio, side)), None)
+
+
+def split_table(loaded, table: str, ratio: float, data_dir) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """``E~ (V, d)``, the factored rows ``(V,)`` bool and the stage options of ``METHOD`` at ``ratio``."""
+    dense = loaded.model.get_submodule(table)
+    stage = method_stage(METHOD, table, dense.num_embeddings, dense.embedding_dim, ratio, "causal-lm", dense.weight)
+    recipe = method_recipe("limits", METHOD, ratio, stage, CAUSAL_CALIBRATION)
+    plan = plan_recipe(loaded.model, recipe)
+    stats = calibrate(loaded.model, recipe, plan, loaded.tokenizer, "causal-lm", data_dir, progress=False)
+    small = compress(loaded.model, recipe, plan=plan, stats=stats, progress=False)
+    layer = small.get_submodule(table)
+    layer = getattr(layer, "embedding", layer)  # the LowRankEmbedding inside Gemma's scaled table
+    return layer.to_dense().weight.detach(), layer.slot >= layer.dense_rows, stage["options"]
+
+
+def score(model: nn.Module, ids: torch.Tensor, factored: torch.Tensor, context: int = CONTEXT,
+          stride: int = STRIDE) -> dict:
+    """Sliding-window perplexity of ``model`` on ``ids (N,)`` (:func:`tensorlm.evaluate.perplexity`'s windows),
+    and the NLL split by whether the target's row is ``factored (V,)``, with the mean probability on those rows."""
+    nll, targets, mass = [], [], []
+    with inference(model):
+        for begin, end, n_scored in sliding_windows(ids.numel(), context, stride):
+            logits = causal_logits(model, ids[None, begin:end], keep=n_scored + 1)[0, :n_scored].float()  # (n, V)
+            target = ids[end - n_scored : end]  # (n,)
+            nll.append(F.cross_entropy(logits, target, reduction="none"))
+            mass.append(logits.softmax(-1)[:, factored].sum(-1))
+            targets.append(target)
+    nll, rare = torch.cat(nll), factored[torch.cat(targets)]  # (n,), (n,)
+    return {"wikitext2_ppl": math.exp(nll.mean().item()), "scored": nll.numel(),
+            "factored_share": rare.float().mean().item(), "nll_factored": nll[rare].mean().item(),
+            "nll_dense_rows": nll[~rare].mean().item(), "factored_mass": torch.cat(mass).mean().item()}
+
+
+def set_sides(model: nn.Module, table: str, lookup: torch.Tensor, head: torch.Tensor) -> None:
+    """Untie ``model``'s head: ``lookup (V, d)`` for the input table, ``head (V, d)`` for the output."""
+    model.get_submodule(table).weight = nn.Parameter(lookup, requires_grad=False)
+    model.get_output_embeddings().weight = nn.Parameter(head, requires_grad=False)
+
+
+def model_rows(rows: LimitRows, short: str, ratios: list[float], data_dir) -> None:
+    """Every side of every ratio of ``short`` that ``rows`` lacks, written as each is measured."""
+    if all(rows.find(short, ratio, side) for ratio in ratios for side in SIDES):
+        return
+    name, table, _ = MODELS[short]
+    loaded = load_model(name, data_dir=data_dir)
+    model = loaded.model
+    ids = torch.tensor(loaded.tokenizer(load_wikitext2_test(data_dir), verbose=False)["input_ids"][:TOKENS])
+    dense = model.get_submodule(table).weight.detach().clone()  # (V, d)
+    for ratio in ratios:
+        if all(rows.find(short, ratio, side) for side in SIDES):
+            continue
+        start = time.perf_counter()
+        approx, factored, options = split_table(loaded, table, ratio, data_dir)
+        log(f"{short} {ratio:g}x: {options}, {int(factored.sum()):,} factored rows")
+        tables = {"dense": (dense, dense), "both": (approx, approx), "lookup": (approx, dense), "head": (dense, approx)}
+        for side in SIDES:
+            if rows.find(short, ratio, side):
+                continue
+            set_sides(model, table, *tables[side])
+            row = {"model": short, "target_ratio": ratio, "side": side, "method": METHOD, "options": options,
+                   **score(model, ids, factored), "seconds": round(time.perf_counter() - start, 1), **stamp()}
+            rows.put(row)
+            write_outputs(rows.path)
+            log(f"{short} {ratio:g}x {side}: ppl {row['wikitext2_ppl']:.2f}, NLL factored {row['nll_factored']:.3f} "
+                f"dense rows {row['nll_dense_rows']:.3f}")
+            start = time.perf_counter()
+        set_sides(model, table, dense, dense)
+        model.get_output_embeddings().weight = model.get_submodule(table).weight  # tied again for the next build
+    del loaded, model
+
+
+def render(data: dict) -> str:
+    lines = ["# What limits the frequency-split table: lookup or head, rare or frequent targets", "",
+             data["protocol"], "", f"Machine: {data['machine']}.", "",
+             "| model | target | side | wt2-16k ppl | x dense | factored targets | NLL factored targets | "
+             "NLL dense-row targets | p on factored rows | load avg |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = sorted(data["rows"], key=lambda r: (r["model"], r["target_ratio"], SIDES.index(r["side"])))
+    for r in rows:
+        dense = next((d for d in rows if d["model"] == r["model"] and d["target_ratio"] == r["target_ratio"]
+                      and d["side"] == "dense"), None)
+        versus = f"{r['wikitext2_ppl'] / dense['wikitext2_ppl']:.3f}" if dense else "-"
+        lines.append(f"| {r['model']} | {r['target_ratio']:g}x | {r['side']} | {r['wikitext2_ppl']:,.2f} | {versus} | "
+                     f"{r['factored_share']:.3f} | {r['nll_factored']:.3f} | {r['nll_dense_rows']:.3f} | "
+                     f"{r['factored_mass']:.4f} | {r['load_average']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict, path: Path) -> None:
+    """Per model: perplexity of each side against the ratio (left), NLL of factored and dense-row targets (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in data["rows"]))
+    fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.5 * len(models)), squeeze=False)
+    for (left, right), model in zip(axes, models, strict=True):
+        mine = [r for r in data["rows"] if r["model"] == model]
+        for side in SIDES:
+            pts = sorted((r["target_ratio"], r["wikitext2_ppl"]) for r in mine if r["side"] == side)
+            left.plot(*zip(*pts, strict=True), marker="o", label=side, ls="--" if side == "dense" else "-")
+            for key, style in (("nll_factored", "-"), ("nll_dense_rows", ":")):
+                pts = sorted((r["target_ratio"], r[key]) for r in mine if r["side"] == side)
+                right.plot(*zip(*pts, strict=True), marker="o", ls=style,
+                           label=f"{side}: {'factored' if key == 'nll_factored' else 'dense-row'} targets")
+        left.set(xscale="log", yscale="log", xlabel="target embedding ratio", ylabel="wt2-16k perplexity (log)",
+                 title=f"{model}: {METHOD}, E~ on one side of the tie")
+        right.set(xscale="log", xlabel="target embedding ratio", ylabel="mean NLL per target token (nats)",
+                  title=f"{model}: where the NLL goes (solid: factored-row targets)")
+        for ax in (left, right):
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+
+
+def write_outputs(path: Path) -> None:
+    data = json.loads(path.read_text())
+    markdown = path.with_suffix(".md")
+    tmp = markdown.with_suffix(f".md.{os.getpid()}.tmp")
+    tmp.write_text(render(data))
+    os.replace(tmp, markdown)
+    plot(data, path.with_suffix(".png"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=os.environ.get("TENSORLM_DATA", "../shared/data"))
+    parser.add_argument("--models", nargs="+", default=["smollm2", "gemma3"], choices=["smollm2", "gemma3"])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[2.0, 3.3, 5.0, 10.0])
+    parser.add_argument("--out", type=Path, default=RESULTS / "embedding_limits.json")
+    parser.add_argument("--render-only", action="store_true")
+    args = parser.parse_args()
+    if not args.render_only:
+        rows = LimitRows(args.out, {"protocol": __doc__.split("Run:")[0].strip(), "machine": machine(load=False)})
+        for short in args.models:
+            model_rows(rows, short, args.ratios, args.data_dir)
+    write_outputs(args.out)
+    print(args.out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
