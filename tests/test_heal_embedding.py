@@ -103,3 +103,44 @@ def test_bad_settings_are_refused_in_one_line():
     with pytest.raises(TensorLMError, match="no held-out"):
         reconstruct_embedding(table_student(teacher, "lowrank_embedding"), teacher, zipf_batches(2, 0),
                               config=CONFIG, log=None)
+
+
+def test_the_kl_head_term_is_the_mean_kl_of_the_tied_heads_softmax_at_the_teachers_head_inputs(monkeypatch):
+    teacher = make_tiny_llama()
+    student = table_student(teacher, "lowrank_embedding")
+    batches = zipf_batches(3, 1)
+    stats = table_statistics(teacher, batches, 256, head=True, head_directions=64, keep_inputs=True)
+    monkeypatch.setattr("tensorlm.heal.embedding.KL_LOGITS", 100 * 256)  # 100 positions a mini-batch: 3 of them
+    with torch.no_grad():
+        objective = _Objective(stats, teacher.get_input_embeddings().weight.detach(), 1.0)
+        table = student.get_input_embeddings()
+        terms = objective.terms(table)
+        hidden = []
+        hook = teacher.lm_head.register_forward_pre_hook(lambda m, a: hidden.append(a[0].reshape(-1, 64)))
+        for b in batches:
+            teacher(b)
+        hook.remove()
+        h = torch.cat(hidden)  # (N, d)
+        assert torch.allclose(stats.head_inputs, h) and objective.chunks == 3  # 288 positions
+        want = torch.nn.functional.kl_div(student.lm_head(h).log_softmax(-1), teacher.lm_head(h).log_softmax(-1),
+                                          log_target=True, reduction="batchmean")
+        first = torch.nn.functional.kl_div(student.lm_head(h[:100]).log_softmax(-1),
+                                           teacher.lm_head(h[:100]).log_softmax(-1), log_target=True,
+                                           reduction="batchmean")
+        chunk = objective.terms(table, chunk=0)["head"]
+    assert float(terms["head"]) == pytest.approx(float(want), rel=1e-4) and float(want) > 0
+    assert float(chunk) == pytest.approx(float(first), rel=1e-4)
+
+
+def test_healing_by_kl_lowers_the_held_out_kl_and_moves_only_the_table():
+    teacher = make_tiny_llama()
+    student = table_student(teacher, "lowrank_embedding")
+    before = copy.deepcopy(student.state_dict())
+    config = ReconstructConfig(**{**CONFIG.to_dict(), "embedding_head": "kl"})
+    result = reconstruct_embedding(student, teacher, zipf_batches(8, 0), config=config, log=None)
+    assert result.head_loss == "kl" and result.head_directions == 0
+    assert result.val_terms_after["head"] < result.val_terms_before["head"] and result.val_after < result.val_before
+    moved = {k for k, v in student.state_dict().items() if not torch.equal(before[k], v)}
+    assert moved and all(k.startswith(("model.embed_tokens.", "lm_head.embedding.")) for k in moved)
+    with pytest.raises(TensorLMError, match=r"embedding_head must be one of \['centred', 'kl'\], got 'mse'"):
+        ReconstructConfig(embedding_head="mse")

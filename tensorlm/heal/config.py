@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from tensorlm.errors import TensorLMError
 from tensorlm.methods.registry import options_from_dict
 
+EMBEDDING_HEADS = ("centred", "kl")
+
 
 @dataclass
 class ReconstructConfig:
@@ -50,6 +52,10 @@ class ReconstructConfig:
         embedding_lr: Adam learning rate of the table (None: ``lr``).
         head_directions: leading principal directions of the LM head's inputs on which a tied head's logits
             are fitted (the share of their energy is reported); at most the hidden size.
+        embedding_head: a tied head's term in the table's reconstruction: ``centred`` (its logits centred over
+            the vocabulary on ``head_directions`` directions, squared) or ``kl`` (``KL(teacher || student)`` of
+            its softmax at the teacher's cached head inputs, the head's own loss; a mini-batch of positions per
+            step; :mod:`tensorlm.heal.embedding`).
     """
 
     lr: float = 1e-3
@@ -68,6 +74,7 @@ class ReconstructConfig:
     embedding_steps: int = 200
     embedding_lr: float | None = None
     head_directions: int = 64
+    embedding_head: str = "centred"
 
     def __post_init__(self):
         for key in ("lr", "max_memory_mb"):
@@ -81,6 +88,9 @@ class ReconstructConfig:
         for key in ("time_budget_s", "joint_lr", "joint_time_budget_s", "embedding_lr"):
             if getattr(self, key) is not None and not getattr(self, key) > 0:
                 raise TensorLMError(f"reconstruct {key} must be > 0 or null, got {getattr(self, key)!r}")
+        if self.embedding_head not in EMBEDDING_HEADS:
+            raise TensorLMError(f"reconstruct embedding_head must be one of {list(EMBEDDING_HEADS)}, "
+                                f"got {self.embedding_head!r}")
         for key, zero in (("joint_steps", "no joint pass"), ("embedding_steps", "the table stays as built")):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -22,6 +22,14 @@ as the "block" whose outputs are its looked-up rows and its logits. The frequenc
 data-aware embedding objective (``calibration: frequency``); the head term is the data-aware objective of a
 linear map (``||(W - W~) G^{1/2}||_F``, SVD-LLM, Wang et al. 2024, eq. 3) applied to the head.
 
+``embedding_head: kl`` replaces ``L_head`` by the head's own loss (Hinton et al. 2015's distillation at
+temperature 1, with the body frozen): ``L_head = mean_n KL(softmax(h_n E^T) || softmax(h_n E~^T))``, nats per
+position, at the teacher's head inputs ``h_n``, cached once, so no step runs the body. Each Adam step takes one
+mini-batch of positions (at most ``KL_LOGITS / V`` of them); the held-out value is over all held-out positions.
+The squared centred logits weigh every token alike; the KL weighs each by its probability, and so fits the
+rare tokens that a frequency-weighted fit leaves too unlikely, the limit of the frequency-split table
+(``benchmarks/results/embedding_limits.md``). ``L_in`` is unchanged, and the two are summed as they are.
+
 Adam trains the table's parameters (factors; Kronecker permutations are buffers and never move) on the
 statistics of the training batches, full-batch, with early stopping on the same objective computed from
 the held-out batches (the last ``val_fraction`` of them, :func:`~tensorlm.heal.reconstruct.split_batches`);
@@ -45,6 +53,10 @@ from tensorlm.heal.config import ReconstructConfig
 from tensorlm.heal.reconstruct import adam_with_early_stopping, log_to_stderr, split_batches
 from tensorlm.layers.base import LAYERS, project
 
+KL_LOGITS = 1 << 26
+"""Logits (64 M, 256 MB in float32) of one KL mini-batch: 1,365 positions of SmolLM2's 49,152 tokens, 256 of
+Gemma 3's 262,144."""
+
 
 @dataclass
 class TableStatistics:
@@ -56,12 +68,14 @@ class TableStatistics:
             square roots of their eigenvalues (``S S^T ~ G = H^T H``); None without a tied head.
         head_energy: share of ``trace(G)`` that ``S`` holds (1.0 when ``k = d``; 0.0 without a head).
         positions: calibration positions counted.
+        head_inputs: ``H (N, d)`` float32, the head's inputs at those positions, kept for ``embedding_head: kl``.
     """
 
     counts: torch.Tensor
     head_basis: torch.Tensor | None
     head_energy: float
     positions: int
+    head_inputs: torch.Tensor | None = None
 
 
 @dataclass
@@ -73,6 +87,7 @@ class EmbeddingResult:
     tied_head: bool
     head_directions: int = 0
     head_energy: float = 0.0
+    head_loss: str = ""
     val_before: float | None = None
     val_after: float | None = None
     val_terms_before: dict = field(default_factory=dict)
@@ -107,9 +122,10 @@ def head_is_tied_to(model: nn.Module, table: nn.Module) -> bool:
 
 @torch.no_grad()
 def table_statistics(teacher: nn.Module, batches: Sequence[Batch], vocab: int, head: bool,
-                     head_directions: int) -> TableStatistics:
+                     head_directions: int, keep_inputs: bool = False) -> TableStatistics:
     """Token counts of ``batches`` and, with ``head``, the leading ``head_directions`` principal directions of
-    the teacher's LM-head inputs on them (float64 second moment ``G (d, d)``, eigendecomposition).
+    the teacher's LM-head inputs on them (float64 second moment ``G (d, d)``, eigendecomposition) and, with
+    ``keep_inputs``, those inputs ``(N, d)``.
 
     Raises:
         TensorLMError: no batches; ids outside the vocabulary; ``head`` on a teacher without an LM head.
@@ -124,12 +140,15 @@ def table_statistics(teacher: nn.Module, batches: Sequence[Batch], vocab: int, h
         raise TensorLMError(f"embedding reconstruction: {type(teacher).__name__} has no LM head to take the "
                             "head inputs from")
     gram: list[torch.Tensor] = []
+    kept: list[torch.Tensor] = []
     mask: list[torch.Tensor | None] = [None]
 
     def hook(module, args):
         h = args[0].detach().to(torch.float64)  # (B, L, d)
         h = h[mask[0].to(h.device)] if mask[0] is not None else h.reshape(-1, h.shape[-1])  # (N, d)
         gram.append(h.T @ h if not gram else gram.pop() + h.T @ h)
+        if keep_inputs:
+            kept.append(h.float())
 
     device = model_device(teacher)
     handle = out.register_forward_pre_hook(hook)
@@ -145,12 +164,14 @@ def table_statistics(teacher: nn.Module, batches: Sequence[Batch], vocab: int, h
     k = min(head_directions, g.shape[0])
     basis = vectors[:, -k:] * eigenvalues[-k:].sqrt()  # (d, k)
     energy = float(eigenvalues[-k:].sum() / eigenvalues.sum())
-    return TableStatistics(counts, basis.to(torch.float32), energy, int(counts.sum()))
+    inputs = torch.cat(kept) if keep_inputs else None  # (N, d)
+    return TableStatistics(counts, basis.to(torch.float32), energy, int(counts.sum()), inputs)
 
 
 class _Objective:
     """``L_in + L_head`` (module docstring) of one set of statistics against the dense table ``E (V, d)``, its
-    tensors on ``dense``'s device (the table's)."""
+    tensors on ``dense``'s device (the table's); with ``stats.head_inputs``, ``L_head`` is the KL over
+    ``chunks`` mini-batches of positions."""
 
     def __init__(self, stats: TableStatistics, dense: torch.Tensor, scale: float):
         used = stats.counts.nonzero().squeeze(1).to(dense.device)  # (U,) ids that occur
@@ -160,22 +181,46 @@ class _Objective:
         self.scale = scale
         self.in_norm = float((self.weights * self.rows.square()).sum())
         self.basis = None if stats.head_basis is None else stats.head_basis.to(dense.device)  # (d, k) or None
-        if self.basis is not None:
+        self.inputs = None if stats.head_inputs is None else stats.head_inputs.to(dense.device)  # (N, d) or None
+        if self.inputs is not None:
+            self.dense = dense
+            self.chunk = max(1, KL_LOGITS // dense.shape[0])  # positions per mini-batch
+            self.chunks = -(-self.inputs.shape[0] // self.chunk)
+        elif self.basis is not None:
             self.logits = centred(self.basis.T @ dense.T)  # (k, V): the dense head on the k directions
             self.head_norm = float(self.logits.square().sum())
 
-    def terms(self, table: nn.Module) -> dict[str, torch.Tensor]:
+    def terms(self, table: nn.Module, chunk: int | None = None) -> dict[str, torch.Tensor]:
+        """The terms; a KL head term over mini-batch ``chunk`` of the positions, or (None) over all of them."""
         rows = table(self.ids) * self.scale  # (U, d)
         out = {"input": (self.weights * (rows - self.rows).square()).sum() / self.in_norm}
-        if self.basis is not None:
+        if self.inputs is not None:
+            spans = range(self.chunks) if chunk is None else [chunk]
+            parts = [self.inputs[j * self.chunk : (j + 1) * self.chunk] for j in spans]  # (n_j, d) each
+            out["head"] = sum(self._kl_sum(table, h) for h in parts) / sum(len(h) for h in parts)
+        elif self.basis is not None:
             logits = centred(project(table, self.basis.T))  # (k, V)
             out["head"] = (logits - self.logits).square().sum() / self.head_norm
         return out
+
+    def _kl_sum(self, table: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """``sum_n KL(softmax(h_n E^T) || softmax(h_n E~^T))`` over the positions ``h (n, d)``, in nats."""
+        with torch.no_grad():
+            teacher = torch.log_softmax(h @ self.dense.T, dim=-1)  # (n, V)
+        student = torch.log_softmax(project(table, h), dim=-1)  # (n, V)
+        return (teacher.exp() * (teacher - student)).sum()
 
 
 def centred(logits: torch.Tensor) -> torch.Tensor:
     """``logits (..., V)`` less their mean over the vocabulary (what the softmax sees)."""
     return logits - logits.mean(dim=-1, keepdim=True)
+
+
+def head_phrase(result: EmbeddingResult) -> str:
+    """How the summary line names a tied head's term."""
+    if result.head_loss == "kl":
+        return "tied head by KL"
+    return f"tied head on {result.head_directions} directions"
 
 
 def reconstruct_embedding(student: nn.Module, teacher: nn.Module, batches: Sequence[Batch], *,
@@ -216,30 +261,35 @@ def reconstruct_embedding(student: nn.Module, teacher: nn.Module, batches: Seque
     train_ids, val_ids = split_batches(len(batches), config.val_fraction)
     scale = float(getattr(module, "scale", 1.0))
 
+    kl = tied and config.embedding_head == "kl"
+
     def objective(ids: list[int]) -> tuple[_Objective, TableStatistics]:
-        stats = table_statistics(teacher, [batches[i] for i in ids], dense.shape[0], tied, config.head_directions)
+        stats = table_statistics(teacher, [batches[i] for i in ids], dense.shape[0], tied, config.head_directions,
+                                 keep_inputs=kl)
         return _Objective(stats, dense, scale), stats
 
     train, stats = objective(train_ids)
     val, _ = objective(val_ids)
     params = [p for p in table.parameters() if p.requires_grad]
     result = EmbeddingResult(path, sum(p.numel() for p in params), tied,
-                             0 if stats.head_basis is None else stats.head_basis.shape[1], stats.head_energy)
+                             0 if stats.head_basis is None or kl else stats.head_basis.shape[1],
+                             0.0 if kl else stats.head_energy, config.embedding_head if tied else "")
 
     def evaluate() -> tuple[float, dict]:
         with torch.no_grad():
             terms = {k: float(v) for k, v in val.terms(table).items()}
         return sum(terms.values()), terms
 
-    def backward(_: int) -> None:
-        sum(train.terms(table).values()).backward()
+    def backward(chunk: int) -> None:
+        sum(train.terms(table, chunk if kl else None).values()).backward()
 
     was_training = student.training
     student.eval()
     try:
         result.val_before, result.val_terms_before = evaluate()
         fit = adam_with_early_stopping(
-            params, [0], backward, evaluate, (result.val_before, result.val_terms_before),
+            params, list(range(train.chunks)) if kl else [0], backward, evaluate,
+            (result.val_before, result.val_terms_before),
             lr=config.embedding_lr or config.lr, max_steps=config.embedding_steps, eval_every=config.eval_every,
             patience=config.patience, time_budget_s=config.time_budget_s, seed=config.seed)
     finally:
@@ -250,6 +300,6 @@ def reconstruct_embedding(student: nn.Module, teacher: nn.Module, batches: Seque
     if log is not None:
         log(f"embedding {path}: held-out objective {result.val_before:.4f} -> {result.val_after:.4f} "
             f"({', '.join(f'{k} {v:.4f}' for k, v in result.val_terms_after.items())}), {result.steps} steps, "
-            f"{'tied head on ' + str(result.head_directions) + ' directions' if tied else 'lookups only'}, "
+            f"{head_phrase(result) if tied else 'lookups only'}, "
             f"{result.seconds:.1f} s")
     return result
