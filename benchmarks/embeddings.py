@@ -384,18 +384,19 @@ def measure_row(small: nn.Module, loaded, short: str, table: str, kind: str, met
             "layer": type(inner).__name__, **measure(small, loaded, kind, data_dir, smoke), **stamp()}
 
 
-def heal_table(small: nn.Module, loaded, recipe: Recipe, kind: str, data_dir, smoke: bool) -> dict:
+def heal_table(small: nn.Module, loaded, recipe: Recipe, kind: str, data_dir, smoke: bool,
+               config: ReconstructConfig = HEAL) -> dict:
     """Reconstruct ``small``'s factored table (and tied head) in place on the recipe's calibration text
-    (:data:`HEAL`; random ids for ``--smoke``); returns the result with the table's relative error after."""
+    (``config``; random ids for ``--smoke``); returns the result with the table's relative error after."""
     if smoke:
         g = torch.Generator().manual_seed(0)
         batches = [torch.randint(0, small.get_input_embeddings().num_embeddings, (4, 16), generator=g)
                    for _ in range(8)]
     else:
         batches, _ = calibration_batches(recipe.calibration or CalibrationSettings(), loaded.tokenizer, kind,
-                                         data_dir, batch_size=HEAL.batch_size)
-    result = reconstruct_embedding(small, loaded.model, batches, config=HEAL, log=log).to_dict()
-    return {**result, "table_rel_error": table_error(small, loaded.model), "config": HEAL.to_dict(),
+                                         data_dir, batch_size=config.batch_size)
+    result = reconstruct_embedding(small, loaded.model, batches, config=config, log=log).to_dict()
+    return {**result, "table_rel_error": table_error(small, loaded.model), "config": config.to_dict(),
             "batches": len(batches)}
 
 
