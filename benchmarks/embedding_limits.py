@@ -29,15 +29,26 @@ Markdown and PNG.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
 from pathlib import Path
 
+import embeddings
 import torch
 import torch.nn.functional as F
-from embeddings import CAUSAL_CALIBRATION, MODELS, RESULTS, Rows, heal_table, log, method_recipe, method_stage, stamp
+from embeddings import (
+    CAUSAL_CALIBRATION,
+    MODELS,
+    RESULTS,
+    Rows,
+    heal_table,
+    log,
+    method_recipe,
+    method_stage,
+    save_figure,
+    stamp,
+)
 from torch import nn
 
 from tensorlm import compress, load_model
@@ -191,19 +202,11 @@ def plot(data: dict, path: Path) -> None:
         for ax in (left, right):
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=100)
 
 
 def write_outputs(path: Path) -> None:
-    data = json.loads(path.read_text())
-    markdown = path.with_suffix(".md")
-    tmp = markdown.with_suffix(f".md.{os.getpid()}.tmp")
-    tmp.write_text(render(data))
-    os.replace(tmp, markdown)
-    plot(data, path.with_suffix(".png"))
+    embeddings.write_outputs(path, render, plot)
 
 
 def main() -> None:

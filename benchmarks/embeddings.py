@@ -534,19 +534,26 @@ def plot(data: dict, path: Path) -> None:
         ax.set_title(f"{model}: training-free (solid), table healed (dotted)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    save_figure(fig, path, dpi=110)
+
+
+def save_figure(fig, path: Path, dpi: int) -> None:
+    """``fig`` as the PNG ``path``, written atomically (a temporary file, then renamed)."""
     fig.tight_layout()
     tmp = path.with_suffix(f".{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=dpi)
     os.replace(tmp, path)
 
 
-def write_outputs(path: Path) -> None:
+def write_outputs(path: Path, render_md=None, draw=None) -> None:
+    """The Markdown and PNG beside the JSON ``path``, each written atomically: ``render_md(data) -> str`` and
+    ``draw(data, png_path)``, by default this sweep's :func:`render` and :func:`plot`."""
     data = json.loads(path.read_text())
     markdown = path.with_suffix(".md")
     tmp = markdown.with_suffix(f".md.{os.getpid()}.tmp")
-    tmp.write_text(render(data))
+    tmp.write_text((render_md or render)(data))
     os.replace(tmp, markdown)
-    plot(data, path.with_suffix(".png"))
+    (draw or plot)(data, path.with_suffix(".png"))
 
 
 def main() -> None:
