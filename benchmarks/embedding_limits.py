@@ -183,23 +183,34 @@ def plot(data: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     models = list(dict.fromkeys(r["model"] for r in data["rows"]))
+    colors = dict(zip(SIDES, plt.cm.tab10.colors, strict=False))  # one colour per side in both panels
     fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.5 * len(models)), squeeze=False)
     for (left, right), model in zip(axes, models, strict=True):
         mine = [r for r in data["rows"] if r["model"] == model]
         for side in SIDES:
             pts = sorted((r["target_ratio"], r["wikitext2_ppl"]) for r in mine if r["side"] == side)
-            left.plot(*zip(*pts, strict=True), marker="o", label=side, ls="--" if side == "dense" else "-")
-            for key, style in (("nll_factored", "-"), ("nll_dense_rows", ":")):
+            if not pts:
+                continue
+            left.plot(*zip(*pts, strict=True), marker="o", label=side, color=colors[side],
+                      ls="--" if side == "dense" else "-")
+            for key, style, which in (("nll_factored", "-", "factored"), ("nll_dense_rows", ":", "dense-row")):
                 pts = sorted((r["target_ratio"], r[key]) for r in mine if r["side"] == side)
-                right.plot(*zip(*pts, strict=True), marker="o", ls=style,
-                           label=f"{side}: {'factored' if key == 'nll_factored' else 'dense-row'} targets")
-        left.set(xscale="log", yscale="log", xlabel="target embedding ratio", ylabel="wt2-16k perplexity (log)",
-                 title=f"{model}: {METHOD}, E~ on one side of the tie")
-        right.set(xscale="log", xlabel="target embedding ratio", ylabel="mean NLL per target token (nats)",
-                  title=f"{model}: where the NLL goes (solid: factored-row targets)")
+                right.plot(*zip(*pts, strict=True), marker="o", ls=style, color=colors[side],
+                           label=f"{side}: {which} targets")
+        ratios = sorted({r["target_ratio"] for r in mine})
+        left.set(yscale="log", ylabel="wt2-16k perplexity (log)", title=f"{model}: the split table on each side")
+        left.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))  # 20, 30, 50, 100 ...
+        left.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        left.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        right.set(ylabel="mean NLL per target token (nats)", title=f"{model}: NLL by the target's row")
         for ax in (left, right):
+            ax.set_xscale("log")
+            ax.set_xticks(ratios, [f"{x:g}x" for x in ratios])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel("target embedding ratio")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
     save_figure(fig, path, dpi=100)
