@@ -13,10 +13,10 @@ import re
 from pathlib import Path
 
 from causal_lm import RECIPES as CAUSAL_RECIPES
+from embeddings import LAMBADA_MAX_PPL, headline, method_stage
 from embeddings import METHODS as EMBEDDING_METHODS
 from embeddings import MODELS as EMBEDDING_MODELS
 from embeddings import RATIOS as EMBEDDING_RATIOS
-from embeddings import headline, method_stage
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -128,7 +128,8 @@ def embeddings_body(data: dict) -> str:
             versus = f"{value / dense[key]:.3f}" if value is not None and dense and dense.get(key) else "-"
             base = svd.get(r["target_ratio"])
             beside = "-" if base is None or base is r else f"{base['embedding_ratio']:.2f}x, {base[key]:,.4f}"
-            lambada = (f"{r['lambada_acc']:.3f} | " if "lambada_acc" in r else "- | ") if causal else ""
+            lambada = (f"{r['lambada_acc']:.3f} | " if "lambada_acc" in r
+                       else "skipped | " if (value or 0) > LAMBADA_MAX_PPL else "- | ") if causal else ""
             healed = r.get("healed", {})
             healed = (f"{healed[key]:,.4f} ({healed[key] / dense[key]:.3f})" if key in healed and dense
                       and dense.get(key) else "-")

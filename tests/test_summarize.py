@@ -70,3 +70,14 @@ def test_rewriting_a_readme_keeps_the_rest_and_is_idempotent(tmp_path):
         assert "### Embedding compression where embeddings dominate" in once
     summarize.main(readme)
     assert readme.read_text() == once
+
+
+def test_a_causal_row_above_the_lambada_bound_says_skipped():
+    def causal(method, target, ratio, ppl, **extra):
+        return {**row(method, target, ratio, 0.0, **extra), "model": "smollm2", "wikitext2_ppl": ppl}
+
+    rows = [causal("dense", None, 1.0, 18.75, lambada_acc=0.297), causal("svd", 2.0, 2.0, 2_000.0),
+            causal("tensorgpt", 2.0, 2.0, 900.0, lambada_acc=0.01)]
+    text = summarize.embeddings_body(data(rows))
+    assert table_row(text, "svd", "2x")[7] == "skipped"  # above LAMBADA_MAX_PPL: not scored
+    assert table_row(text, "tensorgpt", "2x")[7] == "0.010"
