@@ -116,6 +116,7 @@ def set_sides(model: nn.Module, table: str, lookup: torch.Tensor, head: torch.Te
 
 
 def sides(ratio: float, healed: list[float]) -> tuple[str, ...]:
+    """The sides measured at ``ratio``: ``healed`` only at the ratios ``--heal`` names."""
     return SIDES if ratio in healed else SIDES[:-1]
 
 
@@ -140,7 +141,7 @@ def model_rows(rows: LimitRows, short: str, ratios: list[float], healed: list[fl
             if rows.find(short, ratio, side):
                 continue
             extra = {}
-            if side == "healed":  # the dense teacher again, tied, then the table healed against it
+            if side == "healed":  # the teacher dense on both sides again, then the table healed against it
                 set_sides(model, table, dense, dense)
                 extra["heal"] = heal_table(small, loaded, recipe, "causal-lm", data_dir, False, config=HEAL_KL)
                 with forward_all(small, RECONSTRUCTED):
