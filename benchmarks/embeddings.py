@@ -26,9 +26,11 @@ Every tied head is re-tied to the factors (Gemma's ``embed_scale`` kept on the l
 
 Protocols: causal LMs ``wt2-16k`` (the first 16,384 tokens of WikiText-2 raw test, sliding windows of 1024,
 stride 512, token-level perplexity) and LAMBADA (OpenAI test) last-word accuracy on the first 1,000 passages,
-scored only where wt2-16k perplexity is at most 1,000 (``LAMBADA_MAX_PPL``, about 50x dense: the 31 rows measured
+scored only where wt2-16k perplexity is at most 1,000 (``BROKEN_PPL``, about 50x dense: the 31 rows measured
 above it before this rule scored at most 0.022, against dense 0.297 and 0.405, and LAMBADA's 1,000 passages are
-three times wt2-16k's tokens: "skipped" in the tables);
+three times wt2-16k's tokens: "skipped" in the tables); a method broken in that sense at one ratio is not run at
+the larger ones (``broken_below``: among the 171 rows measured before this rule, no method came back to 1,000 or
+below at a larger ratio once above it; "not run" in the tables);
 MiniLM STS-B test Spearman (mean pooling, cosine). ``embedding_ratio`` = ``V d`` / parameters of the
 replacing table; ``params`` = unique parameters of the whole model (a tied table once); ``size_bytes`` =
 ``model.safetensors`` of the saved folder. Lookup: median seconds of the table's forward on 32 x 128 random
@@ -91,7 +93,7 @@ METHODS = ["svd", "tensorgpt", "tt-matrix", "kronecker", "tensorgpt-frequency", 
            "svd-frequency-whitened-split75-2m"]
 COUNTED, COUNT_SAMPLES = "-2m", 4096  # *-2m: token counts on 4,096 x 512 tokens of lm_text (calibration count_samples)
 RATIOS = [2.0, 3.3, 5.0, 10.0, 20.0, 40.0]
-LAMBADA_MAX_PPL = 1_000.0  # LAMBADA is scored only up to this wt2-16k perplexity (module docstring)
+BROKEN_PPL = 1_000.0  # above this wt2-16k perplexity a causal LM is broken: no LAMBADA, no larger ratio (docstring)
 CAUSAL_CALIBRATION = {"calibration": {"samples": 32, "length": 512, "seed": 0}}  # 32 x 512 lm_text training tokens
 LOOKUP_SHAPE = (32, 128)
 HEAL = ReconstructConfig(batch_size=4, embedding_steps=300, embedding_lr=1e-3, eval_every=10, patience=3,
@@ -252,7 +254,7 @@ def lookup_seconds(layer: nn.Module, vocab: int, repeats: int = 7) -> float:
 
 def quality(model: nn.Module, loaded, kind: str, data_dir, smoke: bool) -> dict:
     """``wikitext2_ppl``, ``lambada_acc`` and ``lambada_ppl`` (causal, ``sweep`` protocol; LAMBADA left out
-    above ``LAMBADA_MAX_PPL``) or ``stsb`` (encoder); for ``--smoke``
+    above ``BROKEN_PPL``) or ``stsb`` (encoder); for ``--smoke``
     ``output_mse`` against the dense ``loaded.model``, all a tiny random model can give."""
     if smoke:
         return {"output_mse": output_gap(model, loaded.model, model.get_input_embeddings().num_embeddings)}
@@ -260,7 +262,7 @@ def quality(model: nn.Module, loaded, kind: str, data_dir, smoke: bool) -> dict:
         return {"stsb": sts_spearman(model, loaded.tokenizer, dataset="stsb", split="test", data_dir=data_dir,
                                      progress=False), "protocol": "STS-B test Spearman, mean pooling, cosine"}
     metrics, protocols = evaluate_model(model, loaded.tokenizer, kind, data_dir=data_dir, mode="sweep",
-                                        lambada_max_ppl=LAMBADA_MAX_PPL)
+                                        lambada_max_ppl=BROKEN_PPL)
     return {**metrics, "protocol": CAUSAL_PROTOCOLS["sweep"].name, "protocols": protocols}
 
 
@@ -334,12 +336,39 @@ def method_recipe(short: str, method: str, ratio: float, stage: dict, calibratio
     return Recipe.from_dict({"name": f"{short}-{method}-{ratio:g}x", "stages": [stage], **calibration})
 
 
+def broken_below(rows: list[dict], model: str, method: str, ratio: float) -> dict | None:
+    """The row of ``method`` on ``model`` at a target ratio below ``ratio`` whose wt2-16k perplexity is above
+    ``BROKEN_PPL`` (the smallest such ratio), or None: the sweep does not run ``method`` at ``ratio`` then."""
+    broken = [r for r in rows if r["model"] == model and r["method"] == method and r.get("target_ratio")
+              and r["target_ratio"] < ratio and r.get("wikitext2_ppl", 0.0) > BROKEN_PPL]
+    return min(broken, key=lambda r: r["target_ratio"], default=None)
+
+
+def unmeasured(rows: list[dict], model: str, kind: str, broken: bool = False) -> list[str]:
+    """``["svd at 3.3x, 5x", ...]``: the sweep's methods without a row on ``model`` at the ratios where they
+    apply to a model of ``kind`` (:func:`method_stage` on a 512 x 64 stand-in: only the options, not whether it
+    applies, depend on the table's shape); ``broken``: those not run because the method broke at a smaller
+    ratio (:func:`broken_below`), else the others."""
+    have = {(r["method"], r["target_ratio"]) for r in rows if r["model"] == model}
+    gaps = []
+    for method in METHODS:
+        ratios = [x for x in RATIOS if (method, x) not in have and method_stage(method, "t", 512, 64, x, kind)
+                  and (broken_below(rows, model, method, x) is not None) == broken]
+        if ratios:
+            gaps.append(f"{method} at {', '.join(f'{x:g}x' for x in ratios)}")
+    return gaps
+
+
 def method_row(rows: Rows, short: str, loaded, table: str, kind: str, method: str, ratio: float, data_dir,
                smoke: bool, calibration: dict, heal: bool = False) -> None:
     """Measure ``method`` at ``ratio`` training-free (unless its row exists) and, with ``heal``, after
     :func:`heal_table` (unless the row has ``healed``); the row is written after each."""
     row = rows.get(short, method, ratio)
     if row is not None and (not heal or "healed" in row):
+        return
+    if row is None and (broken := broken_below(rows.data["rows"], short, method, ratio)):
+        log(f"{short} {method} {ratio:g}x: not run, broken at {broken['target_ratio']:g}x "
+            f"(wt2-16k {broken['wikitext2_ppl']:,.0f} > {BROKEN_PPL:,.0f})")
         return
     dense_table = loaded.model.get_submodule(table)
     vocab, dim = dense_table.num_embeddings, dense_table.embedding_dim
@@ -482,7 +511,7 @@ def render(data: dict) -> str:
             versus = f"{value / dense[key]:,.3f}" if value is not None and dense.get(key) else "-"
             target = "-" if r["target_ratio"] is None else f"{r['target_ratio']:g}x"
             lambada = (f"{r['lambada_acc']:.3f}" if "lambada_acc" in r
-                       else "skipped" if r.get(key, 0) > LAMBADA_MAX_PPL and key == "wikitext2_ppl" else "-")
+                       else "skipped" if r.get(key, 0) > BROKEN_PPL and key == "wikitext2_ppl" else "-")
             shown = "-" if value is None else f"{value:,.4g}"
             lookup = f"{r['lookup_seconds'] * 1e3:.2f} ({dense.get('lookup_seconds', float('nan')) * 1e3:.2f})"
             healed = r.get("healed", {})
@@ -492,7 +521,12 @@ def render(data: dict) -> str:
             lines.append(f"| {r['method']} | {target} | {r['embedding_ratio']:.2f}x | {r['params']:,} | "
                          f"{r['size_bytes'] / 1e6:,.1f} | {r.get('table_rel_error', 0.0):.3f} | {shown} | {versus} | "
                          f"{lambada} | {healed_value} | {healed_lambada} | {lookup} | {r['load_average']} |")
+        kind = "causal-lm" if key == "wikitext2_ppl" else "encoder"
+        skipped, todo = unmeasured(rows, model, kind, broken=True), unmeasured(rows, model, kind)
         lines += [""] + headline(rows, model) + [""]
+        lines += [f"Not run, as the method broke (wt2-16k above {BROKEN_PPL:,.0f}) at a smaller ratio: "
+                  f"{'; '.join(skipped)}.", ""] if skipped else []
+        lines += [f"Not yet measured: {'; '.join(todo)}.", ""] if todo else []
     return "\n".join(lines) + "\n"
 
 

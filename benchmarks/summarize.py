@@ -13,10 +13,8 @@ import re
 from pathlib import Path
 
 from causal_lm import RECIPES as CAUSAL_RECIPES
-from embeddings import LAMBADA_MAX_PPL, headline, method_stage
-from embeddings import METHODS as EMBEDDING_METHODS
+from embeddings import BROKEN_PPL, headline, unmeasured
 from embeddings import MODELS as EMBEDDING_MODELS
-from embeddings import RATIOS as EMBEDDING_RATIOS
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -62,28 +60,15 @@ def section(title: str, name: str, body: str) -> list[str]:
 EMBEDDING_QUALITY = {"encoder": ("stsb", "STS-B test"), "causal-lm": ("wikitext2_ppl", "wt2-16k ppl")}
 
 
-def _applies(method: str, ratio: float, kind: str) -> bool:
-    """Whether ``benchmarks/embeddings.py`` measures ``method`` at ``ratio`` for a model of ``kind`` (an untied
-    head needs a causal LM; the permutation search stops at 6x). Asked of its ``method_stage`` on a small
-    stand-in table (512 x 64), since only the options, not the answer, depend on the table's shape."""
-    return method_stage(method, "table", 512, 64, ratio, kind) is not None
-
-
-def _not_measured(rows: list[dict]) -> list[str]:
-    """Per model of the embeddings sweep, the ``(method, target ratio)`` pairs it would run but has no row for:
-    ``["smollm2: not yet run", "minilm: svd at 40x; tensorgpt at 20x, 40x", ...]``."""
+def _not_measured(rows: list[dict], broken: bool = False) -> list[str]:
+    """Per model of the embeddings sweep, what ``embeddings.unmeasured`` lists (``broken``: the pairs not run
+    because the method broke at a smaller ratio): ``["smollm2: not yet run", "minilm: svd at 40x", ...]``."""
     out = []
     for model, (_, _, kind) in EMBEDDING_MODELS.items():
-        have = {(r["method"], r["target_ratio"]) for r in rows if r["model"] == model}
-        if not have:
-            out.append(f"{model}: not yet run")
-            continue
-        gaps = []
-        for method in EMBEDDING_METHODS:
-            ratios = [x for x in EMBEDDING_RATIOS if _applies(method, x, kind) and (method, x) not in have]
-            if ratios:
-                gaps.append(f"{method} at {', '.join(f'{x:g}x' for x in ratios)}")
-        if gaps:
+        mine = [r for r in rows if r["model"] == model]
+        if not mine:
+            out += [] if broken else [f"{model}: not yet run"]
+        elif gaps := unmeasured(mine, model, kind, broken):
             out.append(f"{model}: {'; '.join(gaps)}")
     return out
 
@@ -129,13 +114,16 @@ def embeddings_body(data: dict) -> str:
             base = svd.get(r["target_ratio"])
             beside = "-" if base is None or base is r else f"{base['embedding_ratio']:.2f}x, {base[key]:,.4f}"
             lambada = (f"{r['lambada_acc']:.3f} | " if "lambada_acc" in r
-                       else "skipped | " if (value or 0) > LAMBADA_MAX_PPL else "- | ") if causal else ""
+                       else "skipped | " if (value or 0) > BROKEN_PPL else "- | ") if causal else ""
             healed = r.get("healed", {})
             healed = (f"{healed[key]:,.4f} ({healed[key] / dense[key]:.3f})" if key in healed and dense
                       and dense.get(key) else "-")
             lines.append(f"| {r['target_ratio']:g}x | {r['method']} | {r['embedding_ratio']:.2f}x | {r['params']:,} | "
                          f"{r['table_rel_error']:.3f} | {shown} | {versus} | {lambada}{healed} | {beside} |")
         lines += [""] + headline(rows, model) + [""]
+    if skipped := _not_measured(rows, broken=True):
+        lines += [f"Not run, as the method broke (wt2-16k above {BROKEN_PPL:,.0f}) at a smaller ratio: "
+                  + "; ".join(skipped) + ".", ""]
     if todo := _not_measured(rows):
         lines += ["Not yet measured (`python benchmarks/embeddings.py` resumes there, keeping the rows it has): "
                   + "; ".join(todo) + "."]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from benchmark_scripts import benchmark_script
 
 summarize = benchmark_script("summarize")
+embeddings = benchmark_script("embeddings")
 
 
 def row(method: str, target: float | None, ratio: float, stsb: float, **extra) -> dict:
@@ -79,5 +80,26 @@ def test_a_causal_row_above_the_lambada_bound_says_skipped():
     rows = [causal("dense", None, 1.0, 18.75, lambada_acc=0.297), causal("svd", 2.0, 2.0, 2_000.0),
             causal("tensorgpt", 2.0, 2.0, 900.0, lambada_acc=0.01)]
     text = summarize.embeddings_body(data(rows))
-    assert table_row(text, "svd", "2x")[7] == "skipped"  # above LAMBADA_MAX_PPL: not scored
+    assert table_row(text, "svd", "2x")[7] == "skipped"  # above BROKEN_PPL: not scored
     assert table_row(text, "tensorgpt", "2x")[7] == "0.010"
+
+
+def test_a_method_broken_at_a_smaller_ratio_is_listed_as_not_run_not_as_missing():
+    def causal(method, target, ppl):
+        out = {**row(method, target, target or 1.0, 0.0), "model": "smollm2", "wikitext2_ppl": ppl,
+               "lambada_acc": 0.1}
+        del out["stsb"]
+        return out
+
+    rows = [causal("dense", None, 18.75), causal("svd", 2.0, 900.0), causal("svd", 3.3, 2_000.0),
+            causal("tensorgpt", 2.0, 1_500.0)]
+    assert embeddings.broken_below(rows, "smollm2", "svd", 3.3) is None  # 3.3x itself is measured, 2x was fine
+    assert embeddings.broken_below(rows, "smollm2", "svd", 10.0)["target_ratio"] == 3.3
+    assert embeddings.broken_below(rows, "smollm2", "tensorgpt", 3.3)["target_ratio"] == 2.0
+    assert embeddings.broken_below(rows, "smollm2", "tensorgpt", 2.0) is None
+    assert embeddings.broken_below(rows, "gemma3", "tensorgpt", 3.3) is None  # another model's rows do not count
+    text = summarize.embeddings_body(data(rows))
+    skipped, todo = text.split("Not run, as the method broke")[1].split("Not yet measured")
+    assert "svd at 5x, 10x, 20x, 40x" in skipped and "tensorgpt at 3.3x, 5x, 10x, 20x, 40x" in skipped
+    assert "smollm2: svd at" not in todo and "smollm2: tensorgpt at" not in todo.split(";")[0]
+    assert "tt-matrix at 2x, 3.3x" in todo.split("smollm2: ")[1]
