@@ -43,13 +43,13 @@ AGREEMENT_SENTENCES = 500
 
 def machine(load: bool = True) -> str:
     """A one-line description of where the numbers were measured; with ``load`` False, for rows measured over
-    hours that carry their own load average, it says so instead of giving the load now."""
+    hours that carry their own load average and torch threads, it says so instead of giving them now."""
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     now = (f"load average {os.getloadavg()[0]:.1f} at the time" if load
-           else "the load average of each row is in its table")
+           else "the load average and torch threads of each row are stored with it")
+    threads = f" with {torch.get_num_threads()} threads" if load else ""
     return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores ({now}){gpu}, "
-            f"torch {torch.__version__} with {torch.get_num_threads()} "
-            f"threads, Python {platform.python_version()}")
+            f"torch {torch.__version__}{threads}, Python {platform.python_version()}")
 
 
 def log(message: str) -> None:
