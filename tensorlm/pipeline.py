@@ -188,7 +188,7 @@ def compress_and_heal(loaded: LoadedModel, recipe: Recipe, results: RunResults, 
         t_stage = time.perf_counter()
         record = {"name": stage.name, "method": stage.method, "replaced": names}
         if stage.heal is not None and stage.heal.reconstruct is not None:
-            log(f"stage {stage.name}: block-wise reconstruction")
+            log(f"stage {stage.name}: reconstruction against the uncompressed model (token table, then blocks)")
             record["reconstruct"] = phases.run(stage.name, "reconstruct", student, lambda: reconstruct_stage(
                 student, loaded.model, loaded.tokenizer, loaded.kind, stage, recipe.calibration, data_dir, log=log))
         if stage.distill is not None:

@@ -128,10 +128,13 @@ def test_an_uncompressed_student_is_left_bit_identical_without_any_forward_pass(
         raise AssertionError("no forward pass expected")
 
     handles = [m.register_forward_pre_hook(refuse) for m in (teacher, student)]
-    result = reconstruct_blocks(student, teacher, token_batches(8, 256, seed=1), config=CONFIG, progress=False)
+    lines = []
+    result = reconstruct_blocks(student, teacher, token_batches(8, 256, seed=1), config=CONFIG, progress=False,
+                                log=lines.append)
     for h in handles:
         h.remove()
     assert all(b.trainable == 0 and b.stopped == "nothing to train" for b in result.blocks)
+    assert len(lines) == 1 and f"the {len(result.blocks)} blocks" in lines[0] and "nothing to train" in lines[0]
     assert all(torch.equal(v, state[k]) for k, v in student.state_dict().items())
 
 

@@ -233,6 +233,9 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Sequence
         p.numel() for b in s_blocks for p in b.parameters() if id(p) in shared))
     if not any(params) and not joint:
         result.blocks = [BlockResult(i, f"{path}.{i}", 0) for i in range(len(s_blocks))]
+        if log is not None:
+            log(f"reconstruct: no factorized layer in the {len(s_blocks)} blocks under {path}: nothing to train, "
+                "passed through")
         return result
     with _eval_mode(student, teacher):
         _reconstruct_all(student, teacher, s_blocks, t_blocks, batches, params, (train_ids, val_ids), config,
