@@ -6,6 +6,8 @@ any positive weights, Zipf weights lower the weighted error, the ragged budget i
 compressed models plan, save and reload exactly.
 """
 
+import math
+
 import pytest
 import torch
 from conftest import DATA, make_tiny_gpt2, make_tiny_llama
@@ -21,6 +23,8 @@ from tensorlm.decompose.tt import (
     rank_ladder,
     tt_parameter_count,
     tt_row_errors,
+    tt_rows_to_full,
+    tt_svd_rows,
 )
 from tensorlm.decompose.weighted_kronecker import row_weighted_error, row_weighted_kronecker
 from tensorlm.layers.base import TiedHead
@@ -174,6 +178,17 @@ def test_lookup_is_the_table_row_and_the_padding_row_gets_no_gradient():
     assert layer.values.grad.abs().sum() > 0
     with pytest.raises(IndexError, match="valid \\[0, 30\\)"):
         layer(torch.tensor([30]))
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (2, 3, 4), (2, 2, 3, 2)])
+def test_row_errors_are_the_reconstruction_errors_of_tt_svd_at_every_class(shape):
+    x = table(50, math.prod(shape)) * torch.rand(50, 1, generator=torch.Generator().manual_seed(1))
+    classes = rank_ladder(shape) + [[1] * (len(shape) - 1)]  # a repeated class shares every step
+    errors = tt_row_errors(x, shape, classes, chunk=16)  # (50, C), over 4 chunks
+    truth = torch.stack([(x - tt_rows_to_full(tt_svd_rows(x, shape, ranks=c)[0])).square().sum(1)
+                         for c in classes], dim=1)  # (50, C)
+    torch.testing.assert_close(errors, truth, rtol=1e-9, atol=1e-12)
+    assert (errors[:, -2] < 1e-20).all() and (errors[:, 0] > 0).all()  # the ladder's top is TT-SVD exact
 
 
 def test_allocation_refuses_a_budget_below_the_cheapest_class():

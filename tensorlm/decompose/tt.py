@@ -343,24 +343,41 @@ def tt_row_errors(x: torch.Tensor, shape: Sequence[int], classes: Sequence[Seque
                   *, chunk: int = 8192) -> torch.Tensor:
     """Squared TT-SVD error of every row of ``x`` at every rank class: ``||x_v - TT_c(x_v)||^2``.
 
+    TT-SVD's error is exactly the sum of the energies each step discards, ``sum_k sum_{i > r_k} s_{k,i}^2``
+    (the steps' residuals are orthogonal; Oseledets 2011, Thm. 2.2 holds with equality), and step ``k``'s
+    singular values depend only on the ranks before it. So each distinct rank prefix is decomposed once and
+    shared by the classes that start with it, and nothing is reconstructed: for :func:`rank_ladder` of
+    ``(8, 8, 10)``, 9 batched SVDs instead of 20 and 10 reconstructions.
+
     Args:
         x: ``(B, d)``, ``d = prod(shape)``; shape: ``(I_1, ..., I_N)``; classes: ``C`` lists of ``N-1``
             internal ranks (e.g. :func:`rank_ladder`); chunk: rows decomposed at a time (bounds memory).
 
     Returns:
-        ``(B, C)`` float64. Cost: ``C`` TT-SVD passes over the rows (Oseledets 2011, Alg. 1).
+        ``(B, C)`` float64, equal (to rounding) to reconstructing each row by :func:`tt_svd_rows`.
 
     Raises:
         TensorLMError: as :func:`tt_svd_rows`.
     """
-    _check_rows(x, shape, None)
+    shape = _check_rows(x, shape, None)
+    caps = [rank_caps(shape, list(ranks)) for ranks in classes]
     work = x.detach().to(torch.float64)
     out = work.new_zeros(work.shape[0], len(classes))  # (B, C)
     for start in range(0, work.shape[0], chunk):
         rows = work[start:start + chunk]  # (b, d)
-        for c, ranks in enumerate(classes):
-            cores, _ = tt_svd_rows(rows, shape, ranks=list(ranks))
-            out[start:start + chunk, c] = (rows - tt_rows_to_full(cores)).pow(2).sum(dim=1)
+        steps: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # rank prefix -> (s, vh) there
+        for c, ranks in enumerate(caps):
+            rest, r_prev = rows.reshape(rows.shape[0], 1, -1), 1  # (b, r_0, d)
+            for k, cap in enumerate(ranks):
+                if tuple(ranks[:k]) not in steps:
+                    unfolding = rest.reshape(rows.shape[0], r_prev * shape[k], -1)  # (b, r_{k-1} I_k, rest)
+                    with _one_thread():
+                        _, s, vh = torch.linalg.svd(unfolding, full_matrices=False)  # (b, q), (b, q, n)
+                    steps[tuple(ranks[:k])] = (s, vh)
+                s, vh = steps[tuple(ranks[:k])]
+                r_prev = min(cap, s.shape[1])
+                out[start:start + chunk, c] += s[:, r_prev:].pow(2).sum(dim=1)  # energy step k discards
+                rest = s[:, :r_prev, None] * vh[:, :r_prev, :]  # (b, r_k, I_{k+1}...I_N)
     return out
 
 
