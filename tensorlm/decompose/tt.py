@@ -369,12 +369,13 @@ def tt_row_errors(x: torch.Tensor, shape: Sequence[int], classes: Sequence[Seque
         for c, ranks in enumerate(caps):
             rest, r_prev = rows.reshape(rows.shape[0], 1, -1), 1  # (b, r_0, d)
             for k, cap in enumerate(ranks):
-                if tuple(ranks[:k]) not in steps:
+                prefix = tuple(ranks[:k])
+                if prefix not in steps:
                     unfolding = rest.reshape(rows.shape[0], r_prev * shape[k], -1)  # (b, r_{k-1} I_k, rest)
                     with _one_thread():
                         _, s, vh = torch.linalg.svd(unfolding, full_matrices=False)  # (b, q), (b, q, n)
-                    steps[tuple(ranks[:k])] = (s, vh)
-                s, vh = steps[tuple(ranks[:k])]
+                    steps[prefix] = (s, vh)
+                s, vh = steps[prefix]
                 r_prev = min(cap, s.shape[1])
                 out[start:start + chunk, c] += s[:, r_prev:].pow(2).sum(dim=1)  # energy step k discards
                 rest = s[:, :r_prev, None] * vh[:, :r_prev, :]  # (b, r_k, I_{k+1}...I_N)
